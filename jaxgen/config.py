@@ -1,0 +1,255 @@
+"""The one config system: ml_collections files under configs/, command-line overrides, checks.
+
+A config file defines `get_config(arg)` and starts from `base_config(task)`, which holds every key
+jaxgen knows, locked: a misspelt key or a value of the wrong type fails here, before any compute.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import pathlib
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from jaxgen.errors import ConfigError
+
+
+def base_config(task: str) -> ml_collections.ConfigDict:
+  """All shared keys with their defaults, plus the task's own sections; locked."""
+  from jaxgen import tasks  # the tasks own their model sections
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 0
+  c.data = dict(
+      source="embedded",          # embedded | tfds | folder | npz
+      name="fashion_mnist_small",  # embedded or TFDS name
+      path="",                    # folder or .npz file for source=folder|npz
+      tfds_data_dir="",           # TFDS data dir; empty: TFDS_DATA_DIR or ~/tensorflow_datasets
+      image_key="image",
+      label_key="label",
+      train_split="train",
+      eval_split="test",
+      holdout_fraction=0.1,       # folder/npz without a test split: held-out share
+      image_size=28,
+      channels=1,
+      batch_size=128,             # global batch, over all devices and processes
+      shuffle=True,
+  )
+  c.optim = dict(
+      name="adamw",               # adamw | adam | sgd | lars
+      lr=1e-3,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      momentum=0.9,               # sgd and lars
+      weight_decay=0.0,
+      schedule="cosine",          # cosine | constant
+      warmup_steps=100,
+      end_lr_factor=0.01,         # cosine decays to lr * end_lr_factor
+      grad_clip=1.0,              # global-norm clip; 0 turns it off
+      ema_decay=0.999,            # 0 keeps ema_params equal to params
+  )
+  c.train = dict(
+      num_steps=5000,
+      log_every=50,
+      sample_every=1000,          # PNG grids into WORKDIR/samples; 0 turns them off
+      ckpt_every=1000,
+      keep_checkpoints=3,
+      num_samples=64,             # pictures per grid
+  )
+  task_sections = tasks.get(task).default_config()
+  for name, section in task_sections.items():
+    c[name] = section
+  c.lock()
+  return c
+
+
+def parse_arg(arg: str | None) -> dict[str, str | bool]:
+  """'smoke,size=64' -> {'smoke': True, 'size': '64'}: the big_vision-style config argument."""
+  out: dict[str, str | bool] = {}
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    key, eq, value = part.partition("=")
+    out[key] = value if eq else True
+  return out
+
+
+def check_arg(arg: str | None, known: Sequence[str]) -> dict[str, str | bool]:
+  flags = parse_arg(arg)
+  unknown = sorted(set(flags) - set(known))
+  if unknown:
+    raise ConfigError(f"Unknown config argument(s) {unknown}; this config knows {sorted(known)}.")
+  return flags
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads 'path/to/config.py[:arg]' and applies 'a.b=value' overrides; checks everything."""
+  path_str, _, arg = spec.partition(":")
+  path = pathlib.Path(path_str)
+  if not path.is_file():
+    raise ConfigError(f"Config file not found: {path_str}")
+  module_spec = importlib.util.spec_from_file_location(f"jaxgen_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except (AttributeError, KeyError, TypeError) as e:
+    # A locked ConfigDict raises these for a misspelt key or a wrong type inside the file.
+    raise ConfigError(f"Error in config file {path_str}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"Config file {path_str} defines no get_config(arg).")
+  try:
+    config = module.get_config(arg or None)
+  except (AttributeError, KeyError, TypeError) as e:
+    raise ConfigError(f"Error in config file {path_str} (arg {arg!r}): {e}") from e
+  for item in overrides:
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ConfigError(f"Override {item!r} must have the form key=value (e.g. optim.lr=1e-3).")
+    set_value(config, key, value)
+  validate(config)
+  return config
+
+
+def _exists(config: ml_collections.ConfigDict, parts: list[str]) -> bool:
+  node = config
+  for part in parts:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node.keys():
+      return False
+    node = node[part]
+  return True
+
+
+def _resolve(config: ml_collections.ConfigDict, dotted: str):
+  parts = dotted.split(".")
+  node = config
+  for i, part in enumerate(parts):
+    keys = list(node.keys())
+    if part not in keys:
+      where = ".".join(parts[:i]) or "the top level"
+      close = difflib.get_close_matches(part, keys, n=1)
+      hint = ""
+      if close:
+        guess = parts[:i] + close + parts[i + 1:]
+        if not _exists(config, guess):
+          guess = parts[:i] + close
+        hint = f" Did you mean '{'.'.join(guess)}'?"
+      raise ConfigError(
+          f"Unknown config key '{dotted}'.{hint} Keys in {where}: {', '.join(sorted(keys))}.")
+    if i < len(parts) - 1:
+      node = node[part]
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigError(f"Config key '{'.'.join(parts[:i + 1])}' is a value, not a section.")
+  return node, parts[-1]
+
+
+def _coerce(dotted: str, current: Any, value: Any) -> Any:
+  """Converts `value` (a string from the command line, or a JSON value) to the field's type."""
+  if isinstance(value, str) and not isinstance(current, str):
+    text = value.strip()
+    lowered = text.lower()
+    if isinstance(current, bool) and lowered in ("true", "false", "1", "0", "yes", "no"):
+      return lowered in ("true", "1", "yes")
+    if isinstance(current, (tuple, list)) and text and text[0] not in "([":
+      text = f"({text},)"
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      if current is not None:
+        raise ConfigError(f"Config key '{dotted}' expects {type(current).__name__}, got {text!r}.")
+      return text
+  if current is None or isinstance(current, ml_collections.ConfigDict):
+    return value
+  if isinstance(current, bool):
+    if not isinstance(value, bool):
+      raise ConfigError(f"Config key '{dotted}' expects a bool, got {value!r}.")
+    return value
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(current, int) and isinstance(value, float) and value.is_integer():
+    return int(value)
+  if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+    return tuple(value)
+  if type(value) is not type(current):
+    raise ConfigError(f"Config key '{dotted}' expects {type(current).__name__}, "
+                      f"got {value!r} ({type(value).__name__}).")
+  return value
+
+
+def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  node, leaf = _resolve(config, dotted)
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    if not isinstance(value, dict):
+      raise ConfigError(f"Config key '{dotted}' is a section; set its keys one by one.")
+    for k, v in value.items():
+      set_value(config, f"{dotted}.{k}", v)
+    return
+  coerced = _coerce(dotted, current, value)
+  with node.unlocked():
+    node[leaf] = coerced
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks value ranges and combinations; the task checks its own sections."""
+  from jaxgen import tasks
+  d, t, o = config.data, config.train, config.optim
+  if d.source not in ("embedded", "tfds", "folder", "npz"):
+    raise ConfigError(f"data.source must be embedded, tfds, folder or npz; got {d.source!r}.")
+  if d.source in ("folder", "npz") and not d.path:
+    raise ConfigError(f"data.source={d.source} needs data.path.")
+  if d.channels not in (1, 3):
+    raise ConfigError(f"data.channels must be 1 or 3; got {d.channels}.")
+  for key in ("image_size", "batch_size"):
+    if d[key] <= 0:
+      raise ConfigError(f"data.{key} must be positive; got {d[key]}.")
+  if not 0.0 < d.holdout_fraction < 1.0:
+    raise ConfigError(f"data.holdout_fraction must be in (0, 1); got {d.holdout_fraction}.")
+  for key in ("num_steps", "log_every", "ckpt_every", "keep_checkpoints"):
+    if t[key] <= 0:
+      raise ConfigError(f"train.{key} must be positive; got {t[key]}.")
+  if o.name not in ("adamw", "adam", "sgd", "lars"):
+    raise ConfigError(f"optim.name must be adamw, adam, sgd or lars; got {o.name!r}.")
+  if o.schedule not in ("cosine", "constant"):
+    raise ConfigError(f"optim.schedule must be cosine or constant; got {o.schedule!r}.")
+  if not 0.0 <= o.ema_decay < 1.0:
+    raise ConfigError(f"optim.ema_decay must be in [0, 1); got {o.ema_decay}.")
+  if o.lr <= 0:
+    raise ConfigError(f"optim.lr must be positive; got {o.lr}.")
+  tasks.get(config.task).validate(config)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+  """Rebuilds a config saved as JSON (in a workdir or checkpoint), checked like an override."""
+  if "task" not in d:
+    raise ConfigError("Saved config has no 'task' key.")
+  config = base_config(d["task"])
+  for section, value in d.items():
+    if section == "task":
+      continue
+    set_value(config, section, value)
+  validate(config)
+  return config
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+placeholder = config_dict.placeholder

@@ -1,0 +1,259 @@
+"""Random-access image sources: the embedded set, TFDS (array_record, no TensorFlow), folders, .npz.
+
+Every source yields uint8 images [N, H, W, C] already at the config's size and channel count, and
+int32 labels when it has them. Batching, shuffling and sharding live in `jaxgen.data.pipeline`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from typing import Protocol, Sequence
+
+import importlib_resources
+import numpy as np
+from PIL import Image
+
+from jaxgen.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                         "sneaker", "bag", "ankle boot")
+
+# name -> (file inside jaxgen/data/embedded, class names, credit line for the README)
+EMBEDDED = {
+    "fashion_mnist_small": (
+        "fashion_mnist_small.npz", FASHION_MNIST_CLASSES,
+        "Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, Zalando SE, MIT licence): a class-balanced "
+        "subset of 6,000 train and 1,000 test images, from Debian's dataset-fashion-mnist."),
+}
+
+
+class Source(Protocol):
+  """What the pipeline needs from a data set: its length and batched random access."""
+  class_names: tuple[str, ...] | None
+
+  def __len__(self) -> int: ...
+
+  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+def fit_image(image: np.ndarray, size: int, channels: int, what: str) -> np.ndarray:
+  """Center-crops to a square and resizes to `size`; checks the channel count. uint8 HWC out."""
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3:
+    raise DataError(f"{what}: expected an image [H, W] or [H, W, C], got shape {image.shape}.")
+  if image.shape[-1] != channels:
+    raise DataError(f"{what}: images have {image.shape[-1]} channel(s) but data.channels="
+                    f"{channels}. Set data.channels={image.shape[-1]} or convert the images.")
+  if image.dtype != np.uint8:
+    raise DataError(f"{what}: images must be uint8, got {image.dtype}.")
+  h, w = image.shape[:2]
+  if (h, w) == (size, size):
+    return image
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  crop = image[top:top + s, left:left + s]
+  pil = Image.fromarray(crop[..., 0] if channels == 1 else crop)
+  out = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
+  return out.reshape(size, size, channels)
+
+
+def fit_images(images: np.ndarray, size: int, channels: int, what: str) -> np.ndarray:
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4:
+    raise DataError(f"{what}: expected images [N, H, W] or [N, H, W, C], got {images.shape}.")
+  if images.dtype != np.uint8:
+    if np.issubdtype(images.dtype, np.floating):
+      lo, hi = float(images.min()), float(images.max())
+      if lo < 0.0 or hi > 1.0:
+        raise DataError(f"{what}: float images must lie in [0, 1]; found [{lo:.3g}, {hi:.3g}].")
+      images = np.round(images * 255.0).astype(np.uint8)
+    else:
+      raise DataError(f"{what}: images must be uint8 or float in [0, 1], got {images.dtype}.")
+  if images.shape[1:] == (size, size, channels):
+    return images
+  return np.stack([fit_image(im, size, channels, what) for im in images])
+
+
+@dataclasses.dataclass
+class ArraySource:
+  """An in-memory data set. Extra fields (captions, ids) ride along and are indexed the same."""
+  images: np.ndarray                       # uint8 [N, H, W, C]
+  labels: np.ndarray | None = None         # int32 [N]
+  class_names: tuple[str, ...] | None = None
+  extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    n = len(self.images)
+    for name, arr in [("labels", self.labels), *self.extra.items()]:
+      if arr is not None and len(arr) != n:
+        raise DataError(f"Data set field '{name}' has {len(arr)} rows but there are {n} images.")
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    out = {"image": self.images[indices]}
+    if self.labels is not None:
+      out["label"] = self.labels[indices]
+    for k, v in self.extra.items():
+      out[k] = v[indices]
+    return out
+
+
+def _holdout(n: int, fraction: float, split: str) -> np.ndarray:
+  # Fixed seed, independent of the run's seed, so every run evaluates on the same images.
+  perm = np.random.default_rng(12345).permutation(n)
+  n_test = max(1, int(round(fraction * n)))
+  return np.sort(perm[:n_test] if split == "test" else perm[n_test:])
+
+
+def _check_split(split: str, available: Sequence[str], what: str):
+  if split not in available:
+    raise DataError(f"{what} has no split '{split}'; it has {', '.join(available)}.")
+
+
+def load_embedded(name: str, split: str, size: int, channels: int) -> ArraySource:
+  if name not in EMBEDDED:
+    raise DataError(f"Unknown embedded data set '{name}'; jaxgen ships {', '.join(EMBEDDED)}.")
+  file, classes, _ = EMBEDDED[name]
+  _check_split(split, ("train", "test"), f"Embedded data set '{name}'")
+  with importlib_resources.files("jaxgen.data").joinpath("embedded", file).open("rb") as f:
+    with np.load(f) as npz:
+      images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+  images = fit_images(images, size, channels, f"embedded:{name}")
+  return ArraySource(images, labels.astype(np.int32), classes)
+
+
+def load_npz(path: str, split: str, size: int, channels: int, holdout: float) -> ArraySource:
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise DataError(f"npz file not found: {path}")
+  try:
+    npz = np.load(p, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise DataError(f"Could not read {path} as .npz: {e}") from e
+  with npz:
+    keys = set(npz.files)
+    if f"{split}_images" in keys:
+      images = npz[f"{split}_images"]
+      labels = npz[f"{split}_labels"] if f"{split}_labels" in keys else None
+    elif "images" in keys:
+      idx = _holdout(len(npz["images"]), holdout, split)
+      images = npz["images"][idx]
+      labels = npz["labels"][idx] if "labels" in keys else None
+    else:
+      raise DataError(f"{path} needs an 'images' array (optionally 'labels'), or "
+                      f"'{split}_images'; it has {sorted(keys)}.")
+  images = fit_images(images, size, channels, path)
+  if labels is not None:
+    labels = np.asarray(labels).astype(np.int32).reshape(-1)
+  return ArraySource(images, labels)
+
+
+def load_folder(path: str, split: str, size: int, channels: int, holdout: float) -> ArraySource:
+  """Images under `path`. Sub-folders are classes; `path/train` and `path/test` are splits."""
+  root = pathlib.Path(path)
+  if not root.is_dir():
+    raise DataError(f"Image folder not found: {path}")
+  use_holdout = not (root / split).is_dir()
+  if not use_holdout:
+    root = root / split
+  class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+  files, labels = [], []
+  if class_dirs:
+    for c, d in enumerate(class_dirs):
+      found = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+      files += found
+      labels += [c] * len(found)
+  else:
+    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+  if not files:
+    raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {root}.")
+  if use_holdout:
+    idx = _holdout(len(files), holdout, split)
+    files = [files[i] for i in idx]
+    labels = [labels[i] for i in idx] if labels else []
+  mode = "L" if channels == 1 else "RGB"
+  images = []
+  for f in files:
+    try:
+      with Image.open(f) as im:
+        images.append(fit_image(np.asarray(im.convert(mode)), size, channels, str(f)))
+    except OSError as e:
+      raise DataError(f"Could not read image {f}: {e}") from e
+  names = tuple(d.name for d in class_dirs) if class_dirs else None
+  return ArraySource(np.stack(images), np.asarray(labels, np.int32) if labels else None, names)
+
+
+class TfdsSource:
+  """A prepared TFDS data set read through array_record random access (no TensorFlow)."""
+
+  def __init__(self, name: str, split: str, size: int, channels: int, data_dir: str = "",
+               image_key: str = "image", label_key: str = "label"):
+    import tensorflow_datasets as tfds
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+    try:
+      self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises several types; all mean "not readable as prepared"
+      where = data_dir or "~/tensorflow_datasets"
+      raise DataError(
+          f"TFDS data set '{name}' (split '{split}') is not prepared in {where} in the "
+          f"array_record format, and jaxgen never downloads during training. Prepare it once on a "
+          f"machine with internet (and TensorFlow): python -c \"import tensorflow_datasets as "
+          f"tfds; tfds.builder('{name}', data_dir='{where}', file_format='array_record')"
+          f".download_and_prepare()\", then copy the folder here or set data.tfds_data_dir. "
+          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    self.name, self.size, self.channels = name, size, channels
+    self.image_key, self.label_key = image_key, label_key
+    first = self._ds[0]
+    if image_key not in first:
+      raise DataError(f"TFDS '{name}' has no feature '{image_key}'; it has {sorted(first)}. "
+                      "Set data.image_key.")
+    self.has_label = label_key in first
+    self.class_names = None
+    try:
+      feature = self._ds.dataset_info.features[label_key]
+      self.class_names = tuple(feature.names)
+    except (AttributeError, KeyError, TypeError):
+      pass
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    examples = [self._ds[int(i)] for i in indices]
+    images = np.stack([fit_image(np.asarray(ex[self.image_key]), self.size, self.channels,
+                                 f"tfds:{self.name}") for ex in examples])
+    out = {"image": images}
+    if self.has_label:
+      out["label"] = np.asarray([ex[self.label_key] for ex in examples], np.int32)
+    return out
+
+
+def load_source(data_cfg, split: str) -> Source:
+  """The config's data set and split as a random-access source."""
+  d = data_cfg
+  if d.source == "embedded":
+    return load_embedded(d.name, split, d.image_size, d.channels)
+  if d.source == "npz":
+    return load_npz(d.path, split, d.image_size, d.channels, d.holdout_fraction)
+  if d.source == "folder":
+    return load_folder(d.path, split, d.image_size, d.channels, d.holdout_fraction)
+  if d.source == "tfds":
+    return TfdsSource(d.name, split, d.image_size, d.channels, d.tfds_data_dir, d.image_key,
+                      d.label_key)
+  raise DataError(f"Unknown data.source {d.source!r}.")
+
+
+def load_all(source: Source, limit: int | None = None) -> dict[str, np.ndarray]:
+  """The first `limit` examples (all by default) as arrays: for evaluation on held-out data."""
+  n = len(source) if limit is None else min(limit, len(source))
+  return source.get(np.arange(n))

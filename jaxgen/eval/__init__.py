@@ -1,0 +1,1 @@
+"""Metrics: image fidelity (PSNR, SSIM), distribution distances, zero-shot and probes."""

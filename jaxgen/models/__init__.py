@@ -1,0 +1,1 @@
+"""flax.linen modules only: layers, autoencoders, U-Nets, encoders. No training plumbing here."""

@@ -1,0 +1,120 @@
+"""Building blocks shared by the autoencoders and U-Nets (NHWC).
+
+Sub-module names follow diffusers' (norm1, conv1, time_emb_proj, ...) so that Stable Diffusion
+weights map onto these modules by a rename, without reshaping the architecture.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def group_norm(groups: int, eps: float, name: str | None = None) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, name=name)
+
+
+class ResBlock(nn.Module):
+  """GroupNorm -> SiLU -> Conv, twice, with an optional time embedding added in between."""
+  features: int
+  groups: int = 32
+  eps: float = 1e-6
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t_emb=None, *, train: bool = False):
+    h = nn.silu(group_norm(self.groups, self.eps, "norm1")(x))
+    h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
+    if t_emb is not None:
+      h = h + nn.Dense(self.features, dtype=self.dtype, name="time_emb_proj")(
+          nn.silu(t_emb))[:, None, None, :]
+    h = nn.silu(group_norm(self.groups, self.eps, "norm2")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(h)
+    if x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+    return x + h
+
+
+class Downsample(nn.Module):
+  """Stride-2 3x3 conv. `asymmetric` pads (0, 1) as Stable Diffusion's VAE does, else (1, 1)."""
+  features: int
+  asymmetric: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.asymmetric:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+      padding = "VALID"
+    else:
+      padding = ((1, 1), (1, 1))
+    return nn.Conv(self.features, (3, 3), strides=(2, 2), padding=padding, dtype=self.dtype,
+                   name="conv")(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 (or to `size`), then a 3x3 conv."""
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, size: tuple[int, int] | None = None):
+    b, h, w, c = x.shape
+    size = size or (2 * h, 2 * w)
+    x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
+    return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
+
+
+def attention(q, k, v, mask=None):
+  """Scaled dot-product attention. q [B, T, N, H], k/v [B, S, N, H]; mask broadcasts to
+  [B, N, T, S] (True = attend). Softmax in float32 whatever the inputs' dtype."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", weights, v)
+
+
+class SpatialSelfAttention(nn.Module):
+  """Self-attention over all positions of a feature map, with a residual (VAE mid block)."""
+  heads: int = 1
+  groups: int = 32
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    if c % self.heads:
+      raise ValueError(f"channels {c} not divisible by heads {self.heads}")
+    y = group_norm(self.groups, self.eps, "group_norm")(x).reshape(b, h * w, c)
+    split = lambda t: t.reshape(b, h * w, self.heads, c // self.heads)
+    q = split(nn.Dense(c, dtype=self.dtype, name="to_q")(y))
+    k = split(nn.Dense(c, dtype=self.dtype, name="to_k")(y))
+    v = split(nn.Dense(c, dtype=self.dtype, name="to_v")(y))
+    o = attention(q, k, v).reshape(b, h * w, c)
+    o = nn.Dense(c, dtype=self.dtype, name="to_out")(o)
+    return x + o.reshape(b, h, w, c)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = True,
+                       shift: float = 0.0):
+  """Sinusoidal embedding of (possibly fractional) timesteps t [B] -> [B, dim], float32.
+
+  flip_sin_to_cos=True gives [cos, sin] (Stable Diffusion); `shift` is diffusers'
+  downscale_freq_shift (1 for the DDPM paper's layout, 0 for Stable Diffusion).
+  """
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - shift)
+  args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb

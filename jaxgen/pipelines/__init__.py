@@ -1,0 +1,1 @@
+"""User-facing jitted functions: encode/decode, sampling, interpolation, text to image."""

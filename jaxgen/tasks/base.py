@@ -1,0 +1,55 @@
+"""What a pillar supplies to the one train loop: its config sections, model init and loss.
+
+A Task builds its flax modules from the config. The loop owns everything else: data, mesh,
+optimizer, TrainState, jit, checkpoints, logging and the schedule of pictures.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+
+class Task:
+  name: str = ""
+
+  @staticmethod
+  def default_config() -> dict[str, dict]:
+    """Config sections this task adds to the base config (at least 'model')."""
+    raise NotImplementedError
+
+  @staticmethod
+  def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError for values this task cannot use."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  def init(self, key: jax.Array, batch: dict) -> tuple[Any, Any]:
+    """-> (params, model_state) for an example batch (shapes only matter)."""
+    raise NotImplementedError
+
+  def loss_fn(self, params, model_state, batch: dict, key: jax.Array):
+    """-> (loss, (metrics, new_model_state)). Pure and jittable."""
+    raise NotImplementedError
+
+  def pictures(self, params, model_state, key: jax.Array) -> dict[str, np.ndarray]:
+    """Named uint8 pictures [H, W, C] to write during training (grids, strips)."""
+    return {}
+
+  def evaluate(self, params, model_state, key: jax.Array) -> dict[str, float]:
+    """Held-out metrics for `jaxgen eval`."""
+    return {}
+
+  # `jaxgen sample`: each task adds its own options and writes its own pictures.
+  @staticmethod
+  def add_sample_args(parser: argparse.ArgumentParser) -> None:
+    pass
+
+  def sample(self, params, model_state, args: argparse.Namespace,
+             outdir: pathlib.Path) -> list[pathlib.Path]:
+    raise NotImplementedError(f"task {self.name} has no sampler")

@@ -1,0 +1,216 @@
+"""The one train loop, and restoring a trained run from its workdir.
+
+WORKDIR/config.json      the resolved config of the latest start
+WORKDIR/checkpoints/N/   orbax checkpoints (TrainState + meta with the data position)
+WORKDIR/metrics.jsonl    metrics; WORKDIR/tb/ TensorBoard events; WORKDIR/samples/ PNG grids
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxgen import config as config_lib
+from jaxgen import images, tasks
+from jaxgen.data import BatchLoader, batch_sharding, load_source
+from jaxgen.errors import CheckpointError, NonFiniteLossError
+from jaxgen.train.checkpoint import Checkpointer, config_differences
+from jaxgen.train.mesh import make_mesh, replicated
+from jaxgen.train.metrics_writer import MetricWriter
+from jaxgen.train.optim import make_optimizer
+from jaxgen.train.state import TrainState
+from jaxgen.train.step import make_train_step
+
+log = logging.getLogger(__name__)
+
+
+def _state_factory(task, config, example: dict):
+  tx, schedule = make_optimizer(config.optim, config.train.num_steps)
+  example = jax.tree.map(lambda x: np.asarray(x[:1]), example)
+
+  def init(key):
+    k_init, k_rng = jax.random.split(key)
+    params, model_state = task.init(k_init, example)
+    return TrainState.create(params, tx, k_rng, model_state)
+
+  return init, schedule
+
+
+def _abstract_state(init, mesh):
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                      shapes)
+
+
+def _check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, has_ckpt: bool):
+  path = workdir / "config.json"
+  if has_ckpt and path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path} is not valid JSON ({e}). Nothing was deleted.") from e
+    diffs = config_differences(saved, config.to_dict())
+    if diffs:
+      raise CheckpointError(
+          f"{workdir} holds a run of another model config:\n  " + "\n  ".join(diffs)
+          + "\nUse another --workdir, or the saved config. Nothing was deleted.")
+
+
+@dataclasses.dataclass
+class _Pending:
+  """Metrics of steps not yet read back to the host: read in one go at log/save points."""
+  rows: list = dataclasses.field(default_factory=list)
+
+  def fetch(self) -> list[tuple[int, dict]]:
+    rows, self.rows = jax.device_get(self.rows), []
+    return rows
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          progress: bool = True, until_step: int | None = None, mesh=None) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final state.
+
+  `until_step` stops early (with a checkpoint) as if the run had been interrupted there.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  c, t = config, config.train
+  task = tasks.build(config)
+  mesh = mesh or make_mesh()
+  ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+  latest = ckpt.latest_step()
+  _check_workdir(workdir, config, latest is not None)
+
+  loader = BatchLoader(load_source(c.data, c.data.train_split), c.data.batch_size, c.seed,
+                       c.data.shuffle)
+  init, schedule = _state_factory(task, config, loader.get(0))
+  abstract = _abstract_state(init, mesh)
+  state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config_lib.to_json(config))
+
+  start = 0
+  if latest is not None:
+    state, meta = ckpt.restore(latest, abstract, config.to_dict())
+    start = int(meta["data"]["batches_consumed"])
+    saved_data = meta["data"]
+    if (saved_data["dataset_size"], saved_data["global_batch"]) != (loader.n, loader.global_batch):
+      log.warning("Data set size or batch size changed since the checkpoint (%s -> %s); "
+                  "resuming, but batches differ from an uninterrupted run.",
+                  (saved_data["dataset_size"], saved_data["global_batch"]),
+                  (loader.n, loader.global_batch))
+    log.info("Resumed from %s at step %d", ckpt.directory / str(latest), start)
+  else:
+    state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(c.seed))
+
+  train_step = make_train_step(task.loss_fn, ema_decay=c.optim.ema_decay, schedule=schedule,
+                               state_sharding=state_sharding,
+                               batch_sharding=batch_sharding(mesh))
+  end = t.num_steps if until_step is None else min(until_step, t.num_steps)
+  writer = MetricWriter(workdir)
+  pending = _Pending()
+  last_saved = latest
+  bar = tqdm(total=t.num_steps, initial=start, unit="step", dynamic_ncols=True,
+             disable=not progress or jax.process_index() != 0)
+  tick, tick_step = time.perf_counter(), start
+
+  def flush(step: int):
+    nonlocal tick, tick_step
+    rows = pending.fetch()
+    if not rows:
+      return
+    for s, m in rows:
+      if not bool(m["finite"]):
+        where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}"
+                 if last_saved is not None else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"Loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}. "
+            f"Training stopped; {where}. Lower optim.lr, keep optim.grad_clip on, or check "
+            "the data for NaNs.")
+    now = time.perf_counter()
+    ips = (step - tick_step) * c.data.batch_size / max(now - tick, 1e-9)
+    tick, tick_step = now, step
+    mean = {k: float(np.mean([m[k] for _, m in rows])) for k in rows[0][1] if k != "finite"}
+    mean["images_per_s"] = ips
+    writer.write(step, mean)
+    bar.set_postfix(loss=f"{mean['loss']:.4g}", img_s=f"{ips:.0f}")
+
+  def write_pictures(step: int):
+    if jax.process_index() != 0:
+      return
+    key = jax.random.PRNGKey(c.seed + 1)  # same noise every time: grids are comparable
+    for name, pic in task.pictures(state.ema_params, state.model_state, key).items():
+      images.save_png(pic, workdir / "samples" / f"{name}_step{step:07d}.png")
+      writer.image(step, name, pic)
+
+  batches = loader.iterate(start, mesh)
+  try:
+    for step in range(start, end):
+      state, metrics = train_step(state, next(batches))
+      pending.rows.append((step + 1, metrics))
+      bar.update(1)
+      done = step + 1
+      if done % t.log_every == 0 or done == end:
+        flush(done)
+      if t.sample_every and (done % t.sample_every == 0 or done == t.num_steps):
+        flush(done)
+        write_pictures(done)
+      if done % t.ckpt_every == 0 or done == end:
+        flush(done)
+        ckpt.save(done, state, {"config": config.to_dict(), "data": loader.state(done)})
+        last_saved = done
+    if start >= end:
+      log.info("Nothing to do: the checkpoint is already at step %d of %d.", start, end)
+  finally:
+    batches.close()
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return state
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run loaded from its workdir."""
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  task: Any
+  state: TrainState
+  step: int
+
+
+def restore_run(workdir: str | pathlib.Path, step: int | None = None, mesh=None) -> Run:
+  """Loads WORKDIR/config.json and the latest (or given) checkpoint."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  if not path.exists():
+    raise CheckpointError(f"{workdir} has no config.json: is it a jaxgen workdir?")
+  try:
+    config = config_lib.from_dict(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
+  ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
+    if step not in ckpt.all_steps():
+      raise CheckpointError(f"No checkpoint for step {step}; there are {ckpt.all_steps()}.")
+    task = tasks.build(config)
+    mesh = mesh or make_mesh()
+    example = load_source(config.data, config.data.eval_split).get(np.arange(1))
+    init, _ = _state_factory(task, config, example)
+    state, _ = ckpt.restore(step, _abstract_state(init, mesh), config.to_dict())
+  finally:
+    ckpt.close()
+  return Run(workdir, config, task, state, step)

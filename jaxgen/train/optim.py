@@ -1,0 +1,40 @@
+"""optax optimizer and learning-rate schedule from the config's `optim` section."""
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def make_schedule(o, num_steps: int) -> optax.Schedule:
+  warmup = min(o.warmup_steps, max(num_steps - 1, 0))
+  if o.schedule == "constant":
+    after = optax.constant_schedule(o.lr)
+  else:
+    after = optax.cosine_decay_schedule(o.lr, max(num_steps - warmup, 1), alpha=o.end_lr_factor)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), after], [warmup])
+
+
+def _decay_mask(params):
+  # No weight decay on biases and normalisation scales (the usual AdamW/LARS practice).
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(o, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = make_schedule(o, num_steps)
+  if o.name == "adamw":
+    base = optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, mask=_decay_mask)
+  elif o.name == "adam":
+    base = optax.adam(schedule, o.b1, o.b2, o.eps)
+  elif o.name == "sgd":
+    base = optax.chain(optax.add_decayed_weights(o.weight_decay, _decay_mask),
+                       optax.sgd(schedule, momentum=o.momentum))
+  elif o.name == "lars":
+    base = optax.lars(schedule, weight_decay=o.weight_decay, weight_decay_mask=_decay_mask,
+                      trust_ratio_mask=_decay_mask, momentum=o.momentum)
+  else:
+    raise ValueError(f"unknown optimizer {o.name}")
+  if o.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), base), schedule
+  return base, schedule

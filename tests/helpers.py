@@ -1,0 +1,34 @@
+"""Small shared helpers for the tests."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def config(name: str, *overrides: str, arg: str = "smoke"):
+  from jaxgen import config as jc
+  spec = f"{REPO / 'configs' / name}.py" + (f":{arg}" if arg else "")
+  return jc.load_config(spec, list(overrides))
+
+
+def files_under(path: pathlib.Path) -> dict[str, int]:
+  """Every file below `path` with its size: to assert that nothing was deleted or changed."""
+  return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+          if p.is_file()}
+
+
+def run_python(code: str, *, env: dict | None = None, timeout: int = 600,
+               cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
+  full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+  return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=full_env, timeout=timeout,
+                        capture_output=True, text=True)
+
+
+def params_of(state):
+  import jax
+  import numpy as np
+  return jax.tree.map(np.asarray, jax.device_get(state))

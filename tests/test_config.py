@@ -1,0 +1,76 @@
+import json
+import textwrap
+
+import pytest
+
+from helpers import REPO, config
+from jaxgen import config as jc
+from jaxgen.errors import ConfigError
+
+
+def test_smoke_config_loads_with_overrides_coerced():
+  c = config("vae", "optim.lr=1", "model.ch_mult=1,2,2", "data.shuffle=false",
+             "train.num_steps=1e2")
+  assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
+  assert c.model.ch_mult == (1, 2, 2)
+  assert c.data.shuffle is False
+  assert c.train.num_steps == 100 and isinstance(c.train.num_steps, int)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1e-3", "Unknown config key 'optim.lrr'. Did you mean 'optim.lr'?"),
+    ("optimizer.lr=1e-3", "Unknown config key 'optimizer.lr'. Did you mean 'optim.lr'?"),
+    ("train.num_steps=abc", "Config key 'train.num_steps' expects int, got 'abc'"),
+    ("train.num_steps=2.5", "expects int, got 2.5"),
+    ("data.shuffle=3", "expects a bool"),
+    ("optim.name=rmsprop", "optim.name must be adamw, adam, sgd or lars"),
+    ("model.groups=3", "model.groups=3 must divide every level's channels"),
+    ("data.image_size=27", "must be divisible by the downsampling factor"),
+    ("optim.lr", "must have the form key=value"),
+    ("optim=3", "is a section"),
+])
+def test_bad_override_is_a_clear_error(override, message):
+  with pytest.raises(ConfigError) as e:
+    config("vae", override)
+  assert message in str(e.value)
+
+
+def test_unknown_config_argument():
+  with pytest.raises(ConfigError, match=r"Unknown config argument\(s\) \['smok'\]"):
+    config("vae", arg="smok")
+
+
+def test_typo_inside_a_config_file(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text(textwrap.dedent("""
+      from jaxgen import config as jc
+      def get_config(arg=None):
+        c = jc.base_config("vae")
+        c.optim.lrr = 1e-3
+        return c
+  """))
+  with pytest.raises(ConfigError, match="lrr"):
+    jc.load_config(str(path))
+
+
+def test_missing_file_and_unknown_task(tmp_path):
+  with pytest.raises(ConfigError, match="Config file not found"):
+    jc.load_config(str(tmp_path / "nope.py"))
+  with pytest.raises(ConfigError, match="Unknown task 'gan'"):
+    jc.base_config("gan")
+
+
+def test_json_round_trip_keeps_types():
+  c = config("vae", "model.ch_mult=1,2")
+  d = json.loads(jc.to_json(c))
+  back = jc.from_dict(d)
+  assert back.model.ch_mult == (1, 2)
+  assert back.to_dict() == c.to_dict()
+
+
+def test_every_config_file_and_its_smoke_variant_load():
+  files = sorted((REPO / "configs").glob("*.py"))
+  assert files
+  for f in files:
+    jc.load_config(str(f))
+    jc.load_config(f"{f}:smoke")
