@@ -2,12 +2,17 @@
 
 Each step directory holds the TrainState ('state') and a JSON 'meta' item: the config, the data
 iterator position and the jaxgen version. orbax writes into a temporary directory and renames it
-when complete, so a process killed mid-save leaves the previous steps intact. Restoring checks
-the saved config against the current one before touching arrays, and never deletes anything.
+when complete, so a process killed mid-save leaves the previous steps intact. Once a save is
+complete, jaxgen adds a checksum of every file (orbax has none: a flipped bit in an array file
+restores silently). Restoring verifies the checksums and the saved config before touching
+arrays, and never deletes anything.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -23,6 +28,45 @@ log = logging.getLogger(__name__)
 # Sections of the config that decide the shapes and meaning of the parameters: a checkpoint
 # written under other values cannot be resumed or used by this config.
 MODEL_SECTIONS = ("task", "model", "data.image_size", "data.channels")
+CHECKSUMS = "jaxgen_checksums.json"
+
+
+def _file_digest(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def write_checksums(step_dir: pathlib.Path) -> None:
+  files = {str(p.relative_to(step_dir)): [p.stat().st_size, _file_digest(p)]
+           for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+  tmp = step_dir / (CHECKSUMS + ".tmp")
+  tmp.write_text(json.dumps(files, indent=0))
+  os.replace(tmp, step_dir / CHECKSUMS)  # atomic: a checksum file is whole or absent
+
+
+def verify_checksums(step_dir: pathlib.Path) -> bool:
+  """Raises CheckpointError naming the first damaged file; False if there is no checksum file
+  (a checkpoint from a process that died between orbax's commit and the checksum)."""
+  path = step_dir / CHECKSUMS
+  if not path.exists():
+    return False
+  try:
+    files = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is unreadable ({e}). Nothing was deleted.") from e
+  for rel, (size, digest) in files.items():
+    p = step_dir / rel
+    problem = ("is missing" if not p.is_file() else
+               f"has {p.stat().st_size} bytes, expected {size}" if p.stat().st_size != size else
+               "does not match its checksum" if _file_digest(p) != digest else None)
+    if problem:
+      raise CheckpointError(
+          f"Checkpoint {step_dir} is corrupt: {rel} {problem}. Nothing was deleted. Move that "
+          "directory aside to resume from the previous step.")
+  return True
 
 
 def _model_view(config_dict: dict) -> dict[str, Any]:
@@ -44,6 +88,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=("state", "meta"))
+    self._unsealed: list[int] = []  # saved by this process, checksums not yet written
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -53,13 +98,26 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict) -> None:
     meta = dict(meta, jaxgen_version=__version__, step=int(step))
+    self._seal()  # the previous async save is complete before orbax starts the next one
     self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                   meta=ocp.args.JsonSave(meta)), force=True)
+    self._unsealed.append(int(step))
+
+  def _seal(self) -> None:
+    """Waits for pending saves, then checksums the steps this process saved."""
+    self._mngr.wait_until_finished()
+    if jax.process_index() == 0:
+      existing = set(self.all_steps())
+      for step in self._unsealed:
+        if step in existing:
+          write_checksums(self._step_dir(step))
+    self._unsealed = []
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    self._seal()
 
   def close(self) -> None:
+    self._seal()
     self._mngr.close()
 
   def _step_dir(self, step: int) -> pathlib.Path:
@@ -81,6 +139,9 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, config_dict: dict) -> tuple[Any, dict]:
     """Restores `step` into the structure and shardings of `abstract_state` after checking that
     the checkpoint was written by the same model config."""
+    if not verify_checksums(self._step_dir(step)):
+      log.warning("Checkpoint %s has no checksums (its writer stopped right after saving); "
+                  "restoring it unverified.", self._step_dir(step))
     meta = self.read_meta(step)
     diffs = config_differences(meta.get("config", {}), config_dict)
     if diffs:

@@ -67,11 +67,18 @@ def _check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, has
 
 @dataclasses.dataclass
 class _Pending:
-  """Metrics of steps not yet read back to the host: read in one go at log/save points."""
-  rows: list = dataclasses.field(default_factory=list)
+  """Metrics stay on the device until a log or save point reads them back in one go."""
+  on_device: list = dataclasses.field(default_factory=list)
+  on_host: list = dataclasses.field(default_factory=list)
 
   def fetch(self) -> list[tuple[int, dict]]:
-    rows, self.rows = jax.device_get(self.rows), []
+    fresh, self.on_device = jax.device_get(self.on_device), []
+    self.on_host += fresh
+    return fresh
+
+  def take(self) -> list[tuple[int, dict]]:
+    self.fetch()
+    rows, self.on_host = self.on_host, []
     return rows
 
 
@@ -123,12 +130,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
              disable=not progress or jax.process_index() != 0)
   tick, tick_step = time.perf_counter(), start
 
-  def flush(step: int):
-    nonlocal tick, tick_step
-    rows = pending.fetch()
-    if not rows:
-      return
-    for s, m in rows:
+  def check_finite():
+    for s, m in pending.fetch():
       if not bool(m["finite"]):
         where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}"
                  if last_saved is not None else "no checkpoint had been written yet")
@@ -136,6 +139,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             f"Loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}. "
             f"Training stopped; {where}. Lower optim.lr, keep optim.grad_clip on, or check "
             "the data for NaNs.")
+
+  def log_metrics(step: int):
+    nonlocal tick, tick_step
+    check_finite()
+    rows = pending.take()
     now = time.perf_counter()
     ips = (step - tick_step) * c.data.batch_size / max(now - tick, 1e-9)
     tick, tick_step = now, step
@@ -156,16 +164,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   try:
     for step in range(start, end):
       state, metrics = train_step(state, next(batches))
-      pending.rows.append((step + 1, metrics))
+      pending.on_device.append((step + 1, metrics))
       bar.update(1)
       done = step + 1
       if done % t.log_every == 0 or done == end:
-        flush(done)
+        log_metrics(done)
       if t.sample_every and (done % t.sample_every == 0 or done == t.num_steps):
-        flush(done)
+        check_finite()
         write_pictures(done)
       if done % t.ckpt_every == 0 or done == end:
-        flush(done)
+        check_finite()
         ckpt.save(done, state, {"config": config.to_dict(), "data": loader.state(done)})
         last_saved = done
     if start >= end:

@@ -28,7 +28,7 @@ def make_train_step(loss_fn: LossFn, *, ema_decay: float, schedule: optax.Schedu
     key = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, key)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if ema_decay > 0:

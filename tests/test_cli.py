@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from helpers import REPO, files_under
+from jaxgen.cli import main
+
+
+def _run(capsys, *argv):
+  with pytest.raises(SystemExit) as e:
+    main(list(argv))
+  out = capsys.readouterr()
+  return e.value.code, out.out, out.err
+
+
+def test_help_says_what_each_command_does(capsys):
+  code, out, _ = _run(capsys, "--help")
+  assert code == 0 and "train" in out and "sample" in out and "eval" in out
+  code, out, _ = _run(capsys, "train", "--help")
+  assert code == 0 and "--config.KEY=VALUE" in out and "resumes" in out
+  code, out, _ = _run(capsys, "sample", "--help")
+  assert code == 0 and "options for task 'vae'" in out and "--pairs" in out
+  r = subprocess.run([sys.executable, "-m", "jaxgen", "--help"], capture_output=True, text=True)
+  assert r.returncode == 0 and "jaxgen" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.optim.lrr=1"], "Unknown config key 'optim.lrr'. Did you mean 'optim.lr'?"),
+    (["--config.train.num_steps", "many"], "expects int, got 'many'"),
+])
+def test_bad_override_fails_before_any_compute(capsys, tmp_path, args, message):
+  code, _, err = _run(capsys, "train", "--config", f"{REPO}/configs/vae.py:smoke", "--workdir",
+                      str(tmp_path / "w"), *args)
+  assert code == 2 and message in err and "Traceback" not in err
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_train_sample_eval_from_the_command_line(capsys, tmp_path):
+  wd = tmp_path / "w"
+  assert main(["train", "--config", f"{REPO}/configs/vae.py:smoke", "--workdir", str(wd),
+               "--no-progress"]) is None
+  main(["sample", "--workdir", str(wd), "--num", "9", "--pairs", "2", "--steps", "5"])
+  printed = capsys.readouterr().out.split()
+  assert sorted(p.rsplit("/", 1)[1] for p in printed) == [
+      "interpolations.png", "prior_samples.png", "reconstructions.png"]
+  with Image.open(wd / "samples" / "interpolations.png") as im:
+    assert im.size[0] > im.size[1] > 0  # a strip: 7 columns (2 originals + 5 steps)
+  main(["eval", "--workdir", str(wd), "--limit", "16"])
+  metrics = json.loads(capsys.readouterr().out)
+  assert metrics["step"] == 4 and metrics["num_images"] == 16
+  assert metrics == json.loads((wd / "eval_step4.json").read_text())
+  before = files_under(wd / "checkpoints")
+  code, _, err = _run(capsys, "sample", "--workdir", str(tmp_path / "missing"))
+  assert code == 1 and "has no config.json" in err
+  assert files_under(wd / "checkpoints") == before

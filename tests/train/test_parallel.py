@@ -1,0 +1,107 @@
+"""Multi-device and multi-process behaviour, each in its own process."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import REPO, config, params_of, run_python
+from jaxgen.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  code = textwrap.dedent(f"""
+      import os
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      import sys; sys.path.insert(0, "tests")
+      import jax, numpy as np
+      from jaxgen import runtime
+      runtime.enable_compilation_cache()
+      from helpers import config, params_of
+      from jaxgen.train import make_mesh, train
+      assert len(jax.devices()) == 8
+      c = config("vae", "train.num_steps=3", "train.sample_every=0", "data.batch_size=16")
+      s8 = train(c, "{tmp_path}/eight", progress=False, mesh=make_mesh())
+      s1 = train(c, "{tmp_path}/one", progress=False, mesh=make_mesh(jax.devices()[:1]))
+      leaf = jax.tree.leaves(s8.params)[0]
+      assert len(leaf.sharding.device_set) == 8, leaf.sharding
+      a, b = params_of(s8.params), params_of(s1.params)
+      diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+      moved = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(a))
+      print("max_abs_diff", diff, "max_param", moved)
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+      print("OK")
+  """)
+  r = run_python(code)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+  """A real `jaxgen train` process is killed while orbax writes step 4; the next run resumes
+  from step 2 and ends with exactly the parameters of an uninterrupted run."""
+  wd, marker = tmp_path / "run", tmp_path / "saving"
+  code = textwrap.dedent(f"""
+      import asyncio, pathlib
+      from orbax.checkpoint._src.handlers import json_checkpoint_handler as j
+      original = j.JsonCheckpointHandler._save_fn
+      async def slow_save(self, item, directory):
+        await original(self, item, directory)
+        if isinstance(item, dict) and item.get("step") == 4:
+          pathlib.Path("{marker}").touch()
+          await asyncio.sleep(600)   # the save of step 4 never completes
+      j.JsonCheckpointHandler._save_fn = slow_save
+      from jaxgen.cli import main
+      main(["train", "--config", "configs/vae.py:smoke", "--workdir", "{wd}", "--no-progress",
+            "--config.train.num_steps=6"])
+  """)
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not marker.exists():
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline, "the save of step 4 never started"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  leftovers = sorted(p.name for p in (wd / "checkpoints").iterdir())
+  assert leftovers[0] == "2" and any("tmp" in n for n in leftovers), leftovers
+
+  c = config("vae", "train.num_steps=6")
+  resumed = train(c, wd, progress=False)
+  full = train(c, tmp_path / "full", progress=False)
+  for x, y in zip(jax.tree.leaves(params_of(resumed)), jax.tree.leaves(params_of(full))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """Two processes (jax.distributed over gloo), each reading its half of every global batch,
+  reach the parameters of a single-process run; their checkpoint restores in one process."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  wd = tmp_path / "multi"
+  env = dict(os.environ, PYTHONPATH=str(REPO / "tests"))
+  procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "multihost_worker.py"), str(i),
+                             port, str(wd), str(tmp_path / f"p{i}.npz")], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for p in procs:
+    out, _ = p.communicate(timeout=400)
+    assert p.returncode == 0, out[-3000:]
+  single = train(config("vae", "train.num_steps=4", "train.sample_every=0"), tmp_path / "one",
+                 progress=False)
+  parts = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
+  for i, leaf in enumerate(jax.tree.leaves(params_of(single.params))):
+    np.testing.assert_array_equal(parts[0][f"arr_{i}"], parts[1][f"arr_{i}"])
+    np.testing.assert_allclose(parts[0][f"arr_{i}"], leaf, rtol=1e-5, atol=1e-6)
+  from jaxgen.train import restore_run
+  assert restore_run(wd).step == 4
