@@ -165,6 +165,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     for step in range(start, end):
       state, metrics = train_step(state, next(batches))
       pending.on_device.append((step + 1, metrics))
+      if len(pending.on_device) > 2:
+        # Wait (no transfer) for the step two behind: the device always has the next step
+        # queued, while the host does not run far ahead, so the bar and its ETA are honest.
+        pending.on_device[-3][1]["loss"].block_until_ready()
       bar.update(1)
       done = step + 1
       if done % t.log_every == 0 or done == end:
