@@ -120,6 +120,7 @@ def _cmd_sample(args, extra):
 
 def _cmd_eval(args):
   import jax
+
   from jaxgen import train
   run = train.restore_run(args.workdir, args.step)
   metrics = run.task.evaluate(run.state.ema_params, run.state.model_state,

@@ -161,7 +161,8 @@ def _coerce(dotted: str, current: Any, value: Any) -> Any:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       if current is not None:
-        raise ConfigError(f"Config key '{dotted}' expects {type(current).__name__}, got {text!r}.")
+        raise ConfigError(
+            f"Config key '{dotted}' expects {type(current).__name__}, got {text!r}.") from None
       return text
   if current is None or isinstance(current, ml_collections.ConfigDict):
     return value

@@ -1,4 +1,4 @@
-"""Pure float32 likelihood and latent math shared by the VAEs and the latent-diffusion autoencoder."""
+"""Pure float32 likelihood and latent math shared by the VAEs and latent diffusion."""
 from __future__ import annotations
 
 import math

@@ -23,3 +23,7 @@ class CheckpointError(JaxgenError):
 
 class NonFiniteLossError(JaxgenError, FloatingPointError):
   """The loss became NaN or Inf; training stopped before saving anything bad."""
+
+
+class TokenError(JaxgenError, ValueError):
+  """A prompt longer than the tokenizer's context, or token ids outside a model's vocabulary."""

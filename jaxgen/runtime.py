@@ -1,4 +1,4 @@
-"""Process set-up for the CLI and notebooks: logging, the persistent compilation cache, multi-host."""
+"""Process set-up for the CLI and notebooks: logging, compilation cache, multi-host."""
 from __future__ import annotations
 
 import logging

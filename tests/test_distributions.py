@@ -45,8 +45,8 @@ def test_slerp_and_lerp():
   angles = np.arccos(np.clip(np.asarray(u @ a) / np.linalg.norm(np.asarray(u), axis=1), -1, 1))
   np.testing.assert_allclose(angles, np.asarray(t) * np.pi / 2, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(u), axis=1), 1.0, rtol=1e-6)
-  l = dist.lerp(a, b, t)
-  np.testing.assert_allclose(l[2], (a + b) / 2)
+  mid = dist.lerp(a, b, t)
+  np.testing.assert_allclose(mid[2], (a + b) / 2)
   # Parallel vectors fall back to lerp instead of dividing by sin(0).
   np.testing.assert_allclose(dist.slerp(a, 3 * a, jnp.array([0.5]))[0], 2 * a, atol=1e-5)
 

@@ -13,7 +13,8 @@ from typing import Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxgen.data.sources import Source
 from jaxgen.errors import DataError
@@ -23,8 +24,10 @@ class BatchLoader:
   """Global batch `k` of a source: `get(k)` returns this process's share as numpy arrays."""
 
   def __init__(self, source: Source, global_batch: int, seed: int, shuffle: bool = True,
-               process_index: int | None = None, process_count: int | None = None):
+               process_index: int | None = None, process_count: int | None = None,
+               preprocess=None):
     self.source = source
+    self.preprocess = preprocess  # host-side, e.g. tokenising captions; runs on the thread
     self.n = len(source)
     self.global_batch = global_batch
     self.seed = seed
@@ -56,7 +59,8 @@ class BatchLoader:
     return batch[lo:lo + self.local_batch]
 
   def get(self, k: int) -> dict[str, np.ndarray]:
-    return self.source.get(self.indices(k))
+    batch = self.source.get(self.indices(k))
+    return self.preprocess(batch) if self.preprocess is not None else batch
 
   def state(self, k: int) -> dict:
     """What a checkpoint stores: the position and what it depends on."""
@@ -103,11 +107,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's share of a global batch -> global arrays split over the mesh's data axis."""
+  """This process's share of a global batch -> global arrays split over the mesh's data axis.
+  Text fields (captions) stay on the host: a task tokenises them in its preprocess step."""
   sharding = batch_sharding(mesh)
   n_data = mesh.shape["data"]
   out = {}
   for k, v in local.items():
+    if v.dtype.kind in "USO":
+      continue
     global_len = v.shape[0] * jax.process_count()
     if global_len % n_data:
       raise DataError(f"The global batch ({global_len}) must divide evenly over the "

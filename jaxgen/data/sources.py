@@ -6,6 +6,7 @@ int32 labels when it has them. Batching, shuffling and sharding live in `jaxgen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -24,13 +25,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                          "sneaker", "bag", "ankle boot")
 
-# name -> (file inside jaxgen/data/embedded, class names, credit line for the README)
+# name -> (file inside jaxgen/data/embedded or None if generated, class names, credit line)
 EMBEDDED = {
     "fashion_mnist_small": (
         "fashion_mnist_small.npz", FASHION_MNIST_CLASSES,
         "Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, Zalando SE, MIT licence): a class-balanced "
         "subset of 6,000 train and 1,000 test images, from Debian's dataset-fashion-mnist."),
+    "shapes": (
+        None, None,
+        "Procedural coloured shapes with captions (jaxgen.data.shapes): 5,000 train and 1,000 "
+        "test scenes, generated from fixed seeds; the label is the first object's shape."),
 }
+SHAPES_SPLITS = {"train": (5000, 0), "test": (1000, 1)}  # split -> (count, seed)
 
 
 class Source(Protocol):
@@ -120,11 +126,24 @@ def _check_split(split: str, available: Sequence[str], what: str):
     raise DataError(f"{what} has no split '{split}'; it has {', '.join(available)}.")
 
 
+@functools.lru_cache(maxsize=4)
+def _shapes(split: str, size: int) -> ArraySource:
+  from jaxgen.data import shapes
+  n, seed = SHAPES_SPLITS[split]
+  images, captions, attrs = shapes.make_scenes(n, seed, size)
+  labels = np.array([shapes.SHAPES.index(s) for s in attrs["shape"]], np.int32)
+  return ArraySource(images, labels, shapes.SHAPES, dict(caption=captions, **attrs))
+
+
 def load_embedded(name: str, split: str, size: int, channels: int) -> ArraySource:
   if name not in EMBEDDED:
     raise DataError(f"Unknown embedded data set '{name}'; jaxgen ships {', '.join(EMBEDDED)}.")
   file, classes, _ = EMBEDDED[name]
   _check_split(split, ("train", "test"), f"Embedded data set '{name}'")
+  if file is None:
+    if channels != 3:
+      raise DataError(f"Embedded data set '{name}' is RGB: set data.channels=3.")
+    return _shapes(split, size)
   with importlib_resources.files("jaxgen.data").joinpath("embedded", file).open("rb") as f:
     with np.load(f) as npz:
       images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]

@@ -44,5 +44,6 @@ def ssim(x, y, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.
   var_y = _filter(y * y, win) - mu_y ** 2
   cov = _filter(x * y, win) - mu_x * mu_y
   c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-  s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+  s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+      (mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
   return jnp.mean(s, axis=(1, 2, 3))

@@ -73,7 +73,8 @@ def attention(q, k, v, mask=None):
   """Scaled dot-product attention. q [B, T, N, H], k/v [B, S, N, H]; mask broadcasts to
   [B, N, T, S] (True = attend). Softmax in float32 whatever the inputs' dtype."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * scale
+  # Accumulate q.k in float32 even for bfloat16 inputs (Stable Diffusion 2's upcast_attention).
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -6,6 +6,7 @@ import importlib
 from jaxgen.errors import ConfigError
 
 _TASKS = {
+    "classifier": "jaxgen.tasks.classifier:ClassifierTask",
     "vae": "jaxgen.tasks.vae:AutoencoderTask",
 }
 

@@ -29,6 +29,11 @@ class Task:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
 
+  def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Host-side work on each batch before it goes to the devices (e.g. tokenising captions).
+    Runs on the data loader's thread; must be deterministic."""
+    return batch
+
   def init(self, key: jax.Array, batch: dict) -> tuple[Any, Any]:
     """-> (params, model_state) for an example batch (shapes only matter)."""
     raise NotImplementedError

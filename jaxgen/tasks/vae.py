@@ -15,8 +15,7 @@ import numpy as np
 
 from jaxgen import images as img
 from jaxgen.data import load_all, load_source
-from jaxgen.distributions import (bernoulli_log_prob, gaussian_kl, gaussian_log_prob,
-                                  reparameterize)
+from jaxgen.distributions import bernoulli_log_prob, gaussian_kl, gaussian_log_prob, reparameterize
 from jaxgen.errors import ConfigError
 from jaxgen.eval.batching import map_batches
 from jaxgen.eval.image_metrics import psnr, ssim

@@ -98,7 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   _check_workdir(workdir, config, latest is not None)
 
   loader = BatchLoader(load_source(c.data, c.data.train_split), c.data.batch_size, c.seed,
-                       c.data.shuffle)
+                       c.data.shuffle, preprocess=task.preprocess)
   init, schedule = _state_factory(task, config, loader.get(0))
   abstract = _abstract_state(init, mesh)
   state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
@@ -220,7 +220,7 @@ def restore_run(workdir: str | pathlib.Path, step: int | None = None, mesh=None)
       raise CheckpointError(f"No checkpoint for step {step}; there are {ckpt.all_steps()}.")
     task = tasks.build(config)
     mesh = mesh or make_mesh()
-    example = load_source(config.data, config.data.eval_split).get(np.arange(1))
+    example = task.preprocess(load_source(config.data, config.data.eval_split).get(np.arange(1)))
     init, _ = _state_factory(task, config, example)
     state, _ = ckpt.restore(step, _abstract_state(init, mesh), config.to_dict())
   finally:

@@ -19,7 +19,7 @@ class TrainState(struct.PyTreeNode):
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
   @classmethod
-  def create(cls, params, tx, rng, model_state=None) -> "TrainState":
+  def create(cls, params, tx, rng, model_state=None) -> TrainState:
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                model_state={} if model_state is None else model_state, rng=rng, tx=tx)

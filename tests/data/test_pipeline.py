@@ -33,6 +33,7 @@ def test_processes_read_disjoint_slices_of_the_same_global_batch():
 
 def test_iterate_prefetches_in_order_and_shards():
   import jax
+
   from jaxgen.train import make_mesh
   loader = BatchLoader(_source(), 4, seed=1)
   it = loader.iterate(start=3, mesh=make_mesh())

@@ -1,4 +1,4 @@
-"""The real train loop on the smoke config: outputs, resume, NaN, corrupt and foreign checkpoints."""
+"""The real train loop on the smoke config: outputs, resume, NaN, bad checkpoints."""
 import json
 
 import jax

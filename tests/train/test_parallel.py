@@ -33,7 +33,8 @@ def test_eight_devices_match_one_device(tmp_path):
       leaf = jax.tree.leaves(s8.params)[0]
       assert len(leaf.sharding.device_set) == 8, leaf.sharding
       a, b = params_of(s8.params), params_of(s1.params)
-      diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+      diff = max(float(np.max(np.abs(x - y)))
+                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
       moved = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(a))
       print("max_abs_diff", diff, "max_param", moved)
       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -1,0 +1,107 @@
+"""Editing with a trained denoiser: inpainting, img2img (SDEdit), DDIM inversion, interpolation."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.diffusion.process import check_prediction, expand, q_sample, to_x0_eps
+from jaxgen.diffusion.samplers import check_timesteps, make_timesteps, sample
+from jaxgen.diffusion.schedules import Schedule
+from jaxgen.distributions import slerp
+from jaxgen.errors import ConfigError
+
+
+def inpaint(denoise: Callable, schedule: Schedule, key, x_known, mask, **sample_kwargs):
+  """Fills the pixels where mask == 0; mask == 1 marks known pixels (broadcast to x_known).
+
+  After every step the known pixels are replaced by x_known noised to the new level with fresh
+  noise (Lugmayr et al. 2022 without resampling); the last step puts x_known back exactly.
+  A soft mask blends. Other keyword arguments go to `sample`.
+  """
+  x_known = jnp.asarray(x_known, jnp.float32)
+  mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), x_known.shape)
+  user_constraint = sample_kwargs.pop("constraint", None)
+
+  def constraint(x_prev, t_prev, key):
+    key_noise, key_user = jax.random.split(key)
+    if user_constraint is not None:
+      x_prev = user_constraint(x_prev, t_prev, key_user)
+    # At t_prev = -1, q_sample is 1 * x_known + 0 * noise: the known pixels come back bit-exact.
+    known = q_sample(schedule, x_known, t_prev, jax.random.normal(key_noise, x_known.shape))
+    return mask * known + (1.0 - mask) * x_prev
+
+  return sample(denoise, schedule, key, x_known.shape, constraint=constraint, **sample_kwargs)
+
+
+def img2img(denoise: Callable, schedule: Schedule, key, x0, strength: float, *,
+            num_steps: int = 50, spacing: str = "trailing", timesteps=None, **sample_kwargs):
+  """SDEdit (Meng et al. 2022): noise x0 to the step at fraction `strength` of the timestep grid,
+  then run only the remaining steps. strength is a Python float in (0, 1] (it sets the number of
+  steps, so it is static); small values stay close to x0, 1 ignores it."""
+  if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+    raise ConfigError(f"img2img strength must be a number in (0, 1], got {strength!r}")
+  if timesteps is None:
+    timesteps = make_timesteps(schedule.num_timesteps, num_steps, spacing)
+  check_timesteps(timesteps, schedule.num_timesteps)
+  n = timesteps.shape[0]
+  # At least one step, so that strength -> 0 still denoises the lightly noised image.
+  n_run = max(1, min(n, math.floor(n * strength + 1e-9)))
+  timesteps = timesteps[n - n_run:]
+  x0 = jnp.asarray(x0, jnp.float32)
+  key_noise, key_sample = jax.random.split(key)
+  t_start = jnp.full(x0.shape[:1], timesteps[0], jnp.int32)
+  x_t = q_sample(schedule, x0, t_start, jax.random.normal(key_noise, x0.shape))
+  return sample(denoise, schedule, key_sample, x0.shape, timesteps=timesteps, x_T=x_t,
+                **sample_kwargs)
+
+
+def ddim_invert(denoise: Callable, schedule: Schedule, x0, num_steps: int = 50, *,
+                prediction: str = "eps", timesteps=None, spacing: str = "trailing",
+                return_trajectory: bool = False):
+  """Deterministic DDIM run backwards (Song et al. 2021, sec. 4.3): data x0 [B, ...] -> x_T.
+
+  `timesteps` are the descending sampling grid that will decode x_T; inversion visits it in
+  increasing order. Each step from s to t reuses the model output at (x_s, t) as if it were the
+  output at (x_t, t), the standard approximation (exact as the steps shrink). With
+  return_trajectory, returns (x_T, xs) where xs [N + 1, B, ...] starts with x0.
+  """
+  check_prediction(prediction)
+  if timesteps is None:
+    timesteps = make_timesteps(schedule.num_timesteps, num_steps, spacing)
+  check_timesteps(timesteps, schedule.num_timesteps)
+  ts_up = jnp.asarray(timesteps, jnp.int32)[::-1]
+  ts_from = jnp.concatenate([jnp.full((1,), -1, jnp.int32), ts_up[:-1]])
+  x0 = jnp.asarray(x0, jnp.float32)
+  batch = x0.shape[:1]
+
+  def step(x_s, ts):
+    s, t = ts
+    s_b, t_b = jnp.full(batch, s, jnp.int32), jnp.full(batch, t, jnp.int32)
+    _, eps = to_x0_eps(denoise(x_s, t_b), x_s, t_b, schedule, prediction)
+    abar_s = expand(schedule.abar_at(s_b), x_s)
+    abar_t = expand(schedule.abar_at(t_b), x_s)
+    x0_hat = (x_s - jnp.sqrt(1.0 - abar_s) * eps) / jnp.sqrt(abar_s)
+    x_t = jnp.sqrt(abar_t) * x0_hat + jnp.sqrt(1.0 - abar_t) * eps
+    return x_t, x_t
+
+  x_T, xs = jax.lax.scan(step, x0, (ts_from, ts_up))
+  if return_trajectory:
+    return x_T, jnp.concatenate([x0[None], xs])
+  return x_T
+
+
+def interpolate(denoise: Callable, schedule: Schedule, x_a, x_b, num: int, num_steps: int = 50,
+                *, prediction: str = "eps", timesteps=None, spacing: str = "trailing"):
+  """Inverts two examples x_a, x_b (one each, no batch axis), slerps the inverted noises at `num`
+  points from a to b, and decodes each with deterministic DDIM -> [num, ...]."""
+  if timesteps is None:
+    timesteps = make_timesteps(schedule.num_timesteps, num_steps, spacing)
+  pair = jnp.stack([jnp.asarray(x_a, jnp.float32), jnp.asarray(x_b, jnp.float32)])
+  z = ddim_invert(denoise, schedule, pair, prediction=prediction, timesteps=timesteps)
+  z_path = slerp(z[0], z[1], jnp.linspace(0.0, 1.0, num))  # [num, ...]
+  # The key is unused: deterministic DDIM with a given x_T draws nothing.
+  return sample(denoise, schedule, jax.random.key(0), None, sampler="ddim", eta=0.0,
+                prediction=prediction, timesteps=timesteps, x_T=z_path)

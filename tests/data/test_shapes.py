@@ -1,0 +1,56 @@
+import re
+
+import numpy as np
+
+from helpers import config
+from jaxgen.data import load_source, shapes
+
+
+def test_scenes_are_deterministic_and_captions_follow_the_grammar():
+  a = shapes.make_scenes(40, seed=3, size=32)
+  b = shapes.make_scenes(40, seed=3, size=32)
+  np.testing.assert_array_equal(a[0], b[0])
+  assert list(a[1]) == list(b[1])
+  obj = rf"a ({'|'.join(shapes.SIZE_NAMES)}) ({'|'.join(shapes.COLOUR_NAMES)}) " \
+        rf"({'|'.join(shapes.SHAPES)})"
+  pattern = re.compile(rf"^{obj}( ({'|'.join(shapes.RELATIONS)}) {obj})?$")
+  for caption, shape, colour in zip(a[1], a[2]["shape"], a[2]["colour"]):
+    assert pattern.match(caption), caption
+    assert caption.startswith(f"a {'small' if 'small' in caption.split()[1] else 'large'} "
+                              f"{colour} {shape}")
+
+
+def test_the_picture_shows_what_the_caption_says():
+  images, captions, attrs = shapes.make_scenes(300, seed=5, size=32)
+  checked = 0
+  for image, rel, c1, c2 in zip(images, attrs["relation"], attrs["colour"], attrs["colour2"]):
+    if not rel or c1 == c2:
+      continue
+    centres = []
+    for colour in (c1, c2):
+      rgb = np.asarray(shapes.COLOURS[colour], np.float32)
+      near = np.linalg.norm(image.astype(np.float32) - rgb, axis=-1) < 30
+      ys, xs = np.nonzero(near)
+      assert len(xs) > 5, (colour, rel)
+      centres.append((xs.mean(), ys.mean()))
+    (x1, y1), (x2, y2) = centres
+    holds = {"left of": x1 < x2, "right of": x1 > x2, "above": y1 < y2, "below": y1 > y2}[rel]
+    assert holds, (rel, centres)
+    checked += 1
+  assert checked > 100
+  # sizes are visible: large shapes cover more pixels than small ones of the same kind
+  area = (images.max(-1) > 60).sum((1, 2))
+  one = attrs["relation"] == ""
+  small = area[one & (attrs["size"] == "small")].mean()
+  large = area[one & (attrs["size"] == "large")].mean()
+  assert large > 2 * small
+
+
+def test_shapes_as_the_embedded_source():
+  c = config("vae", "data.name=shapes", "data.channels=3", "data.image_size=32",
+             "model.ch_mult=1,2")
+  src = load_source(c.data, "test")
+  batch = src.get(np.arange(8))
+  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
+  assert batch["caption"].shape == (8,) and src.class_names == shapes.SHAPES
+  assert [shapes.SHAPES[i] for i in batch["label"]] == list(batch["shape"])
