@@ -19,6 +19,11 @@ commands:
   sample   write pictures from a trained workdir (samples, reconstructions, interpolations)
   eval     held-out metrics of a trained workdir, printed and written as JSON
 
+Examples:
+  jaxgen train --config configs/vae.py --workdir runs/vae
+  jaxgen sample --workdir runs/ddpm_class --sampler ddim --steps 50 --label 7 --guidance 3
+  jaxgen eval --workdir runs/ddpm_class --num 1000 --baselines
+
 Run 'jaxgen COMMAND --help' for a command's options."""
 
 
@@ -41,17 +46,19 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
-def _task_sample_help() -> str:
+def _task_help(command: str) -> str:
+  """The options each task adds to `sample` or `eval`, for the command's --help."""
   from jaxgen import tasks
   parts = []
   for name in tasks.names():
     p = argparse.ArgumentParser(prog=f"options for task '{name}'", add_help=False)
-    tasks.get(name).add_sample_args(p)
-    parts.append(p.format_help())
+    getattr(tasks.get(name), f"add_{command}_args")(p)
+    if p._actions:
+      parts.append(p.format_help())
   return "task options (chosen by the workdir's task):\n\n" + "\n".join(parts)
 
 
-def build_parser(sample_epilog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxgen", description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -75,22 +82,27 @@ def build_parser(sample_epilog: str | None = None) -> argparse.ArgumentParser:
   p = sub.add_parser(
       "sample", help="write pictures from a trained workdir",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Write pictures from the latest checkpoint in WORKDIR: for autoencoders, "
-                  "prior samples, reconstructions and interpolations (linear and slerp).",
-      epilog=sample_epilog)
+      description="Write pictures from the latest checkpoint (EMA parameters) in WORKDIR: for "
+                  "autoencoders prior samples, reconstructions and interpolations (linear and "
+                  "slerp); for diffusion models a grid drawn with the chosen sampler.",
+      epilog=_task_help("sample") if help_for == "sample" else None)
   p.add_argument("--workdir", required=True)
-  p.add_argument("--out", default=None, help="output directory (default WORKDIR/samples)")
+  p.add_argument("--out", default=None,
+                 help="a folder, or a .png for the main picture (default WORKDIR/samples)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
 
   p = sub.add_parser(
       "eval", help="held-out metrics of a trained workdir",
-      description="Evaluate the latest checkpoint in WORKDIR on the config's eval split; print "
-                  "the metrics as JSON and write WORKDIR/eval_stepN.json.")
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Evaluate the latest checkpoint in WORKDIR against the config's eval split "
+                  "(autoencoders: PSNR, SSIM, negative ELBO; diffusion: Frechet distance, "
+                  "precision/recall and class accuracy in a classifier's feature space); print "
+                  "the metrics as JSON and write WORKDIR/eval_stepN.json.",
+      epilog=_task_help("eval") if help_for == "eval" else None)
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
   return parser
 
 
@@ -104,27 +116,37 @@ def _cmd_train(args, overrides):
   log.info("Done. Pictures in %s", pathlib.Path(args.workdir) / "samples")
 
 
-def _cmd_sample(args, extra):
-  from jaxgen import train
-  run = train.restore_run(args.workdir, args.step)
-  p = argparse.ArgumentParser(prog=f"jaxgen sample (task {run.config.task})")
-  run.task.add_sample_args(p)
+def _task_args(run, command: str, args, extra: list[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog=f"jaxgen {command} (task {run.config.task})")
+  getattr(run.task, f"add_{command}_args")(p)
   task_args = p.parse_args(extra)
   for k, v in vars(args).items():
     setattr(task_args, k, v)
-  outdir = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "samples"
+  return task_args
+
+
+def _cmd_sample(args, extra):
+  from jaxgen import train
+  run = train.restore_run(args.workdir, args.step)
+  task_args = _task_args(run, "sample", args, extra)
+  out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "samples"
+  task_args.out_file = str(out) if out.suffix.lower() == ".png" else None
+  outdir = out.parent if task_args.out_file else out
   paths = run.task.sample(run.state.ema_params, run.state.model_state, task_args, outdir)
   for path in paths:
     print(path)
 
 
-def _cmd_eval(args):
+def _cmd_eval(args, extra):
   import jax
 
   from jaxgen import train
   run = train.restore_run(args.workdir, args.step)
+  options = vars(_task_args(run, "eval", args, extra))
+  for k in ("command", "workdir", "step", "seed", "no_progress", "distributed", "config"):
+    options.pop(k, None)
   metrics = run.task.evaluate(run.state.ema_params, run.state.model_state,
-                              jax.random.PRNGKey(args.seed), limit=args.limit)
+                              jax.random.PRNGKey(args.seed), **options)
   metrics = dict(step=run.step, split=run.config.data.eval_split, **metrics)
   text = json.dumps(metrics, indent=2)
   (pathlib.Path(args.workdir) / f"eval_step{run.step}.json").write_text(text + "\n")
@@ -135,15 +157,15 @@ def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     rest, overrides = _split_overrides(argv)
-    wants_sample_help = rest[:1] == ["sample"] and any(a in ("-h", "--help") for a in rest)
-    parser = build_parser(_task_sample_help() if wants_sample_help else None)
+    wants_help = rest[:1] in (["sample"], ["eval"]) and any(a in ("-h", "--help") for a in rest)
+    parser = build_parser(rest[0] if wants_help else None)
     args, extra = parser.parse_known_args(rest)
     if args.command is None:
       parser.print_help()
       sys.exit(2)
     if overrides and args.command != "train":
       parser.error("--config.KEY=VALUE overrides apply to 'train' only")
-    if extra and args.command != "sample":
+    if extra and args.command not in ("sample", "eval"):
       parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from jaxgen import runtime
     runtime.setup_logging()
@@ -153,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "sample":
       _cmd_sample(args, extra)
     elif args.command == "eval":
-      _cmd_eval(args)
+      _cmd_eval(args, extra)
   except JaxgenError as e:
     print(f"jaxgen: error: {e}", file=sys.stderr)
     sys.exit(2 if isinstance(e, ConfigError) else 1)

@@ -9,6 +9,7 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 SETUP = '''\
 import os, pathlib
 import jax
+import numpy as np
 from IPython.display import display
 from PIL import Image
 from jaxgen import config, images, runtime, train
@@ -48,9 +49,107 @@ show(images.grid(ae.sample_prior(task.model, params, jax.random.PRNGKey(0), 36),
 ]
 
 
+DDPM = [
+    new_markdown_cell(
+        "# Class-conditional DDPM on the embedded Fashion-MNIST (16x16)\n\n"
+        "Loads `runs/ddpm_class` (see the README), or trains the smoke config if there is none "
+        "(then the pictures are noise: the point is that every call runs). Shows each sampler, "
+        "a guidance sweep with `vmap`, inpainting and an interpolation through DDIM inversion. "
+        "Set `JAXGEN_WORKDIR` to use another run."),
+    new_code_cell(SETUP),
+    new_code_cell('''\
+import jax.numpy as jnp
+from jaxgen.pipelines import diffusion as dp
+WORKDIR = pathlib.Path(os.environ.get("JAXGEN_WORKDIR", REPO / "runs" / "ddpm_class"))
+if not (WORKDIR / "checkpoints").exists():
+    train.train(config.load_config(f"{REPO}/configs/ddpm_class.py:smoke"), WORKDIR, progress=False)
+run = train.restore_run(WORKDIR)
+params, task = run.state.ema_params, run.task
+model, classes = task.model, task.config.data.channels and run.config.model.num_classes
+print(f"step {run.step}; images {model.image_shape}; {classes} classes; T={model.num_timesteps}")'''),
+    new_markdown_cell("One grid per sampler (one column per class, guidance 3). DDPM runs all "
+                      "of the model's timesteps; DDIM and DPM-Solver++(2M) far fewer:"),
+    new_code_cell('''\
+labels = jnp.arange(20) % classes
+key = jax.random.PRNGKey(0)
+for sampler, steps in [("ddpm", model.num_timesteps), ("ddim", 50), ("dpmpp_2m", 20)]:
+    x = dp.generate(model, params, key, num=20, labels=labels, guidance_scale=3.0,
+                    sampler=sampler, num_steps=steps)
+    print(sampler, steps, "steps")
+    show(images.grid(x, ncols=classes, scale=3))'''),
+    new_markdown_cell("Guidance sweep in one call: `vmap` over the scale (0 = conditional "
+                      "model alone, then stronger guidance), one row per scale, class 7:"),
+    new_code_cell('''\
+scales = jnp.array([0.0, 1.0, 3.0, 6.0])
+sweep = jax.vmap(lambda g: dp.generate(model, params, key, num=8, labels=jnp.full(8, 7),
+                                       guidance_scale=g, num_steps=30))(scales)
+show(images.rows(*sweep, scale=3))'''),
+    new_markdown_cell("Inpainting: the left half of held-out images is kept, the right half "
+                      "drawn (rows: original, masked, inpainted):"),
+    new_code_cell('''\
+from jaxgen.data import load_all, load_source
+held_out = load_all(load_source(run.config.data, "test"), limit=8)
+x0, y0 = held_out["image"], held_out["label"]
+mask = np.zeros(x0.shape, np.float32)
+mask[:, :, : x0.shape[2] // 2] = 1
+filled = dp.inpaint(model, params, key, x0, mask, num=8, labels=jnp.asarray(y0),
+                    guidance_scale=3.0, num_steps=50)
+show(images.rows(x0 / 255, x0 / 255 * mask, filled, scale=3))'''),
+    new_markdown_cell("Interpolation between two held-out images: deterministic DDIM inversion "
+                      "of both, slerp between the inverted noises, DDIM decoding:"),
+    new_code_cell('''\
+path = dp.interpolate(model, params, x0[0], x0[1], num=8, num_steps=50)
+show(images.grid(path, ncols=8, scale=3))'''),
+]
+
+
+CLIP = [
+    new_markdown_cell(
+        "# A CLIP-style dual encoder on captioned shapes\n\n"
+        "Loads `runs/clip` (see the README), or trains the smoke config if there is none. Shows "
+        "zero-shot predictions on held-out images, caption retrieval and the held-out metrics. "
+        "Set `JAXGEN_WORKDIR` to use another run."),
+    new_code_cell(SETUP),
+    new_code_cell('''\
+from jaxgen.data import load_all, load_source, shapes
+from jaxgen.pipelines import clip as cp
+WORKDIR = pathlib.Path(os.environ.get("JAXGEN_WORKDIR", REPO / "runs" / "clip"))
+if not (WORKDIR / "checkpoints").exists():
+    train.train(config.load_config(f"{REPO}/configs/clip.py:smoke"), WORKDIR, progress=False)
+run = train.restore_run(WORKDIR)
+model, params, state = run.task.model, run.state.ema_params, run.state.model_state
+held_out = load_all(load_source(run.config.data, "test"), limit=200)
+show(images.grid(held_out["image"][:8], ncols=8, scale=3))'''),
+    new_markdown_cell("Zero-shot shape and colour of the first object in each picture: each class "
+                      "embedding is the mean of prompts over the other attributes (a prompt "
+                      "ensemble), and the nearest class wins:"),
+    new_code_cell('''\
+img_emb = cp.embed_images(model, params, state, held_out["image"])
+for attribute, names in [("shape", shapes.SHAPES), ("colour", shapes.COLOUR_NAMES)]:
+    others = [(z, c) for z in shapes.SIZE_NAMES for c in shapes.COLOUR_NAMES] \\
+        if attribute == "shape" else [(z, k) for z in shapes.SIZE_NAMES for k in shapes.SHAPES]
+    prompts = [[f"a {z} {n} {o}" if attribute == "colour" else f"a {z} {o} {n}"
+                for z, o in others] for n in names]
+    classes = cp.zero_shot_classifier(model, params, prompts)
+    pred = np.asarray(img_emb @ classes.T).argmax(1)
+    truth = held_out[attribute]
+    print(f"{attribute}: predicted {[names[i] for i in pred[:8]]}")
+    print(f"{attribute}: accuracy {np.mean(np.array(names)[pred] == truth):.3f} "
+          f"(chance {1 / len(names):.3f})")'''),
+    new_markdown_cell("Retrieval: the best of all held-out captions for the first images:"),
+    new_code_cell('''\
+captions = sorted(set(held_out["caption"].tolist()))
+txt_emb = cp.embed_texts(model, params, captions)
+for i in range(6):
+    best = np.argsort(-(txt_emb @ img_emb[i]))[:3]
+    print(f"{held_out['caption'][i]!r:55} -> {[captions[j] for j in best]}")'''),
+    new_code_cell("run.task.evaluate(params, state, jax.random.PRNGKey(0), limit=500)"),
+]
+
+
 def main():
   NOTEBOOKS.mkdir(exist_ok=True)
-  for name, cells in {"vae": VAE}.items():
+  for name, cells in {"vae": VAE, "ddpm": DDPM, "clip": CLIP}.items():
     nb = new_notebook(cells=cells, metadata={"kernelspec": {
         "name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(nb, NOTEBOOKS / f"{name}.ipynb")

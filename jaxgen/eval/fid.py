@@ -1,5 +1,6 @@
 """Distribution distances between image sets in a feature space: Frechet distance (FID when the
-features are FID-Inception's) and precision/recall (Kynkaenniemi et al. 2019).
+features are FID-Inception's), precision/recall (Kynkaenniemi et al. 2019) and density/coverage
+(Naeem et al. 2020, which outliers in the real set do not inflate).
 
 The feature network is pluggable: `jaxgen.eval.quality` uses a classifier trained on the real
 data (runs offline); `InceptionFeatures` loads the standard FID Inception from a weights file.
@@ -61,6 +62,13 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
   precision = float(np.mean(np.any(d <= real_r[None, :], axis=1)))
   recall = float(np.mean(np.any(d.T <= fake_r[None, :], axis=1)))
   return precision, recall
+
+
+def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[float, float]:
+  """Density: how many real k-NN balls hold each fake, over k (about 1 for a perfect generator);
+  coverage: share of real balls that hold at least one fake."""
+  inside = _pairwise(fake, real) <= _knn_radii(real, k)[None, :]  # [n_fake, n_real]
+  return float(inside.sum() / (k * len(fake))), float(np.mean(inside.any(axis=0)))
 
 
 def batched_features(fn: Callable, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -7,6 +7,9 @@ from jaxgen.errors import ConfigError
 
 _TASKS = {
     "classifier": "jaxgen.tasks.classifier:ClassifierTask",
+    "clip": "jaxgen.tasks.clip:CLIPTask",
+    "ddpm": "jaxgen.tasks.diffusion:DiffusionTask",
+    "simclr": "jaxgen.tasks.simclr:SimCLRTask",
     "vae": "jaxgen.tasks.vae:AutoencoderTask",
 }
 

@@ -38,6 +38,15 @@ class Task:
     """-> (params, model_state) for an example batch (shapes only matter)."""
     raise NotImplementedError
 
+  # A task that starts from pretrained weights sets this to a method
+  # `pretrained(params, model_state) -> (params, model_state)`; the loop calls it on the host
+  # after initialising a fresh run (never when resuming).
+  pretrained = None
+
+  # A task that freezes parameters (LiT's locked tower) sets this to a method
+  # `frozen(path: str) -> bool`, path being jax.tree_util.keystr of the parameter's key path.
+  frozen = None
+
   def loss_fn(self, params, model_state, batch: dict, key: jax.Array):
     """-> (loss, (metrics, new_model_state)). Pure and jittable."""
     raise NotImplementedError
@@ -46,7 +55,12 @@ class Task:
     """Named uint8 pictures [H, W, C] to write during training (grids, strips)."""
     return {}
 
-  def evaluate(self, params, model_state, key: jax.Array) -> dict[str, float]:
+  # `jaxgen eval`: each task adds its own options; they arrive as keyword arguments.
+  @staticmethod
+  def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    pass
+
+  def evaluate(self, params, model_state, key: jax.Array, **options) -> dict:
     """Held-out metrics for `jaxgen eval`."""
     return {}
 
@@ -57,4 +71,5 @@ class Task:
 
   def sample(self, params, model_state, args: argparse.Namespace,
              outdir: pathlib.Path) -> list[pathlib.Path]:
+    """Writes pictures; args.out_file (a .png given with --out) names the main one."""
     raise NotImplementedError(f"task {self.name} has no sampler")

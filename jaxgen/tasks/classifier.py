@@ -65,7 +65,12 @@ class ClassifierTask(Task):
     """-> (features, logits) in eval mode; images uint8 or [0, 1]."""
     return self.module.apply({**params, **model_state}, self._inputs(images), train=False)
 
-  def evaluate(self, params, model_state, key, limit=None):
+  @staticmethod
+  def add_eval_args(parser) -> None:
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate on the first N held-out images only")
+
+  def evaluate(self, params, model_state, key, limit=None, **unused):
     d = self.config.data
     data = load_all(load_source(d, d.eval_split), limit=limit)
     if "label" not in data:

@@ -144,20 +144,29 @@ class AutoencoderTask(Task):
   def sample(self, params, model_state, args, outdir: pathlib.Path):
     key = jax.random.PRNGKey(args.seed)
     scale = img.display_scale(self.config.data.image_size)
+    main = pathlib.Path(args.out_file) if args.out_file else None
+    name = lambda default, suffix: (main.with_name(main.stem + suffix + ".png") if main
+                                    else outdir / f"{default}.png")
     paths = []
     if self.config.model.kind == "vae":
       samples = pipe.sample_prior(self.model, params, key, args.num)
-      paths.append(img.save_png(img.grid(samples, scale=scale), outdir / "prior_samples.png"))
+      paths.append(img.save_png(img.grid(samples, scale=scale), main or name("prior_samples", "")))
     x = self.eval_images(max(16, 2 * args.pairs))
     paths.append(img.save_png(img.rows(x[:16], pipe.reconstruct(self.model, params, x[:16]),
-                                       scale=scale), outdir / "reconstructions.png"))
+                                       scale=scale), name("reconstructions", "_reconstructions")))
     strips = [self.interpolation_strip(params, x[2 * i], x[2 * i + 1], args.steps)
               for i in range(args.pairs)]
-    paths.append(img.save_png(np.concatenate(strips, axis=0), outdir / "interpolations.png"))
+    paths.append(img.save_png(np.concatenate(strips, axis=0),
+                              name("interpolations", "_interpolations")))
     return paths
 
+  @staticmethod
+  def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate on the first N held-out images only")
+
   # -- jaxgen eval -------------------------------------------------------------------------
-  def evaluate(self, params, model_state, key, limit: int | None = None):
+  def evaluate(self, params, model_state, key, limit: int | None = None, **unused):
     d = self.config.data
     data = load_all(load_source(d, d.eval_split), limit=limit)
     dims = math.prod(data["image"].shape[1:])

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def _state_factory(task, config, example: dict):
-  tx, schedule = make_optimizer(config.optim, config.train.num_steps)
+  tx, schedule = make_optimizer(config.optim, config.train.num_steps, task.frozen)
   example = jax.tree.map(lambda x: np.asarray(x[:1]), example)
 
   def init(key):
@@ -118,6 +119,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     log.info("Resumed from %s at step %d", ckpt.directory / str(latest), start)
   else:
     state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(c.seed))
+    if task.pretrained is not None:
+      params, model_state = task.pretrained(state.params, state.model_state)
+      state = jax.device_put(state.replace(params=params, model_state=model_state),
+                             state_sharding)
+      # EMA starts at the pretrained weights, in buffers of its own (the step donates both).
+      copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=state_sharding.params)
+      state = state.replace(ema_params=copy(state.params))
 
   train_step = make_train_step(task.loss_fn, ema_decay=c.optim.ema_decay, schedule=schedule,
                                state_sharding=state_sharding,

@@ -21,8 +21,20 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(o, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(o, num_steps: int, frozen=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`frozen(path) -> bool` marks parameters (by their key path) that must never change: they
+  get zero updates, and no weight decay either (LiT's locked tower)."""
   schedule = make_schedule(o, num_steps)
+  tx = _base_optimizer(o, schedule)
+  if frozen is not None:
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if frozen(jax.tree_util.keystr(path)) else "train", params)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule
+
+
+def _base_optimizer(o, schedule) -> optax.GradientTransformation:
   if o.name == "adamw":
     base = optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, mask=_decay_mask)
   elif o.name == "adam":
@@ -36,5 +48,5 @@ def make_optimizer(o, num_steps: int) -> tuple[optax.GradientTransformation, opt
   else:
     raise ValueError(f"unknown optimizer {o.name}")
   if o.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(o.grad_clip), base), schedule
-  return base, schedule
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), base)
+  return base

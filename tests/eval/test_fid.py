@@ -52,6 +52,18 @@ def test_precision_recall_against_brute_force_and_by_relations():
   assert p > 0.9 and r < 0.3
 
 
+def test_density_and_coverage_against_brute_force():
+  rng = np.random.default_rng(2)
+  real, fake = rng.normal(size=(120, 3)), rng.normal(size=(80, 3)) * 1.5
+  d = ((fake[:, None] - real[None]) ** 2).sum(-1)
+  radii = np.sort(((real[:, None] - real[None]) ** 2).sum(-1), 1)[:, 5]
+  inside = d <= radii[None]
+  ref = (inside.sum() / (5 * len(fake)), inside.any(0).mean())
+  assert fid.density_coverage(real, fake, 5) == pytest.approx(ref)
+  # an outlier far from the data gets neither density nor coverage
+  assert fid.density_coverage(real, real[:1] + 50.0, 5) == (0.0, 0.0)
+
+
 def test_torch_state_dicts_load_without_torch_in_both_formats(tmp_path):
   torch = pytest.importorskip("torch")
   sd = {"a.weight": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.float64)[1:],

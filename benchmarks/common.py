@@ -1,0 +1,45 @@
+"""Shared by the benchmarks: timing, the machine's description, JSON + markdown output."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import time
+
+import jax
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def timed(fn, *args, repeats: int = 3, **kwargs) -> dict:
+  """Wall seconds of the first call (compile included) and the best of `repeats` warm calls."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args, **kwargs))
+  first = time.perf_counter() - t0
+  warm = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args, **kwargs))
+    warm.append(time.perf_counter() - t0)
+  return dict(first_call_s=first, warm_s=min(warm))
+
+
+def machine() -> dict:
+  dev = jax.devices()[0]
+  return dict(platform=dev.platform, device=dev.device_kind, device_count=jax.device_count(),
+              cpu_count=os.cpu_count(), python=platform.python_version(), jax=jax.__version__,
+              date=time.strftime("%Y-%m-%d %H:%M"))
+
+
+def write(name: str, rows: list[dict], columns: list[str], meta: dict) -> tuple[str, str]:
+  RESULTS.mkdir(exist_ok=True)
+  data = dict(meta=dict(machine(), **meta), rows=rows)
+  (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+  table = "\n".join(lines)
+  header = ", ".join(f"{k}={v}" for k, v in data["meta"].items())
+  (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
+  return str(RESULTS / f"{name}.json"), table

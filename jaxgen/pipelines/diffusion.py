@@ -1,0 +1,184 @@
+"""Jitted user-facing functions for a trained pixel-space diffusion model: generate, inpaint,
+img2img and interpolation. Images go in as uint8 or [0, 1] floats (NHWC) and come out in [0, 1].
+
+Everything a user changes between calls — key, labels, guidance scale, eta, timestep values —
+is a traced array: changing it never recompiles. Shapes, the sampler and the step count are
+static.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen import diffusion
+from jaxgen.errors import ConfigError, ShapeError
+from jaxgen.models.unet import UNet
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionModel:
+  """A U-Net and the diffusion process it was trained for (hashable: a static jit argument)."""
+  unet: UNet
+  image_shape: tuple[int, int, int]
+  schedule: str = "linear"
+  num_timesteps: int = 1000
+  beta_start: float | None = None
+  beta_end: float | None = None
+  prediction: str = "eps"
+  clip_x0: float | None = 1.0
+
+  @property
+  def num_classes(self) -> int:
+    return self.unet.num_classes
+
+  def make_schedule(self) -> diffusion.Schedule:
+    return diffusion.make_schedule(self.schedule, self.num_timesteps, self.beta_start,
+                                   self.beta_end)
+
+  def apply(self, params, x_t, t, labels=None, *, train: bool = False, key=None):
+    rngs = {"dropout": key} if train else None
+    return self.unet.apply(params, x_t, t, labels=labels, train=train, rngs=rngs)
+
+
+def to_model_space(images) -> jax.Array:
+  """uint8 / [0, 1] images -> the model's [-1, 1]."""
+  images = jnp.asarray(images)
+  if images.dtype == jnp.uint8:
+    images = images.astype(jnp.float32) / 255.0
+  return 2.0 * images.astype(jnp.float32) - 1.0
+
+
+def to_images(x) -> jax.Array:
+  return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def check_images(model: DiffusionModel, images, what: str = "images") -> None:
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(model.image_shape):
+    raise ShapeError(f"{what}: this model makes images [batch, "
+                     f"{', '.join(map(str, model.image_shape))}] (NHWC); got "
+                     f"{list(images.shape)}.")
+
+
+def _check_conditioning(model: DiffusionModel, num: int, labels, guidance_scale) -> None:
+  if labels is None:
+    if guidance_scale is not None:
+      raise ConfigError("guidance_scale needs labels: classifier-free guidance pushes samples "
+                        "towards a class.")
+    return
+  if model.num_classes == 0:
+    raise ConfigError("This model is unconditional (model.num_classes=0): it takes no labels "
+                      "and no guidance.")
+  if jnp.shape(labels) != (num,):
+    raise ShapeError(f"labels must have shape [{num}] (one per image), got {jnp.shape(labels)}.")
+  try:
+    concrete = np.asarray(labels)
+  except jax.errors.TracerArrayConversionError:
+    return  # traced: values known only at run time
+  if concrete.min() < 0 or concrete.max() >= model.num_classes:
+    raise ConfigError(f"labels must lie in [0, {model.num_classes - 1}]; got "
+                      f"{sorted(set(concrete.tolist()))}.")
+
+
+def denoiser(model: DiffusionModel, params, num: int, labels=None, guidance_scale=None):
+  """denoise(x_t, t) for the samplers: unconditional (null label on a class-conditional
+  model), conditional, or with classifier-free guidance when guidance_scale is given."""
+  _check_conditioning(model, num, labels, guidance_scale)
+  null = jnp.full((num,), model.unet.null_label_id, jnp.int32) if model.num_classes else None
+  if labels is None:
+    return lambda x_t, t: model.apply(params, x_t, t, null)
+  labels = jnp.asarray(labels, jnp.int32)
+  if guidance_scale is None:
+    return lambda x_t, t: model.apply(params, x_t, t, labels)
+  return diffusion.guided_denoiser(lambda x_t, t, y: model.apply(params, x_t, t, y), labels,
+                                   null, guidance_scale)
+
+
+_STATIC = ("model", "num", "sampler", "num_steps", "return_trajectory", "spacing")
+
+
+def _checked(jitted):
+  """The user-facing function: checks the request where its values are known (outside any
+  trace), then calls the jitted program. `.jitted` exposes it (e.g. to count compilations)."""
+  @functools.wraps(jitted)
+  def call(model, params, *args, num: int, labels=None, guidance_scale=None, **kwargs):
+    _check_conditioning(model, num, labels, guidance_scale)
+    return jitted(model, params, *args, num=num, labels=labels, guidance_scale=guidance_scale,
+                  **kwargs)
+  call.jitted = jitted
+  return call
+
+
+@_checked
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def generate(model: DiffusionModel, params, key, *, num: int, labels=None, guidance_scale=None,
+             sampler: str = "ddim", num_steps: int = 50, eta=0.0, timesteps=None,
+             spacing: str = "trailing", return_trajectory: bool = False):
+  """`num` images [num, H, W, C] in [0, 1] (and the trajectory [steps+1, num, H, W, C] in model
+  space if asked). labels: int [num] for a class-conditional model; guidance_scale turns on
+  classifier-free guidance (a scalar or one per image)."""
+  den = denoiser(model, params, num, labels, guidance_scale)
+  out = diffusion.sample(den, model.make_schedule(), key, (num, *model.image_shape),
+                         sampler=sampler, num_steps=num_steps, prediction=model.prediction,
+                         eta=eta, timesteps=timesteps, spacing=spacing, clip_x0=model.clip_x0,
+                         return_trajectory=return_trajectory)
+  if return_trajectory:
+    return to_images(out[0]), out[1]
+  return to_images(out)
+
+
+@_checked
+@functools.partial(jax.jit, static_argnames=_STATIC[:4] + ("spacing",))
+def inpaint(model: DiffusionModel, params, key, images, mask, *, num: int, labels=None,
+            guidance_scale=None, sampler: str = "ddim", num_steps: int = 50, eta=0.0,
+            spacing: str = "trailing"):
+  """Fills the pixels where mask == 0; mask [num, H, W, 1 or C] is 1 on the known pixels."""
+  check_images(model, images)
+  if images.shape[0] != num:
+    raise ShapeError(f"inpaint: {images.shape[0]} images given for num={num}.")
+  mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), images.shape)
+  den = denoiser(model, params, num, labels, guidance_scale)
+  out = diffusion.inpaint(den, model.make_schedule(), key, to_model_space(images), mask,
+                          sampler=sampler, num_steps=num_steps, prediction=model.prediction,
+                          eta=eta, spacing=spacing, clip_x0=model.clip_x0)
+  return to_images(out)
+
+
+@_checked
+@functools.partial(jax.jit, static_argnames=_STATIC[:4] + ("spacing", "strength"))
+def img2img(model: DiffusionModel, params, key, images, *, strength: float, num: int,
+            labels=None, guidance_scale=None, sampler: str = "ddim", num_steps: int = 50,
+            eta=0.0, spacing: str = "trailing"):
+  """SDEdit: noise the images to `strength` (0..1] of the schedule and denoise them back."""
+  check_images(model, images)
+  den = denoiser(model, params, num, labels, guidance_scale)
+  out = diffusion.img2img(den, model.make_schedule(), key, to_model_space(images), strength,
+                          sampler=sampler, num_steps=num_steps, prediction=model.prediction,
+                          eta=eta, spacing=spacing, clip_x0=model.clip_x0)
+  return to_images(out)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num", "num_steps", "label"))
+def interpolate(model: DiffusionModel, params, image_a, image_b, *, num: int = 8,
+                num_steps: int = 50, label: int | None = None):
+  """Deterministic DDIM inversion of two images [H, W, C], slerp of their noises, decoding:
+  [num, H, W, C] in [0, 1]. A class-conditional model uses `label` (or the null label)."""
+  check_images(model, image_a[None], "image_a")
+  check_images(model, image_b[None], "image_b")
+  if label is not None:
+    _check_conditioning(model, 1, jnp.full((1,), label), None)
+  fill = None
+  if model.num_classes:
+    fill = model.unet.null_label_id if label is None else label
+
+  def den(x_t, t):  # inversion runs on 2 images, decoding on `num`: labels follow the batch
+    y = None if fill is None else jnp.full(x_t.shape[:1], fill, jnp.int32)
+    return model.apply(params, x_t, t, y)
+
+  out = diffusion.interpolate(den, model.make_schedule(), to_model_space(image_a),
+                              to_model_space(image_b), num, num_steps,
+                              prediction=model.prediction)
+  return to_images(out)

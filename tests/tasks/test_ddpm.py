@@ -1,0 +1,76 @@
+"""The DDPM task through the real loop, `jaxgen sample` and `jaxgen eval`, on smoke configs."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import REPO, config
+from jaxgen.cli import main
+from jaxgen.eval import quality
+from jaxgen.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def feature_net_dir(tmp_path_factory):
+  """A smoke-trained classifier on the same data and size as the smoke DDPM (8x8)."""
+  wd = tmp_path_factory.mktemp("classifier")
+  train(config("classifier", "data.image_size=8"), wd, progress=False)
+  return wd
+
+
+def test_class_conditional_ddpm_trains_samples_and_evaluates(tmp_path, capsys, feature_net_dir):
+  wd = tmp_path / "run"
+  train(config("ddpm_class", "data.image_size=8"), wd, progress=False)
+  with Image.open(wd / "samples" / "samples_step0000004.png") as im:
+    assert im.size[0] > im.size[1]  # 10 columns (one per class), 1 row
+  main(["sample", "--workdir", str(wd), "--label", "7", "--guidance", "2.5", "--num", "6",
+        "--steps", "3", "--out", str(tmp_path / "sevens.png"), "--trajectory"])
+  printed = capsys.readouterr().out.split()
+  assert printed == [str(tmp_path / "sevens.png"), str(tmp_path / "sevens_trajectory.png")]
+  main(["eval", "--workdir", str(wd), "--num", "20", "--steps", "2", "--batch", "10",
+        "--feature-net", str(feature_net_dir), "--baselines"])
+  m = json.loads(capsys.readouterr().out)
+  assert {"frechet_distance", "precision", "recall", "class_accuracy"} <= set(m)
+  assert m["num_samples"] == 20 and m["steps"] == 2 and m["sampler"] == "ddim"
+  b = m["baselines"]
+  assert b["real_vs_heldout"]["frechet_distance"] < b["uniform_noise"]["frechet_distance"]
+
+
+def test_unconditional_ddpm_refuses_labels(tmp_path, capsys):
+  wd = tmp_path / "run"
+  train(config("ddpm", "data.image_size=8", "train.sample_every=0"), wd, progress=False)
+  with pytest.raises(SystemExit) as e:
+    main(["sample", "--workdir", str(wd), "--label", "3", "--num", "2", "--steps", "2"])
+  assert e.value.code == 2
+  assert "unconditional" in capsys.readouterr().err
+  main(["sample", "--workdir", str(wd), "--num", "4", "--sampler", "dpmpp_2m", "--steps", "3"])
+  assert capsys.readouterr().out.strip().endswith("samples_dpmpp_2m.png")
+
+
+def test_feature_net_is_trained_once_and_cached(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXGEN_CACHE", str(tmp_path / "cache"))
+  data = config("ddpm", "data.image_size=8").data
+  net = quality.load_feature_net(data, progress=False, steps=3)
+  feats, logits = net(np.zeros((3, 8, 8, 1), np.uint8))
+  assert feats.shape[0] == logits.shape[0] == 3 and logits.shape[1] == 10
+  directory = quality.feature_net_dir(data)
+  assert str(directory).startswith(str(tmp_path / "cache"))
+  stamp = sorted(p.stat().st_mtime for p in directory.rglob("*") if p.is_file())
+  quality.load_feature_net(data, progress=False, steps=3)
+  assert sorted(p.stat().st_mtime for p in directory.rglob("*") if p.is_file()) == stamp
+
+
+def test_the_ddpm_paper_cifar10_config_has_its_35_7m_parameters():
+  import jax
+  import jax.numpy as jnp
+
+  from jaxgen.tasks.diffusion import DiffusionTask
+  c = config("ddpm", arg="cifar10")
+  assert (c.data.source, c.data.name, c.data.image_size) == ("tfds", "cifar10", 32)
+  task = DiffusionTask(c)
+  shapes = jax.eval_shape(task.unet.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                          jnp.zeros((1,), jnp.int32))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == 35_746_307  # diffusers' count
