@@ -17,11 +17,13 @@ jaxgen: generative image models in JAX/Flax.
 commands:
   train    train a config in a workdir (resumes from the workdir's latest checkpoint)
   sample   write pictures from a trained workdir (samples, reconstructions, interpolations)
+  generate text to image with a latent diffusion workdir (sample with --prompt)
   eval     held-out metrics of a trained workdir, printed and written as JSON
 
 Examples:
   jaxgen train --config configs/vae.py --workdir runs/vae
   jaxgen sample --workdir runs/ddpm_class --sampler ddim --steps 50 --label 7 --guidance 3
+  jaxgen generate --workdir runs/ldm --prompt "a large red circle above a small blue square"
   jaxgen eval --workdir runs/ddpm_class --num 1000 --baselines
 
 Run 'jaxgen COMMAND --help' for a command's options."""
@@ -58,6 +60,14 @@ def _task_help(command: str) -> str:
   return "task options (chosen by the workdir's task):\n\n" + "\n".join(parts)
 
 
+def _sample_options(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", default=None,
+                 help="a folder, or a .png for the main picture (default WORKDIR/samples)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+
+
 def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxgen", description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,11 +96,16 @@ def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
                   "autoencoders prior samples, reconstructions and interpolations (linear and "
                   "slerp); for diffusion models a grid drawn with the chosen sampler.",
       epilog=_task_help("sample") if help_for == "sample" else None)
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--out", default=None,
-                 help="a folder, or a .png for the main picture (default WORKDIR/samples)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  _sample_options(p)
+
+  p = sub.add_parser(
+      "generate", help="text to image with a latent diffusion workdir",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Generate images from prompts with the latest checkpoint in WORKDIR (an ldm "
+                  "run, trained or imported): one jitted call encodes the prompts, samples "
+                  "latents with classifier-free guidance and decodes them.",
+      epilog=_task_help("sample") if help_for == "generate" else None)
+  _sample_options(p)
 
   p = sub.add_parser(
       "eval", help="held-out metrics of a trained workdir",
@@ -128,11 +143,14 @@ def _task_args(run, command: str, args, extra: list[str]) -> argparse.Namespace:
 def _cmd_sample(args, extra):
   from jaxgen import train
   run = train.restore_run(args.workdir, args.step)
+  if args.command == "generate" and run.config.task != "ldm":
+    raise ConfigError(f"jaxgen generate needs a latent diffusion (ldm) workdir; {args.workdir} "
+                      f"holds a {run.config.task} run: use jaxgen sample.")
   task_args = _task_args(run, "sample", args, extra)
   out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "samples"
   task_args.out_file = str(out) if out.suffix.lower() == ".png" else None
   outdir = out.parent if task_args.out_file else out
-  paths = run.task.sample(run.state.ema_params, run.state.model_state, task_args, outdir)
+  paths = run.task.sample(run.params, run.model_state, task_args, outdir)
   for path in paths:
     print(path)
 
@@ -145,7 +163,7 @@ def _cmd_eval(args, extra):
   options = vars(_task_args(run, "eval", args, extra))
   for k in ("command", "workdir", "step", "seed", "no_progress", "distributed", "config"):
     options.pop(k, None)
-  metrics = run.task.evaluate(run.state.ema_params, run.state.model_state,
+  metrics = run.task.evaluate(run.params, run.model_state,
                               jax.random.PRNGKey(args.seed), **options)
   metrics = dict(step=run.step, split=run.config.data.eval_split, **metrics)
   text = json.dumps(metrics, indent=2)
@@ -157,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     rest, overrides = _split_overrides(argv)
-    wants_help = rest[:1] in (["sample"], ["eval"]) and any(a in ("-h", "--help") for a in rest)
+    wants_help = (rest[:1] in (["sample"], ["eval"], ["generate"])
+                  and any(a in ("-h", "--help") for a in rest))
     parser = build_parser(rest[0] if wants_help else None)
     args, extra = parser.parse_known_args(rest)
     if args.command is None:
@@ -165,14 +184,14 @@ def main(argv: list[str] | None = None) -> None:
       sys.exit(2)
     if overrides and args.command != "train":
       parser.error("--config.KEY=VALUE overrides apply to 'train' only")
-    if extra and args.command not in ("sample", "eval"):
+    if extra and args.command not in ("sample", "eval", "generate"):
       parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from jaxgen import runtime
     runtime.setup_logging()
     runtime.enable_compilation_cache()
     if args.command == "train":
       _cmd_train(args, overrides)
-    elif args.command == "sample":
+    elif args.command in ("sample", "generate"):
       _cmd_sample(args, extra)
     elif args.command == "eval":
       _cmd_eval(args, extra)

@@ -31,6 +31,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       tfds_data_dir="",           # TFDS data dir; empty: TFDS_DATA_DIR or ~/tensorflow_datasets
       image_key="image",
       label_key="label",
+      caption_key="",             # TFDS feature holding captions, e.g. "captions/text"
       train_split="train",
       eval_split="test",
       holdout_fraction=0.1,       # folder/npz without a test split: held-out share

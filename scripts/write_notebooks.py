@@ -31,7 +31,7 @@ WORKDIR = pathlib.Path(os.environ.get("JAXGEN_WORKDIR", REPO / "runs" / "vae"))
 if not (WORKDIR / "checkpoints").exists():
     train.train(config.load_config(f"{REPO}/configs/vae.py:smoke"), WORKDIR, progress=False)
 run = train.restore_run(WORKDIR)
-params, task = run.state.ema_params, run.task
+params, task = run.params, run.task
 print(f"step {run.step}, latent shape {task.model.latent_shape}")'''),
     new_markdown_cell("Held-out images (top) and their reconstructions (bottom):"),
     new_code_cell('''\
@@ -64,9 +64,9 @@ WORKDIR = pathlib.Path(os.environ.get("JAXGEN_WORKDIR", REPO / "runs" / "ddpm_cl
 if not (WORKDIR / "checkpoints").exists():
     train.train(config.load_config(f"{REPO}/configs/ddpm_class.py:smoke"), WORKDIR, progress=False)
 run = train.restore_run(WORKDIR)
-params, task = run.state.ema_params, run.task
-model, classes = task.model, task.config.data.channels and run.config.model.num_classes
-print(f"step {run.step}; images {model.image_shape}; {classes} classes; T={model.num_timesteps}")'''),
+params, task = run.params, run.task
+model, classes = task.model, run.config.model.num_classes
+print(f"step {run.step}; {model.image_shape}; {classes} classes; T={model.num_timesteps}")'''),
     new_markdown_cell("One grid per sampler (one column per class, guidance 3). DDPM runs all "
                       "of the model's timesteps; DDIM and DPM-Solver++(2M) far fewer:"),
     new_code_cell('''\
@@ -117,7 +117,7 @@ WORKDIR = pathlib.Path(os.environ.get("JAXGEN_WORKDIR", REPO / "runs" / "clip"))
 if not (WORKDIR / "checkpoints").exists():
     train.train(config.load_config(f"{REPO}/configs/clip.py:smoke"), WORKDIR, progress=False)
 run = train.restore_run(WORKDIR)
-model, params, state = run.task.model, run.state.ema_params, run.state.model_state
+model, params, state = run.task.model, run.params, run.model_state
 held_out = load_all(load_source(run.config.data, "test"), limit=200)
 show(images.grid(held_out["image"][:8], ncols=8, scale=3))'''),
     new_markdown_cell("Zero-shot shape and colour of the first object in each picture: each class "

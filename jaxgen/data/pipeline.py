@@ -59,7 +59,9 @@ class BatchLoader:
     return batch[lo:lo + self.local_batch]
 
   def get(self, k: int) -> dict[str, np.ndarray]:
-    batch = self.source.get(self.indices(k))
+    """Global batch k: this process's examples, with their data-set `index` (for caches)."""
+    idx = self.indices(k)
+    batch = dict(self.source.get(idx), index=idx.astype(np.int32))
     return self.preprocess(batch) if self.preprocess is not None else batch
 
   def state(self, k: int) -> dict:

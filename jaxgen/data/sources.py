@@ -164,21 +164,29 @@ def load_npz(path: str, split: str, size: int, channels: int, holdout: float) ->
     if f"{split}_images" in keys:
       images = npz[f"{split}_images"]
       labels = npz[f"{split}_labels"] if f"{split}_labels" in keys else None
+      captions = npz[f"{split}_captions"] if f"{split}_captions" in keys else None
     elif "images" in keys:
       idx = _holdout(len(npz["images"]), holdout, split)
       images = npz["images"][idx]
       labels = npz["labels"][idx] if "labels" in keys else None
+      captions = npz["captions"][idx] if "captions" in keys else None
     else:
-      raise DataError(f"{path} needs an 'images' array (optionally 'labels'), or "
+      raise DataError(f"{path} needs an 'images' array (optionally 'labels', 'captions'), or "
                       f"'{split}_images'; it has {sorted(keys)}.")
   images = fit_images(images, size, channels, path)
   if labels is not None:
     labels = np.asarray(labels).astype(np.int32).reshape(-1)
-  return ArraySource(images, labels)
+  extra = {}
+  if captions is not None:
+    if captions.dtype.kind not in "US":
+      raise DataError(f"{path}: captions must be an array of strings, got {captions.dtype}.")
+    extra["caption"] = captions.astype(str)
+  return ArraySource(images, labels, extra=extra)
 
 
 def load_folder(path: str, split: str, size: int, channels: int, holdout: float) -> ArraySource:
-  """Images under `path`. Sub-folders are classes; `path/train` and `path/test` are splits."""
+  """Images under `path`. Sub-folders are classes; `path/train` and `path/test` are splits; a
+  text file beside an image with the same stem (cat.png, cat.txt) is its caption."""
   root = pathlib.Path(path)
   if not root.is_dir():
     raise DataError(f"Image folder not found: {path}")
@@ -209,14 +217,25 @@ def load_folder(path: str, split: str, size: int, channels: int, holdout: float)
     except OSError as e:
       raise DataError(f"Could not read image {f}: {e}") from e
   names = tuple(d.name for d in class_dirs) if class_dirs else None
-  return ArraySource(np.stack(images), np.asarray(labels, np.int32) if labels else None, names)
+  extra = {}
+  caption_files = [f.with_suffix(".txt") for f in files]
+  have = [c.is_file() for c in caption_files]
+  if any(have):
+    if not all(have):
+      missing = [str(f) for f, h in zip(files, have) if not h][:3]
+      raise DataError(f"Some images under {root} have a caption file and some do not "
+                      f"(e.g. {', '.join(missing)} have none): give every image one, or none.")
+    extra["caption"] = np.array([" ".join(c.read_text(encoding="utf-8").split())
+                                 for c in caption_files])
+  return ArraySource(np.stack(images), np.asarray(labels, np.int32) if labels else None, names,
+                     extra)
 
 
 class TfdsSource:
   """A prepared TFDS data set read through array_record random access (no TensorFlow)."""
 
   def __init__(self, name: str, split: str, size: int, channels: int, data_dir: str = "",
-               image_key: str = "image", label_key: str = "label"):
+               image_key: str = "image", label_key: str = "label", caption_key: str = ""):
     import tensorflow_datasets as tfds
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
     try:
@@ -237,6 +256,9 @@ class TfdsSource:
       raise DataError(f"TFDS '{name}' has no feature '{image_key}'; it has {sorted(first)}. "
                       "Set data.image_key.")
     self.has_label = label_key in first
+    self.caption_key = caption_key
+    if caption_key:
+      self._caption(first)  # fails now, with the keys it has, if the path is wrong
     self.class_names = None
     try:
       feature = self._ds.dataset_info.features[label_key]
@@ -254,7 +276,24 @@ class TfdsSource:
     out = {"image": images}
     if self.has_label:
       out["label"] = np.asarray([ex[self.label_key] for ex in examples], np.int32)
+    if self.caption_key:
+      out["caption"] = np.array([self._caption(ex) for ex in examples])
     return out
+
+  def _caption(self, example) -> str:
+    """The feature at caption_key ('a/b' for nested features); of several, the first."""
+    value = example
+    for part in self.caption_key.split("/"):
+      if not isinstance(value, dict) or part not in value:
+        have = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise DataError(f"TFDS '{self.name}' has no caption feature '{self.caption_key}' "
+                        f"(at '{part}' found {have}). Set data.caption_key.")
+      value = value[part]
+    value = np.asarray(value)
+    if value.ndim:
+      value = value.reshape(-1)[0]
+    value = value.item()
+    return " ".join((value.decode("utf-8") if isinstance(value, bytes) else str(value)).split())
 
 
 def load_source(data_cfg, split: str) -> Source:
@@ -268,7 +307,7 @@ def load_source(data_cfg, split: str) -> Source:
     return load_folder(d.path, split, d.image_size, d.channels, d.holdout_fraction)
   if d.source == "tfds":
     return TfdsSource(d.name, split, d.image_size, d.channels, d.tfds_data_dir, d.image_key,
-                      d.label_key)
+                      d.label_key, d.caption_key)
   raise DataError(f"Unknown data.source {d.source!r}.")
 
 

@@ -20,8 +20,13 @@ import numpy as np
 
 from jaxgen.data import load_all, load_source
 from jaxgen.errors import DataError
-from jaxgen.eval.fid import (batched_features, density_coverage, feature_stats, frechet_distance,
-                             precision_recall)
+from jaxgen.eval.fid import (
+  batched_features,
+  density_coverage,
+  feature_stats,
+  frechet_distance,
+  precision_recall,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,7 @@ def load_feature_net(data_cfg, workdir: str | pathlib.Path | None = None, *,
                workdir)
       train.train(classifier_config(data_cfg, num_classes, steps), workdir, progress=progress)
   run = train.restore_run(workdir)
-  return FeatureNet(run.task, run.state.ema_params, run.state.model_state)
+  return FeatureNet(run.task, run.params, run.model_state)
 
 
 def quality(samples: np.ndarray, reference: np.ndarray, net, *, labels=None, k: int = 3,

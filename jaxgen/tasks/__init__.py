@@ -9,6 +9,7 @@ _TASKS = {
     "classifier": "jaxgen.tasks.classifier:ClassifierTask",
     "clip": "jaxgen.tasks.clip:CLIPTask",
     "ddpm": "jaxgen.tasks.diffusion:DiffusionTask",
+    "ldm": "jaxgen.tasks.ldm:LatentDiffusionTask",
     "simclr": "jaxgen.tasks.simclr:SimCLRTask",
     "vae": "jaxgen.tasks.vae:AutoencoderTask",
 }

@@ -34,6 +34,14 @@ class Task:
     Runs on the data loader's thread; must be deterministic."""
     return batch
 
+  def example_batch(self) -> dict[str, np.ndarray]:
+    """A one-example batch with the shapes `init` needs, without reading the data set."""
+    d = self.config.data
+    return self.preprocess({"image": np.zeros((1, d.image_size, d.image_size, d.channels),
+                                              np.uint8),
+                            "label": np.zeros((1,), np.int32), "index": np.zeros((1,), np.int32),
+                            "caption": np.array([""])})
+
   def init(self, key: jax.Array, batch: dict) -> tuple[Any, Any]:
     """-> (params, model_state) for an example batch (shapes only matter)."""
     raise NotImplementedError
@@ -42,6 +50,11 @@ class Task:
   # `pretrained(params, model_state) -> (params, model_state)`; the loop calls it on the host
   # after initialising a fresh run (never when resuming).
   pretrained = None
+
+  # A task that must see its state before training (e.g. to encode and cache its data with a
+  # frozen network) sets this to a method `prepare(state) -> None`; the loop calls it after
+  # initialising or restoring, before reading batches.
+  prepare = None
 
   # A task that freezes parameters (LiT's locked tower) sets this to a method
   # `frozen(path: str) -> bool`, path being jax.tree_util.keystr of the parameter's key path.

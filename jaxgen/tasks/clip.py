@@ -13,7 +13,6 @@ import functools
 import math
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -153,9 +152,9 @@ class CLIPTask(Task):
     if src.config.model.encoder.to_dict() != self.config.model.encoder.to_dict():
       raise ConfigError("model.image_init: the SimCLR run's model.encoder differs from this "
                         "config's model.encoder; they must be equal.")
-    enc = src.state.ema_params["params"]["encoder"]
+    enc = src.params["params"]["encoder"]
     params = {"params": dict(params["params"], image_encoder=enc)}
-    for col, tree in src.state.model_state.items():
+    for col, tree in src.model_state.items():
       state = dict(state, **{col: dict(state.get(col, {}), image_encoder=tree["encoder"])})
     return params, state
 
@@ -264,4 +263,4 @@ def load_dual_encoder(workdir: str):
   run = restore_run(workdir)
   if run.config.task != "clip":
     raise ConfigError(f"{workdir} holds a {run.config.task} run, not a clip run.")
-  return run.task.model, run.state.ema_params, run.state.model_state
+  return run.task.model, run.params, run.model_state

@@ -86,8 +86,10 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).absolute()
     # cleanup_tmp_directories stays False: a half-written step is left for the user to inspect.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    # 'state' is a whole TrainState (training checkpoints); 'weights' holds only the parameters
+    # and model state (inference checkpoints, e.g. imported Stable Diffusion weights).
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                       item_names=("state", "meta"))
+                                       item_names=("state", "meta", "weights"))
     self._unsealed: list[int] = []  # saved by this process, checksums not yet written
 
   def latest_step(self) -> int | None:
@@ -102,6 +104,18 @@ class Checkpointer:
     self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                   meta=ocp.args.JsonSave(meta)), force=True)
     self._unsealed.append(int(step))
+
+  def save_weights(self, step: int, weights: dict, meta: dict) -> None:
+    """An inference checkpoint: {'params': ..., 'model_state': ...}, no optimizer state."""
+    meta = dict(meta, jaxgen_version=__version__, step=int(step))
+    self._seal()
+    self._mngr.save(step, args=ocp.args.Composite(weights=ocp.args.StandardSave(weights),
+                                                  meta=ocp.args.JsonSave(meta)), force=True)
+    self._unsealed.append(int(step))
+
+  def has_weights_only(self, step: int) -> bool:
+    d = self._step_dir(step)
+    return (d / "weights").is_dir() and not (d / "state").is_dir()
 
   def _seal(self) -> None:
     """Waits for pending saves, then checksums the steps this process saved."""
@@ -136,9 +150,10 @@ class Checkpointer:
     earlier = [s for s in self.all_steps() if s < step]
     return f"step {max(earlier)}" if earlier else "no earlier checkpoint: training restarts"
 
-  def restore(self, step: int, abstract_state, config_dict: dict) -> tuple[Any, dict]:
+  def restore(self, step: int, abstract_state, config_dict: dict, item: str = "state"
+              ) -> tuple[Any, dict]:
     """Restores `step` into the structure and shardings of `abstract_state` after checking that
-    the checkpoint was written by the same model config."""
+    the checkpoint was written by the same model config. item: 'state' or 'weights'."""
     if not verify_checksums(self._step_dir(step)):
       log.warning("Checkpoint %s has no checksums (its writer stopped right after saving); "
                   "restoring it unverified.", self._step_dir(step))
@@ -152,7 +167,7 @@ class Checkpointer:
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
       restored = self._mngr.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+          step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
     except Exception as e:
       raise CheckpointError(
           f"Checkpoint {self._step_dir(step)} is corrupt or does not match the model "

@@ -127,6 +127,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=state_sharding.params)
       state = state.replace(ema_params=copy(state.params))
 
+  if task.prepare is not None:
+    task.prepare(state)
   train_step = make_train_step(task.loss_fn, ema_decay=c.optim.ema_decay, schedule=schedule,
                                state_sharding=state_sharding,
                                batch_sharding=batch_sharding(mesh))
@@ -201,12 +203,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
 @dataclasses.dataclass
 class Run:
-  """A trained run loaded from its workdir."""
+  """A trained (or imported) run loaded from its workdir. `params` are the EMA parameters, what
+  sampling and evaluation use; `state` is the whole TrainState, None for an inference-only
+  checkpoint."""
   workdir: pathlib.Path
   config: ml_collections.ConfigDict
   task: Any
-  state: TrainState
+  state: TrainState | None
   step: int
+  params: Any = None
+  model_state: Any = None
+
+  def __post_init__(self):
+    if self.state is not None:
+      self.params = self.state.ema_params if self.params is None else self.params
+      self.model_state = self.state.model_state if self.model_state is None else self.model_state
 
 
 def restore_run(workdir: str | pathlib.Path, step: int | None = None, mesh=None) -> Run:
@@ -228,9 +239,33 @@ def restore_run(workdir: str | pathlib.Path, step: int | None = None, mesh=None)
       raise CheckpointError(f"No checkpoint for step {step}; there are {ckpt.all_steps()}.")
     task = tasks.build(config)
     mesh = mesh or make_mesh()
-    example = task.preprocess(load_source(config.data, config.data.eval_split).get(np.arange(1)))
-    init, _ = _state_factory(task, config, example)
-    state, _ = ckpt.restore(step, _abstract_state(init, mesh), config.to_dict())
+    init, _ = _state_factory(task, config, task.example_batch())
+    abstract = _abstract_state(init, mesh)
+    if ckpt.has_weights_only(step):
+      weights, _ = ckpt.restore(step, {"params": abstract.params,
+                                       "model_state": abstract.model_state},
+                                config.to_dict(), item="weights")
+      return Run(workdir, config, task, None, step, weights["params"], weights["model_state"])
+    state, _ = ckpt.restore(step, abstract, config.to_dict())
   finally:
     ckpt.close()
   return Run(workdir, config, task, state, step)
+
+
+def save_weights(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, params,
+                 model_state, step: int = 0) -> pathlib.Path:
+  """Writes an inference-only run (config.json + a 'weights' checkpoint) that restore_run,
+  `jaxgen sample/generate/eval` read like a trained one: how imported weights become a run."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if any((workdir / "checkpoints").glob("*")):
+    raise CheckpointError(f"{workdir / 'checkpoints'} is not empty; nothing was overwritten. "
+                          "Choose a new --workdir.")
+  (workdir / "config.json").write_text(config_lib.to_json(config))
+  ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+  try:
+    ckpt.save_weights(step, {"params": params, "model_state": model_state},
+                      {"config": config.to_dict(), "source": "imported"})
+  finally:
+    ckpt.close()
+  return workdir

@@ -101,3 +101,63 @@ def test_tfds_not_prepared_is_a_fast_clear_error(tmp_path):
   assert time.time() - t < 30
   assert "not prepared" in str(e.value) and "download_and_prepare" in str(e.value)
   assert str(tmp_path) in str(e.value)
+
+
+def test_captions_from_npz_and_from_caption_files_beside_images(tmp_path):
+  images = np.random.default_rng(0).integers(0, 255, (6, 28, 28), dtype=np.uint8)
+  captions = np.array([f"a picture number {i}" for i in range(6)])
+  path = _npz(tmp_path / "pairs.npz", train_images=images, train_captions=captions)
+  c = config("vae", "data.source=npz", f"data.path={path}")
+  assert list(load_source(c.data, "train").get(np.arange(2))["caption"]) == list(captions[:2])
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  for i in range(4):
+    Image.fromarray(images[i]).save(folder / f"{i}.png")
+    (folder / f"{i}.txt").write_text(f"  shoe\n number {i} ")
+  c = config("vae", "data.source=folder", f"data.path={folder}", "data.holdout_fraction=0.25")
+  assert load_source(c.data, "test").get(np.arange(1))["caption"][0].startswith("shoe number")
+  (folder / "0.txt").unlink()
+  with pytest.raises(DataError, match="Some images under .* have a caption file"):
+    load_source(c.data, "train")
+
+
+def test_tfds_captions_from_a_prepared_array_record_data_set(tmp_path):
+  """A captioned TFDS builder prepared offline in the array_record format and read back
+  through jaxgen's TFDS source without TensorFlow."""
+  import io
+
+  import tensorflow_datasets as tfds
+
+  def png(i):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+  class JaxgenTinyCaptions(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(8, 8, 3)),
+          "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+          "label": tfds.features.ClassLabel(names=["dark", "light"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(0, 6), "test": self._generate_examples(6, 8)}
+
+    def _generate_examples(self, lo, hi):
+      for i in range(lo, hi):
+        yield i, {"image": png(i), "captions": {"text": [f"square number {i}", "other"]},
+                  "label": int(i >= 4)}
+
+  builder = JaxgenTinyCaptions(data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  src = TfdsSource("jaxgen_tiny_captions", "train", size=8, channels=3, data_dir=str(tmp_path),
+                   caption_key="captions/text")
+  batch = src.get(np.arange(len(src)))
+  assert sorted(batch["caption"]) == [f"square number {i}" for i in range(6)]
+  assert src.class_names == ("dark", "light")
+  with pytest.raises(DataError, match="no caption feature 'captions/txt'"):
+    TfdsSource("jaxgen_tiny_captions", "train", size=8, channels=3, data_dir=str(tmp_path),
+               caption_key="captions/txt")

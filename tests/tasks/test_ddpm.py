@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, config
+from helpers import config
 from jaxgen.cli import main
 from jaxgen.eval import quality
 from jaxgen.train import train

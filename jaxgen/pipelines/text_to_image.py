@@ -1,0 +1,274 @@
+"""Text to image with a latent diffusion model: tokenise on the host, then one jitted call
+encodes the prompts, samples latents with classifier-free guidance through the shared lax.scan
+samplers, and decodes them with the autoencoder. Also img2img and inpainting in latent space,
+and batched or tiled decoding for large latents.
+
+Prompts (as token arrays of fixed length), seeds, the guidance scale and eta are traced: new
+values never recompile. The sampler, the step count and the number of images are static.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen import diffusion
+from jaxgen.errors import ConfigError, ShapeError
+from jaxgen.models.autoencoder import Autoencoder
+from jaxgen.models.text import TextTransformer
+from jaxgen.models.unet import UNet
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentDiffusionModel:
+  """U-Net, text encoder, autoencoder and the diffusion process (hashable; the tokenizer is
+  carried along but not hashed). Parameters travel separately:
+    params      {"unet": ..., "text": ...}
+    model_state {"vae": autoencoder variables, "latent": {"scale": f32[]}}
+  """
+  unet: UNet
+  text: TextTransformer
+  vae: Autoencoder
+  image_shape: tuple[int, int, int]
+  schedule: str = "scaled_linear"
+  num_timesteps: int = 1000
+  beta_start: float | None = None
+  beta_end: float | None = None
+  prediction: str = "eps"
+  clip_x0: float | None = None
+  text_layer: int | None = None          # None: last_hidden_state; -2: penultimate (clip skip)
+  tokenize: Callable = dataclasses.field(default=None, compare=False, hash=False)
+
+  def __hash__(self):
+    return hash((self.unet, self.text, self.vae, self.image_shape, self.schedule,
+                 self.num_timesteps, self.beta_start, self.beta_end, self.prediction,
+                 self.clip_x0, self.text_layer))
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    return tuple(self.vae.latent_shape)
+
+  def make_schedule(self) -> diffusion.Schedule:
+    return diffusion.make_schedule(self.schedule, self.num_timesteps, self.beta_start,
+                                   self.beta_end)
+
+  # -- the pieces, as pure functions of the parameters -------------------------------------
+  def encode_text(self, params, input_ids, attention_mask=None):
+    """Per-token states [B, L, W] that the U-Net attends to."""
+    if self.text_layer is None:
+      out = self.text.apply(params["text"], input_ids, attention_mask)
+      return out["last_hidden_state"]
+    out = self.text.apply(params["text"], input_ids, attention_mask,
+                          layer_index=self.text_layer, norm_layer=True)
+    return out["layer_hidden_state"]
+
+  def denoise_fn(self, params, *, train: bool = False, key=None):
+    rngs = {"dropout": key} if train else None
+    return lambda z_t, t, context: self.unet.apply(params["unet"], z_t, t, context=context,
+                                                   train=train, rngs=rngs)
+
+  def encode_images(self, model_state, images, key=None):
+    """Images (uint8 or [0, 1]) -> scaled latents; the posterior mean, or a sample with key."""
+    x = jnp.asarray(images)
+    x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+    mean, logvar = self.vae.apply(model_state["vae"], 2.0 * x - 1.0, method=Autoencoder.encode)
+    z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key,
+                                                                                  mean.shape)
+    return z * model_state["latent"]["scale"]
+
+  def decode_latents(self, model_state, z, *, batch_size: int | None = None,
+                     tile: int | None = None, overlap: int = 2):
+    """Scaled latents [B, h, w, c] -> images [B, H, W, C] in [0, 1]. `batch_size` decodes in
+    chunks (lax.map) and `tile` in overlapping spatial tiles blended linearly, so that peak
+    memory does not grow with the batch or the latent size."""
+    z = z / model_state["latent"]["scale"]
+    dec = lambda zz: self.vae.apply(model_state["vae"], zz, method=Autoencoder.decode)
+    if tile is not None:
+      dec = functools.partial(_tiled, dec, tile=tile, overlap=overlap,
+                              factor=self.vae.downsample_factor)
+    if batch_size is not None and z.shape[0] > batch_size:
+      if z.shape[0] % batch_size:
+        raise ShapeError(f"decode batch_size {batch_size} must divide the {z.shape[0]} latents")
+      chunks = z.reshape(-1, batch_size, *z.shape[1:])
+      x = jax.lax.map(dec, chunks).reshape(z.shape[0], *self.image_shape)
+    else:
+      x = dec(z)
+    return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _tile_starts(n: int, tile: int, stride: int) -> list[int]:
+  starts = list(range(0, max(n - tile, 0) + 1, stride))
+  if starts[-1] + tile < n:
+    starts.append(n - tile)
+  return starts
+
+
+def _ramp(n: int, overlap: int, first: bool, last: bool) -> np.ndarray:
+  """Blending weights along one axis of a tile: rising over the overlap, except at the image
+  border. Overlapping ramps of neighbouring tiles are normalised by their sum."""
+  r = np.ones(n, np.float32)
+  if overlap:
+    edge = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+    if not first:
+      r[:overlap] = edge
+    if not last:
+      r[-overlap:] = edge[::-1]
+  return r
+
+
+def _tiled(decode, z, *, tile: int, overlap: int, factor: int):
+  """Decodes overlapping latent tiles and blends them, so that peak activation memory follows
+  the tile size rather than the whole image (attention in the decoder's mid block then sees one
+  tile: results differ slightly from whole-image decoding, as in other tiled VAEs)."""
+  b, h, w, _ = z.shape
+  if tile >= h and tile >= w:
+    return decode(z)
+  if not 0 <= overlap < tile:
+    raise ConfigError(f"tile overlap {overlap} must be in [0, tile={tile})")
+  ys, xs = _tile_starts(h, tile, tile - overlap), _tile_starts(w, tile, tile - overlap)
+  out = weight = None
+  for y in ys:
+    for x in xs:
+      th, tw = min(tile, h), min(tile, w)
+      piece = decode(z[:, y:y + th, x:x + tw])
+      wy = _ramp(th * factor, overlap * factor, y == ys[0], y == ys[-1])
+      wx = _ramp(tw * factor, overlap * factor, x == xs[0], x == xs[-1])
+      wgt = jnp.asarray(wy[:, None] * wx[None, :])[None, :, :, None]
+      if out is None:
+        out = jnp.zeros((b, h * factor, w * factor, piece.shape[-1]), piece.dtype)
+        weight = jnp.zeros((1, h * factor, w * factor, 1), jnp.float32)
+      win = (slice(None), slice(y * factor, (y + th) * factor),
+             slice(x * factor, (x + tw) * factor))
+      out = out.at[win].add(piece * wgt)
+      weight = weight.at[win].add(wgt)
+  return out / weight
+
+
+_STATIC = ("model", "sampler", "num_steps", "spacing")
+
+
+def _context(model, params, ids, mask, neg_ids, neg_mask):
+  return model.encode_text(params, ids, mask), model.encode_text(params, neg_ids, neg_mask)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("decode_batch", "tile"))
+def _generate(model: LatentDiffusionModel, params, model_state, ids, mask, neg_ids, neg_mask,
+              key, guidance_scale, eta, *, sampler, num_steps, spacing, decode_batch, tile):
+  cond, uncond = _context(model, params, ids, mask, neg_ids, neg_mask)
+  den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
+  z = diffusion.sample(den, model.make_schedule(), key, (ids.shape[0], *model.latent_shape),
+                       sampler=sampler, num_steps=num_steps, prediction=model.prediction,
+                       eta=eta, spacing=spacing, clip_x0=model.clip_x0)
+  return model.decode_latents(model_state, z, batch_size=decode_batch, tile=tile)
+
+
+def _tokens(model: LatentDiffusionModel, prompts: Sequence[str], negative_prompt, n: int):
+  if model.tokenize is None:
+    raise ConfigError("This model has no tokenizer; pass token ids to the jitted functions.")
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  prompts = list(prompts)
+  if not prompts:
+    raise ConfigError("No prompts given.")
+  tok = model.tokenize(prompts)
+  negative = negative_prompt if negative_prompt is not None else ""
+  negs = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+  if len(negs) != len(prompts):
+    raise ConfigError(f"{len(negs)} negative prompts for {len(prompts)} prompts.")
+  neg = model.tokenize(negs)
+  rep = lambda a: np.repeat(a, n, axis=0)
+  return (rep(tok["input_ids"]), rep(tok["attention_mask"]), rep(neg["input_ids"]),
+          rep(neg["attention_mask"]))
+
+
+def text_to_image(model: LatentDiffusionModel, params, model_state, prompts: Sequence[str], key,
+                  *, steps: int = 50, guidance_scale=5.0, negative_prompt=None,
+                  sampler: str = "ddim", num_per_prompt: int = 1, eta=0.0,
+                  spacing: str = "trailing", decode_batch: int | None = None,
+                  tile: int | None = None):
+  """Images [len(prompts) * num_per_prompt, H, W, C] in [0, 1], prompt-major.
+
+  The empty prompt is the unconditional embedding; `negative_prompt` (one string or one per
+  prompt) replaces it in classifier-free guidance. An over-long prompt is a TokenError.
+  """
+  ids, mask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, num_per_prompt)
+  return _generate(model, params, model_state, ids, mask, neg_ids, neg_mask, key,
+                   guidance_scale, eta, sampler=sampler, num_steps=steps, spacing=spacing,
+                   decode_batch=decode_batch, tile=tile)
+
+
+text_to_image.jitted = _generate
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("strength",))
+def _img2img(model, params, model_state, images, ids, mask, neg_ids, neg_mask, key,
+             guidance_scale, eta, *, strength, sampler, num_steps, spacing):
+  cond, uncond = _context(model, params, ids, mask, neg_ids, neg_mask)
+  den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
+  k_enc, k_run = jax.random.split(key)
+  z0 = model.encode_images(model_state, images)
+  z = diffusion.img2img(den, model.make_schedule(), k_run, z0, strength, num_steps=num_steps,
+                        sampler=sampler, prediction=model.prediction, eta=eta, spacing=spacing,
+                        clip_x0=model.clip_x0)
+  return model.decode_latents(model_state, z)
+
+
+def image_to_image(model: LatentDiffusionModel, params, model_state, prompts, images, key, *,
+                   strength: float = 0.6, steps: int = 50, guidance_scale=5.0,
+                   negative_prompt=None, sampler: str = "ddim", eta=0.0,
+                   spacing: str = "trailing"):
+  """SDEdit in latent space: encode `images` (one per prompt), noise them to `strength`, denoise
+  towards the prompts, decode."""
+  images = np.asarray(images)
+  _check_images(model, images, len([prompts] if isinstance(prompts, str) else prompts))
+  ids, mask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, 1)
+  return _img2img(model, params, model_state, images, ids, mask, neg_ids, neg_mask, key,
+                  guidance_scale, eta, strength=strength, sampler=sampler, num_steps=steps,
+                  spacing=spacing)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _inpaint(model, params, model_state, images, mask_px, ids, mask, neg_ids, neg_mask, key,
+             guidance_scale, eta, *, sampler, num_steps, spacing):
+  cond, uncond = _context(model, params, ids, mask, neg_ids, neg_mask)
+  den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
+  z0 = model.encode_images(model_state, images)
+  f = model.vae.downsample_factor
+  b, h, w, _ = mask_px.shape
+  # A latent is known only if every pixel it covers is known (min-pooling the mask).
+  known = mask_px.reshape(b, h // f, f, w // f, f, 1).min(axis=(2, 4))
+  z = diffusion.inpaint(den, model.make_schedule(), key, z0, known, sampler=sampler,
+                        num_steps=num_steps, prediction=model.prediction, eta=eta,
+                        spacing=spacing, clip_x0=model.clip_x0)
+  out = model.decode_latents(model_state, z)
+  x = jnp.asarray(images)
+  x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+  return mask_px * x + (1.0 - mask_px) * out  # known pixels exactly as given
+
+
+def inpaint(model: LatentDiffusionModel, params, model_state, prompts, images, mask, key, *,
+            steps: int = 50, guidance_scale=5.0, negative_prompt=None, sampler: str = "ddim",
+            eta=0.0, spacing: str = "trailing"):
+  """Fills the pixels where mask == 0 (mask [B, H, W, 1], 1 = keep) to match the prompts."""
+  images = np.asarray(images)
+  n = len([prompts] if isinstance(prompts, str) else prompts)
+  _check_images(model, images, n)
+  mask = np.asarray(mask, np.float32)
+  if mask.shape != images.shape[:3] + (1,):
+    raise ShapeError(f"mask must have shape {list(images.shape[:3]) + [1]}, got "
+                     f"{list(mask.shape)}.")
+  ids, tmask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, 1)
+  return _inpaint(model, params, model_state, images, mask, ids, tmask, neg_ids, neg_mask, key,
+                  guidance_scale, eta, sampler=sampler, num_steps=steps, spacing=spacing)
+
+
+def _check_images(model: LatentDiffusionModel, images, n: int):
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(model.image_shape):
+    raise ShapeError(f"images: this model makes [batch, {', '.join(map(str, model.image_shape))}]"
+                     f" (NHWC); got {list(images.shape)}.")
+  if images.shape[0] != n:
+    raise ShapeError(f"{images.shape[0]} images for {n} prompts: give one image per prompt.")
