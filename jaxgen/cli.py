@@ -1,4 +1,5 @@
-"""jaxgen command line: train, sample and eval. Thin: each command calls a library function."""
+"""jaxgen command line: train, sample, generate, eval and import. Thin: each command calls a
+library function."""
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,14 @@ commands:
   sample   write pictures from a trained workdir (samples, reconstructions, interpolations)
   generate text to image with a latent diffusion workdir (sample with --prompt)
   eval     held-out metrics of a trained workdir, printed and written as JSON
+  import   turn a Stable Diffusion checkpoint (diffusers folder) into an ldm workdir
 
 Examples:
   jaxgen train --config configs/vae.py --workdir runs/vae
   jaxgen sample --workdir runs/ddpm_class --sampler ddim --steps 50 --label 7 --guidance 3
   jaxgen generate --workdir runs/ldm --prompt "a large red circle above a small blue square"
   jaxgen eval --workdir runs/ddpm_class --num 1000 --baselines
+  jaxgen import --diffusers ~/models/stable-diffusion-v1-5 --workdir runs/sd15
 
 Run 'jaxgen COMMAND --help' for a command's options."""
 
@@ -118,6 +121,27 @@ def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   p.add_argument("--seed", type=int, default=0)
+
+  p = sub.add_parser(
+      "import", help="turn a Stable Diffusion checkpoint (diffusers folder) into an ldm workdir",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Convert a Stable Diffusion 1.x/2.x checkpoint saved in diffusers' folder "
+                  "layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
+                  "safetensors files, no torch needed) into a latent diffusion (ldm) WORKDIR "
+                  "that 'jaxgen generate', 'jaxgen eval' and jaxgen.train.restore_run read like "
+                  "a trained run. The config reproduces the checkpoint's architecture, noise "
+                  "schedule, prediction type and timestep grid; the tokenizer is copied into "
+                  "WORKDIR/tokenizer.",
+      epilog="Example:\n  jaxgen import --diffusers ~/models/stable-diffusion-2-1 --workdir "
+             "runs/sd21\n  jaxgen generate --workdir runs/sd21 --prompt \"a watercolour fox\" "
+             "--steps 30 --guidance 7.5\nWORKDIR must not exist or be empty.")
+  p.add_argument("--diffusers", required=True, metavar="PATH",
+                 help="a local diffusers pipeline folder (with model_index.json)")
+  p.add_argument("--workdir", required=True, help="the new run's directory (absent or empty)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="the U-Net's compute dtype (parameters are stored in float32)")
+  p.add_argument("--variant", default=None,
+                 help="weights variant to read, e.g. fp16 for *.fp16.safetensors")
   return parser
 
 
@@ -153,6 +177,12 @@ def _cmd_sample(args, extra):
   paths = run.task.sample(run.params, run.model_state, task_args, outdir)
   for path in paths:
     print(path)
+
+
+def _cmd_import(args):
+  from jaxgen.convert.stable_diffusion import import_stable_diffusion
+  print(import_stable_diffusion(args.diffusers, args.workdir, dtype=args.dtype,
+                                variant=args.variant))
 
 
 def _cmd_eval(args, extra):
@@ -195,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
       _cmd_sample(args, extra)
     elif args.command == "eval":
       _cmd_eval(args, extra)
+    elif args.command == "import":
+      _cmd_import(args)
   except JaxgenError as e:
     print(f"jaxgen: error: {e}", file=sys.stderr)
     sys.exit(2 if isinstance(e, ConfigError) else 1)

@@ -41,12 +41,19 @@ class LatentDiffusionModel:
   prediction: str = "eps"
   clip_x0: float | None = None
   text_layer: int | None = None          # None: last_hidden_state; -2: penultimate (clip skip)
+  text_mask: bool = True                 # give the text tower the prompts' attention mask;
+                                         # Stable Diffusion's pipelines give none
+  vae_output: str = "signed"             # decoder output: signed [-1, 1] images (Stable
+                                         # Diffusion), sigmoid logits, or unit [0, 1] values
+  spacing: str = "trailing"              # the samplers' default timestep spacing
+  steps_offset: int = 0                  # added to 'leading' timesteps (Stable Diffusion: 1)
   tokenize: Callable = dataclasses.field(default=None, compare=False, hash=False)
 
   def __hash__(self):
     return hash((self.unet, self.text, self.vae, self.image_shape, self.schedule,
                  self.num_timesteps, self.beta_start, self.beta_end, self.prediction,
-                 self.clip_x0, self.text_layer))
+                 self.clip_x0, self.text_layer, self.text_mask, self.vae_output, self.spacing,
+                 self.steps_offset))
 
   @property
   def latent_shape(self) -> tuple[int, int, int]:
@@ -56,9 +63,17 @@ class LatentDiffusionModel:
     return diffusion.make_schedule(self.schedule, self.num_timesteps, self.beta_start,
                                    self.beta_end)
 
+  def timesteps(self, num_steps: int, spacing: str | None = None) -> jax.Array:
+    """The descending timesteps a sampler visits: `spacing` (None: the model's) and, for
+    'leading', the model's steps_offset."""
+    return diffusion.make_timesteps(self.num_timesteps, num_steps, spacing or self.spacing,
+                                    self.steps_offset)
+
   # -- the pieces, as pure functions of the parameters -------------------------------------
   def encode_text(self, params, input_ids, attention_mask=None):
     """Per-token states [B, L, W] that the U-Net attends to."""
+    if not self.text_mask:
+      attention_mask = None
     if self.text_layer is None:
       out = self.text.apply(params["text"], input_ids, attention_mask)
       return out["last_hidden_state"]
@@ -97,6 +112,10 @@ class LatentDiffusionModel:
       x = jax.lax.map(dec, chunks).reshape(z.shape[0], *self.image_shape)
     else:
       x = dec(z)
+    if self.vae_output == "sigmoid":
+      return jax.nn.sigmoid(x)
+    if self.vae_output == "unit":
+      return jnp.clip(x, 0.0, 1.0)
     return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
 
 
@@ -162,7 +181,8 @@ def _generate(model: LatentDiffusionModel, params, model_state, ids, mask, neg_i
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
   z = diffusion.sample(den, model.make_schedule(), key, (ids.shape[0], *model.latent_shape),
                        sampler=sampler, num_steps=num_steps, prediction=model.prediction,
-                       eta=eta, spacing=spacing, clip_x0=model.clip_x0)
+                       eta=eta, timesteps=model.timesteps(num_steps, spacing),
+                       clip_x0=model.clip_x0)
   return model.decode_latents(model_state, z, batch_size=decode_batch, tile=tile)
 
 
@@ -188,12 +208,13 @@ def _tokens(model: LatentDiffusionModel, prompts: Sequence[str], negative_prompt
 def text_to_image(model: LatentDiffusionModel, params, model_state, prompts: Sequence[str], key,
                   *, steps: int = 50, guidance_scale=5.0, negative_prompt=None,
                   sampler: str = "ddim", num_per_prompt: int = 1, eta=0.0,
-                  spacing: str = "trailing", decode_batch: int | None = None,
+                  spacing: str | None = None, decode_batch: int | None = None,
                   tile: int | None = None):
   """Images [len(prompts) * num_per_prompt, H, W, C] in [0, 1], prompt-major.
 
   The empty prompt is the unconditional embedding; `negative_prompt` (one string or one per
   prompt) replaces it in classifier-free guidance. An over-long prompt is a TokenError.
+  spacing=None samples on the model's timestep grid (its spacing and steps_offset).
   """
   ids, mask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, num_per_prompt)
   return _generate(model, params, model_state, ids, mask, neg_ids, neg_mask, key,
@@ -212,15 +233,15 @@ def _img2img(model, params, model_state, images, ids, mask, neg_ids, neg_mask, k
   k_enc, k_run = jax.random.split(key)
   z0 = model.encode_images(model_state, images)
   z = diffusion.img2img(den, model.make_schedule(), k_run, z0, strength, num_steps=num_steps,
-                        sampler=sampler, prediction=model.prediction, eta=eta, spacing=spacing,
-                        clip_x0=model.clip_x0)
+                        sampler=sampler, prediction=model.prediction, eta=eta,
+                        timesteps=model.timesteps(num_steps, spacing), clip_x0=model.clip_x0)
   return model.decode_latents(model_state, z)
 
 
 def image_to_image(model: LatentDiffusionModel, params, model_state, prompts, images, key, *,
                    strength: float = 0.6, steps: int = 50, guidance_scale=5.0,
                    negative_prompt=None, sampler: str = "ddim", eta=0.0,
-                   spacing: str = "trailing"):
+                   spacing: str | None = None):
   """SDEdit in latent space: encode `images` (one per prompt), noise them to `strength`, denoise
   towards the prompts, decode."""
   images = np.asarray(images)
@@ -243,7 +264,7 @@ def _inpaint(model, params, model_state, images, mask_px, ids, mask, neg_ids, ne
   known = mask_px.reshape(b, h // f, f, w // f, f, 1).min(axis=(2, 4))
   z = diffusion.inpaint(den, model.make_schedule(), key, z0, known, sampler=sampler,
                         num_steps=num_steps, prediction=model.prediction, eta=eta,
-                        spacing=spacing, clip_x0=model.clip_x0)
+                        timesteps=model.timesteps(num_steps, spacing), clip_x0=model.clip_x0)
   out = model.decode_latents(model_state, z)
   x = jnp.asarray(images)
   x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
@@ -252,7 +273,7 @@ def _inpaint(model, params, model_state, images, mask_px, ids, mask, neg_ids, ne
 
 def inpaint(model: LatentDiffusionModel, params, model_state, prompts, images, mask, key, *,
             steps: int = 50, guidance_scale=5.0, negative_prompt=None, sampler: str = "ddim",
-            eta=0.0, spacing: str = "trailing"):
+            eta=0.0, spacing: str | None = None):
   """Fills the pixels where mask == 0 (mask [B, H, W, 1], 1 = keep) to match the prompts."""
   images = np.asarray(images)
   n = len([prompts] if isinstance(prompts, str) else prompts)

@@ -23,7 +23,7 @@ from jaxgen import diffusion
 from jaxgen import images as img
 from jaxgen.data import load_all, load_source
 from jaxgen.data import shapes as shapes_data
-from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.errors import ConfigError
 from jaxgen.models.autoencoder import Autoencoder
 from jaxgen.models.text import TextTransformer
 from jaxgen.models.unet import UNet
@@ -31,7 +31,7 @@ from jaxgen.pipelines import text_to_image as t2i
 from jaxgen.tasks.base import Task
 from jaxgen.tasks.clip import build_tokenizer, captions_of, text_section
 from jaxgen.tasks.diffusion import diffusion_section, schedule_kwargs, validate_diffusion
-from jaxgen.tasks.vae import AutoencoderTask
+from jaxgen.tasks.vae import ARCHITECTURE_KEYS, AutoencoderTask, autoencoder_module, latent_scale
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ def unet_section(**overrides) -> dict:
   d = dict(block_channels=(64, 128), layers_per_block=1, attn_levels=(True, True),
            mid_attention=True, num_heads=4, transformer_depth=1, use_linear_projection=True,
            dropout=0.0, groups=16, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0.0,
-           dtype="float32", remat=False)
+           dtype="float32", remat=False,
+           num_heads_per_level=())  # (): num_heads at every level; else one count per level
+                                    # (SD 2.x: 5, 10, 20, 20), the middle block takes the last
   d.update(overrides)
   return d
 
@@ -59,13 +61,18 @@ class LatentDiffusionTask(Task):
   def default_config():
     return {
         "model": dict(unet=unet_section(), vae=vae_section(),
-                      text=text_section(init="", freeze=True, layer=0), prompt_dropout=0.1),
+                      text=text_section(init="", freeze=True, layer=0,
+                                        attention_mask=True),  # False: Stable Diffusion's
+                      prompt_dropout=0.1),                     # pipelines give the tower none
         "diffusion": diffusion_section(),
         "ldm": dict(
             autoencoder="",       # vae-task workdir whose weights a fresh run loads
             latent_scale=0.0,     # 0: the autoencoder's measured 1/std of its latents
             cache_latents=True,   # encode the training set once instead of every step
             judge="",             # clip workdir that scores generated images (`jaxgen eval`)
+            vae_output="auto",    # auto (from model.vae.likelihood) | signed ([-1, 1], SD)
+            timestep_spacing="trailing",  # sampling grid: trailing | leading | linspace
+            steps_offset=0,       # added to 'leading' timesteps (Stable Diffusion: 1)
         ),
     }
 
@@ -76,6 +83,14 @@ class LatentDiffusionTask(Task):
     u = m.unet
     if len(u.attn_levels) != len(u.block_channels):
       raise ConfigError("model.unet.attn_levels needs one entry per model.unet.block_channels.")
+    if u.num_heads_per_level and len(u.num_heads_per_level) != len(u.block_channels):
+      raise ConfigError("model.unet.num_heads_per_level needs one entry per "
+                        "model.unet.block_channels (or none: num_heads everywhere).")
+    if config.ldm.timestep_spacing not in diffusion.SPACINGS:
+      raise ConfigError(f"ldm.timestep_spacing must be one of {', '.join(diffusion.SPACINGS)}; "
+                        f"got {config.ldm.timestep_spacing!r}.")
+    if config.ldm.steps_offset < 0:
+      raise ConfigError(f"ldm.steps_offset must be >= 0; got {config.ldm.steps_offset}.")
     f = 2 ** (len(m.vae.ch_mult) - 1)
     if d.image_size % f:
       raise ConfigError(f"data.image_size={d.image_size} must be divisible by the autoencoder's "
@@ -84,6 +99,11 @@ class LatentDiffusionTask(Task):
     if latent % 2 ** (len(u.block_channels) - 1):
       raise ConfigError(f"latents of {latent}x{latent} cannot be halved "
                         f"{len(u.block_channels) - 1} times (model.unet.block_channels).")
+    if m.vae.latent_dim or m.vae.kind != "vae":
+      raise ConfigError("model.vae must be a VAE with spatial latents (kind=vae, latent_dim=0).")
+    if config.ldm.vae_output not in ("auto", "signed"):
+      raise ConfigError(f"ldm.vae_output must be 'auto' or 'signed'; got "
+                        f"{config.ldm.vae_output!r}.")
     if not 0.0 <= m.prompt_dropout < 1.0:
       raise ConfigError(f"model.prompt_dropout must be in [0, 1); got {m.prompt_dropout}.")
 
@@ -99,24 +119,25 @@ class LatentDiffusionTask(Task):
                                 max_positions=t.context_length, activation=t.activation,
                                 eos_token_id=self.tokenizer.eos_id)
     v = m.vae
-    self.vae = Autoencoder(in_channels=d.channels, out_channels=d.channels,
-                           image_size=d.image_size, ch=v.ch, ch_mult=tuple(v.ch_mult),
-                           num_res_blocks=v.num_res_blocks, z_channels=v.z_channels,
-                           latent_dim=0, variational=True, groups=v.groups,
-                           mid_attention=v.mid_attention, quant_conv=v.quant_conv,
-                           learn_output_scale=v.likelihood == "gaussian" and v.gaussian_scale == 0)
+    self.vae = autoencoder_module(v, d)
+    vae_output = config.ldm.vae_output
+    if vae_output == "auto":
+      vae_output = "sigmoid" if v.likelihood == "bernoulli" else "unit"
     u = m.unet
     self.unet = UNet(out_channels=v.z_channels, block_channels=tuple(u.block_channels),
                      layers_per_block=u.layers_per_block, attn_levels=tuple(u.attn_levels),
                      mid_attention=u.mid_attention, attention="transformer",
-                     num_heads=u.num_heads, transformer_depth=u.transformer_depth,
+                     num_heads=tuple(u.num_heads_per_level) or u.num_heads,
+                     transformer_depth=u.transformer_depth,
                      context_dim=t.width, use_linear_projection=u.use_linear_projection,
                      dropout=u.dropout, groups=u.groups, norm_eps=u.norm_eps,
                      flip_sin_to_cos=u.flip_sin_to_cos, freq_shift=u.freq_shift,
                      dtype=jnp.dtype(u.dtype), remat=u.remat)
     self.model = t2i.LatentDiffusionModel(
         self.unet, self.text, self.vae, (d.image_size, d.image_size, d.channels),
-        text_layer=t.layer or None, tokenize=self.tokenizer, **schedule_kwargs(config.diffusion))
+        text_layer=t.layer or None, text_mask=t.attention_mask, vae_output=vae_output,
+        spacing=config.ldm.timestep_spacing, steps_offset=config.ldm.steps_offset,
+        tokenize=self.tokenizer, **schedule_kwargs(config.diffusion))
     self.schedule = self.model.make_schedule()
     empty = self.tokenizer([""])
     self.empty_ids, self.empty_mask = empty["input_ids"][0], empty["attention_mask"][0]
@@ -159,14 +180,13 @@ class LatentDiffusionTask(Task):
     ae = restore_run(lc.autoencoder)
     if ae.config.task != "vae":
       raise ConfigError(f"ldm.autoencoder: {lc.autoencoder} holds a {ae.config.task} run.")
-    mismatch = [k for k in m.vae.keys() if ae.config.model.get(k) != m.vae[k]]
+    mismatch = [k for k in ARCHITECTURE_KEYS if ae.config.model.get(k) != m.vae[k]]
     image = (ae.config.data.image_size, ae.config.data.channels)
     if mismatch or image != (self.config.data.image_size, self.config.data.channels):
       raise ConfigError(f"ldm.autoencoder: the run's model differs from model.vae in "
                         f"{mismatch or 'image size/channels'}; copy its model section.")
-    vae_params = {"params": {k: v for k, v in ae.params["params"].items()
-                             if k != "disc"}}
-    scale = lc.latent_scale or _latent_scale(ae.model_state)
+    vae_params = {"params": ae.params["params"]}  # the discriminator sits apart, in ["disc"]
+    scale = lc.latent_scale or float(latent_scale(ae.model_state))
     log.info("Latent scale %.5f (%s).", scale,
              "from the config" if lc.latent_scale else "measured by the autoencoder")
     model_state = dict(model_state, vae=vae_params, latent={"scale": jnp.float32(scale)})
@@ -189,9 +209,10 @@ class LatentDiffusionTask(Task):
 
   # -- training ----------------------------------------------------------------------------
   def preprocess(self, batch):
-    src = self._source(self.config.data.train_split)
-    tok = self.tokenizer(list(captions_of(batch, src.class_names, "a photo of a {}")),
-                         truncate=True)
+    # Captions need no data set (restoring an imported run must not load one); labels need the
+    # class names.
+    names = None if "caption" in batch else self._source(self.config.data.train_split).class_names
+    tok = self.tokenizer(list(captions_of(batch, names, "a photo of a {}")), truncate=True)
     out = {k: v for k, v in batch.items() if v.dtype.kind not in "USO"}
     out.update(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
     if self._latents is not None:
@@ -272,6 +293,10 @@ class LatentDiffusionTask(Task):
 
   def sample(self, params, model_state, args, outdir: pathlib.Path):
     d = self.config.diffusion
+    if not args.prompt and not self.config.ldm.autoencoder:
+      # Only imported runs (jaxgen import) have no autoencoder run: their data section is a
+      # placeholder, not data to draw held-out captions from.
+      raise ConfigError("This run holds imported weights and no data set: give --prompt.")
     prompts = args.prompt or self.prompts(self.config.data.eval_split, 4)
     t0 = time.perf_counter()
     x = t2i.text_to_image(self.model, params, model_state, prompts,
@@ -357,10 +382,3 @@ class LatentDiffusionTask(Task):
                                             == data["label"]))
     return out
 
-
-def _latent_scale(model_state) -> float:
-  stats = model_state.get("latent_stats") if isinstance(model_state, dict) else None
-  if not stats:
-    raise CheckpointError("The autoencoder run has no latent statistics to scale its latents "
-                          "by; set ldm.latent_scale.")
-  return float(1.0 / np.sqrt(float(stats["var"])))

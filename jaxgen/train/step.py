@@ -32,8 +32,9 @@ def make_train_step(loss_fn: LossFn, *, ema_decay: float, schedule: optax.Schedu
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if ema_decay > 0:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                         state.ema_params, params)
+      # e + (1 - d)(p - e): a parameter that does not move (a frozen tower) keeps its EMA
+      # bit-for-bit, which d e + (1 - d) p would round away.
+      ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
     else:
       ema = params
     new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,

@@ -58,3 +58,8 @@ def test_evaluate_agrees_with_an_independent_recomputation(vae):
   assert metrics["neg_elbo"] == pytest.approx(metrics["nll"] + metrics["kl"], rel=1e-5)
   assert 0 < metrics["ssim"] < 1
   assert float(psnr(data / 255.0, recon).mean()) == pytest.approx(ref_psnr, rel=1e-4)
+  # 1 / std of the sampled latents, the noise integrated out: E[z^2] = mean^2 + var.
+  mean, logvar = (np.asarray(a, np.float64) for a in pipe.encode(task.model, params, data))
+  var = (mean ** 2 + np.exp(logvar)).mean() - mean.mean() ** 2
+  assert metrics["latent_scale_heldout"] == pytest.approx(1 / np.sqrt(var), rel=1e-4)
+  assert "latent_scale" not in metrics  # no running statistics in an empty model_state

@@ -1,0 +1,423 @@
+"""Import a Stable Diffusion 1.x/2.x checkpoint in diffusers' folder layout (model_index.json,
+unet/, vae/, text_encoder/, tokenizer/, scheduler/) as a jaxgen latent-diffusion (ldm) run, without
+torch: `jaxgen generate`, `restore_run` and the text-to-image pipelines then read it like a
+trained run.
+
+The run's config is an ordinary ldm-task config that reproduces the checkpoint's architecture
+(jaxgen.tasks.build(config) is checked to build the very modules the weights were converted
+for) and its noise schedule, prediction type and sampling grid. The tokenizer folder is copied
+into WORKDIR/tokenizer, which the config names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxgen import config as config_lib
+from jaxgen.convert.clip_text import load_text_encoder, load_tokenizer
+from jaxgen.convert.diffusers import load_diffusers_component, read_diffusers_config
+from jaxgen.errors import CheckpointError, ConfigError, DataError
+from jaxgen.models.autoencoder import Autoencoder
+from jaxgen.models.text import TextTransformer
+from jaxgen.models.unet import UNet
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16")
+# model_index.json: the components an SD 1.x/2.x pipeline needs, with the classes jaxgen reads,
+# and those it may carry but that play no part in text to image.
+_REQUIRED = {
+    "unet": ("UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "scheduler": None,  # any class: only its noise schedule and timestep grid are read
+}
+_IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
+
+# diffusers scheduler config -> jaxgen diffusion settings
+_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
+                   "squaredcos_cap_v2": "cosine"}
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# diffusers' defaults for keys a scheduler config leaves out (they differ between classes)
+_SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001,
+                           beta_end=0.02, prediction_type="epsilon", steps_offset=0,
+                           clip_sample_range=1.0)
+_LEADING_BY_DEFAULT = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
+_CLIPS_BY_DEFAULT = ("DDIMScheduler", "DDPMScheduler")
+_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
+
+
+# ---------------------------------------------------------------------------------------------
+# folder -> settings
+
+
+def _read_json(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def read_model_index(path) -> dict:
+  """model_index.json, checked to describe a pipeline jaxgen can import (SD 1.x/2.x layout)."""
+  path = pathlib.Path(path)
+  file = path / "model_index.json"
+  if not file.exists():
+    raise CheckpointError(f"{path}: no model_index.json (expected a diffusers pipeline folder "
+                          f"with unet/, vae/, text_encoder/, tokenizer/ and scheduler/)")
+  index = _read_json(file)
+  for name, value in index.items():
+    if name.startswith("_") or name in _REQUIRED or name in _IGNORED:
+      continue
+    if isinstance(value, (list, tuple)) and value and value[0] is not None:
+      raise ConfigError(f"model_index.json: component {name!r} ({value[-1]}) is not supported: "
+                        f"jaxgen imports Stable Diffusion 1.x/2.x pipelines ({', '.join(_REQUIRED)}"
+                        f"); {index.get('_class_name', 'this pipeline')} needs more")
+  for name, classes in _REQUIRED.items():
+    value = index.get(name)
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and value[1]):
+      raise ConfigError(f"model_index.json: no {name!r} component")
+    if classes is not None and value[1] not in classes:
+      raise ConfigError(f"model_index.json: {name}={value[1]!r} is not supported "
+                        f"(supported: {', '.join(classes)})")
+    if not (path / name).is_dir():
+      raise CheckpointError(f"{path}: no {name}/ folder, which model_index.json names")
+  return index
+
+
+def scheduler_settings(config: Mapping[str, Any]) -> dict:
+  """A diffusers scheduler config -> {"diffusion": {...}, "ldm": {...}} keys of an ldm config:
+  the noise schedule, the prediction type, x0 clipping, the timestep grid and a sampler.
+
+  Only the schedule is the model's; jaxgen samples with its own DDIM/DDPM/DPM-Solver++ steps
+  (DDIM for schedulers jaxgen has no counterpart of, e.g. PNDM or Euler)."""
+  cls = config.get("_class_name", "scheduler")
+  c = {**_SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+  if config.get("trained_betas") is not None:
+    raise ConfigError(f"scheduler: trained_betas is not supported (only beta_schedule "
+                      f"{', '.join(_BETA_SCHEDULES)})")
+  for key in ("rescale_betas_zero_snr", "thresholding"):
+    if c.get(key):
+      raise ConfigError(f"scheduler: {key}=True is not supported")
+  if c["beta_schedule"] not in _BETA_SCHEDULES:
+    raise ConfigError(f"scheduler: beta_schedule={c['beta_schedule']!r} is not supported "
+                      f"(supported: {', '.join(_BETA_SCHEDULES)})")
+  if c["prediction_type"] not in _PREDICTIONS:
+    raise ConfigError(f"scheduler: prediction_type={c['prediction_type']!r} is not supported "
+                      f"(supported: {', '.join(_PREDICTIONS)})")
+  spacing = c.get("timestep_spacing") or ("leading" if cls in _LEADING_BY_DEFAULT else "linspace")
+  if spacing not in ("leading", "trailing", "linspace"):
+    raise ConfigError(f"scheduler: timestep_spacing={spacing!r} is not supported "
+                      f"(supported: leading, trailing, linspace)")
+  steps_offset = int(c["steps_offset"])
+  if steps_offset < 0:
+    raise ConfigError(f"scheduler: steps_offset={steps_offset} is not supported (>= 0)")
+  schedule = _BETA_SCHEDULES[c["beta_schedule"]]
+  linear = schedule != "cosine"
+  clip = c.get("clip_sample", cls in _CLIPS_BY_DEFAULT)
+  sampler = _SAMPLERS.get(cls, "ddim")
+  if (cls == "DPMSolverMultistepScheduler" and c.get("algorithm_type", "dpmsolver++") ==
+      "dpmsolver++" and c.get("solver_order", 2) == 2):
+    sampler = "dpmpp_2m"
+  if clip:
+    log.info("scheduler: clip_sample=True: x0 is clipped to +-%s and eps recomputed from it "
+             "(diffusers' use_clipped_model_output=True)", c["clip_sample_range"])
+  if c.get("set_alpha_to_one") is False:
+    log.info("scheduler: set_alpha_to_one=False: jaxgen's last step goes to the clean latents "
+             "(abar = 1) rather than to abar[0]; every earlier step is the same")
+  return {
+      "diffusion": dict(
+          schedule=schedule, num_timesteps=int(c["num_train_timesteps"]),
+          beta_start=float(c["beta_start"]) if linear else 0.0,
+          beta_end=float(c["beta_end"]) if linear else 0.0,
+          prediction=_PREDICTIONS[c["prediction_type"]],
+          clip_x0=float(c["clip_sample_range"]) if clip else 0.0,
+          sampler=sampler, sample_steps=50, guidance_scale=7.5),
+      "ldm": dict(timestep_spacing=spacing, steps_offset=steps_offset),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# converted modules -> config sections
+
+
+def _one(name: str, value):
+  """A per-level value the ldm config holds as one number."""
+  if isinstance(value, (list, tuple)):
+    if len(set(value)) != 1:
+      raise ConfigError(f"{name}={list(value)} differs between levels; the ldm task holds one "
+                        f"value for all levels")
+    return value[0]
+  return value
+
+
+def unet_section(unet: UNet, unet_config: Mapping[str, Any], latent_channels: int,
+                 text_width: int, dtype: str) -> dict:
+  """model.unet of an ldm config for a converted UNet2DConditionModel."""
+  chans = tuple(unet.block_channels)
+  if unet.num_classes:
+    raise ConfigError(f"unet: num_class_embeds={unet.num_classes} is not supported (the ldm "
+                      f"task conditions on text only)")
+  if unet.asymmetric_downsample:
+    raise ConfigError("unet: downsample_padding=0 is not supported by the ldm task")
+  if unet.time_embed_dim not in (None, 4 * chans[0]):
+    raise ConfigError(f"unet: time_embedding_dim={unet.time_embed_dim} is not supported by the "
+                      f"ldm task (4 * block_out_channels[0] = {4 * chans[0]})")
+  for key, default in (("in_channels", 4), ("out_channels", 4)):
+    if unet_config.get(key, default) != latent_channels:
+      raise ConfigError(f"unet: {key}={unet_config.get(key, default)} differs from the VAE's "
+                        f"latent_channels={latent_channels} (inpainting and depth models are "
+                        f"not supported)")
+  if unet.context_dim != text_width:
+    raise ConfigError(f"unet: cross_attention_dim={unet.context_dim} differs from the text "
+                      f"encoder's hidden_size={text_width}")
+  heads = unet.heads_per_level()
+  return dict(
+      block_channels=chans, layers_per_block=int(unet.layers_per_block),
+      attn_levels=tuple(bool(a) for a in unet.attn_levels), mid_attention=bool(unet.mid_attention),
+      num_heads=int(heads[-1]), num_heads_per_level=() if len(set(heads)) == 1 else heads,
+      transformer_depth=int(_one("unet: transformer_layers_per_block", unet.transformer_depth)),
+      use_linear_projection=bool(unet.use_linear_projection), dropout=float(unet.dropout),
+      groups=int(unet.groups), norm_eps=float(unet.norm_eps),
+      flip_sin_to_cos=bool(unet.flip_sin_to_cos), freq_shift=float(unet.freq_shift),
+      dtype=dtype, remat=False)
+
+
+def vae_section(vae: Autoencoder, vae_config: Mapping[str, Any]) -> dict:
+  """model.vae of an ldm config (vae-task keys) for a converted AutoencoderKL."""
+  for key in ("in_channels", "out_channels"):
+    if getattr(vae, key) != 3:
+      raise ConfigError(f"vae: {key}={getattr(vae, key)} is not supported (RGB images: 3)")
+  if vae_config.get("shift_factor"):
+    raise ConfigError(f"vae: shift_factor={vae_config['shift_factor']} is not supported (the "
+                      f"ldm task only scales its latents)")
+  for key in ("latents_mean", "latents_std"):
+    if vae_config.get(key) is not None:
+      raise ConfigError(f"vae: {key} is not supported (the ldm task only scales its latents)")
+  return dict(kind="vae", latent_dim=0, ch=int(vae.ch), ch_mult=tuple(vae.ch_mult),
+              num_res_blocks=int(vae.num_res_blocks), z_channels=int(vae.z_channels),
+              groups=int(vae.groups), mid_attention=bool(vae.mid_attention),
+              quant_conv=bool(vae.quant_conv))
+
+
+def text_section(text: TextTransformer, text_config: Mapping[str, Any], tokenizer,
+                 tokenizer_path: str) -> dict:
+  """model.text of an ldm config for a converted CLIP text encoder and its tokenizer."""
+  if text.eps != 1e-5:
+    raise ConfigError(f"text_encoder: layer_norm_eps={text.eps} is not supported by the ldm "
+                      f"task (1e-05)")
+  if tokenizer.vocab_size != text.vocab_size:
+    raise ConfigError(f"tokenizer: {tokenizer.vocab_size} tokens, but the text encoder's "
+                      f"vocab_size is {text.vocab_size}")
+  if tokenizer.context_length != text.max_positions:
+    raise ConfigError(f"tokenizer: model_max_length={tokenizer.context_length} differs from the "
+                      f"text encoder's max_position_embeddings={text.max_positions}")
+  ratio = text.mlp_dim / text.hidden_size
+  if int(ratio * text.hidden_size) != text.mlp_dim:
+    raise ConfigError(f"text_encoder: intermediate_size={text.mlp_dim} is not a multiple the "
+                      f"ldm task can express of hidden_size={text.hidden_size}")
+  return dict(tokenizer="bpe", tokenizer_path=tokenizer_path,
+              context_length=int(text.max_positions), width=int(text.hidden_size),
+              layers=int(text.num_layers), heads=int(text.num_heads), mlp_ratio=float(ratio),
+              activation=text.activation, init="", freeze=True, layer=0,
+              attention_mask=bool(text_config.get("use_attention_mask", False)))
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer folder
+
+
+def copy_tokenizer(src, dst) -> pathlib.Path:
+  """Copies a CLIP tokenizer folder; one saved by transformers 5 (tokenizer.json only) also gets
+  the vocab.json and merges.txt that jaxgen's BPE tokenizer reads, taken from tokenizer.json."""
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  shutil.copytree(src, dst)
+  if (dst / "vocab.json").exists() and (dst / "merges.txt").exists():
+    return dst
+  if not (dst / "tokenizer.json").exists():
+    raise DataError(f"{src}: neither vocab.json + merges.txt nor tokenizer.json")
+  model = json.loads((dst / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+  if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+    raise DataError(f"{src}/tokenizer.json does not hold CLIP's BPE model")
+  merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
+  (dst / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False),
+                                  encoding="utf-8")
+  (dst / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                  encoding="utf-8")
+  return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# checks: the task builds the modules the weights were converted for
+
+
+def _norm(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_norm(v) for v in value)
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, (np.dtype, type)) and value is not bool:
+    try:
+      return np.dtype(value).name
+    except TypeError:
+      return value
+  return value
+
+
+def _fields(module, drop=()) -> dict:
+  out = {f.name: _norm(getattr(module, f.name)) for f in dataclasses.fields(module)
+         if f.name not in ("parent", "name", *drop)}
+  if isinstance(module, UNet):  # per-level values compared level by level
+    out["num_heads"] = tuple(module.heads_per_level())
+    depth = module.transformer_depth
+    out["transformer_depth"] = (tuple(depth) if isinstance(depth, (list, tuple))
+                                else (depth,) * module.levels)
+  return out
+
+
+def check_same_module(what: str, built, converted, drop=()) -> None:
+  """ConfigError naming the fields in which the task's module differs from the converted one."""
+  a, b = _fields(built, drop), _fields(converted, drop)
+  diff = [f"{k}: config builds {a[k]!r}, checkpoint has {b[k]!r}" for k in a if a[k] != b[k]]
+  if diff:
+    raise ConfigError(f"the ldm config does not reproduce the checkpoint's {what}: "
+                      + "; ".join(diff))
+
+
+def check_same_shapes(what: str, expected, actual) -> None:
+  """CheckpointError naming parameters whose presence or shape differ between two pytrees."""
+  e = {"/".join(map(str, k)): tuple(v.shape) for k, v in traverse_util.flatten_dict(expected)
+       .items()}
+  a = {"/".join(map(str, k)): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(actual)
+       .items()}
+  problems = sorted(set(e) ^ set(a)) + sorted(f"{k} {a[k]} (wants {e[k]})"
+                                             for k in set(e) & set(a) if e[k] != a[k])
+  if problems:
+    raise CheckpointError(f"{what}: the converted parameters do not fit the ldm task's model: "
+                          + ", ".join(problems[:12]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the import
+
+
+def ldm_config(unet: UNet, unet_config, vae: Autoencoder, vae_config, text: TextTransformer,
+               text_config, tokenizer, tokenizer_path: str, schedule: dict, *,
+               dtype: str = "float32"):
+  """The ldm-task config (validated) for converted modules, their diffusers/transformers
+  configs, the tokenizer at tokenizer_path and scheduler_settings(...) of the scheduler."""
+  v = vae_section(vae, vae_config)
+  size = unet_config.get("sample_size", 64)
+  size = size[0] if isinstance(size, (list, tuple)) else size
+  sections = {
+      # A placeholder that is never read: generating needs prompts, not data (see the ldm task).
+      "data": dict(source="embedded", name="shapes", channels=3,
+                   image_size=int(size) * 2 ** (len(v["ch_mult"]) - 1)),
+      "model": dict(unet=unet_section(unet, unet_config, v["z_channels"], text.hidden_size,
+                                      dtype),
+                    vae=v, text=text_section(text, text_config, tokenizer, tokenizer_path)),
+      "diffusion": schedule["diffusion"],
+      "ldm": dict(schedule["ldm"], autoencoder="", vae_output="signed", cache_latents=False,
+                  latent_scale=float(vae_config.get("scaling_factor") or 0.18215)),
+  }
+  config = config_lib.base_config("ldm")
+  for section, values in sections.items():
+    config_lib.set_value(config, section, values)
+  config_lib.validate(config)
+  return config
+
+
+def check_task_modules(task, unet: UNet, text: TextTransformer, vae: Autoencoder) -> None:
+  """ConfigError unless the ldm task built the modules the weights were converted for."""
+  check_same_module("U-Net", task.unet, unet, drop=("head_dim", "null_label", "remat"))
+  # Pooling and the end-token id only shape the pooled output, which the U-Net never sees.
+  check_same_module("text encoder", task.text, text, drop=("pooling", "eos_token_id"))
+  # image_size is nominal: the autoencoder is fully convolutional.
+  check_same_module("VAE", task.vae, vae, drop=("image_size",))
+
+
+def import_stable_diffusion(path, workdir, *, dtype: str = "float32",
+                            variant: str | None = None) -> pathlib.Path:
+  """Converts the diffusers Stable Diffusion folder `path` into the ldm run `workdir` (which
+  must not exist or be empty) and returns workdir.
+
+  dtype: the U-Net's compute dtype in the run's config (model.unet.dtype); parameters are
+  stored in float32 whatever the files hold. variant: read e.g. diffusion_pytorch_model.fp16
+  .safetensors / model.fp16.safetensors. Unsupported settings raise ConfigError naming the key.
+  """
+  from jaxgen import tasks
+  from jaxgen.train.loop import save_weights
+
+  if dtype not in DTYPES:
+    raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+  path, workdir = pathlib.Path(path), pathlib.Path(workdir)
+  if not path.is_dir():
+    raise CheckpointError(f"{path}: not a folder (expected a diffusers Stable Diffusion folder)")
+  if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+    raise CheckpointError(f"{workdir} exists and is not empty; nothing was overwritten. Choose a "
+                          f"new --workdir.")
+
+  # Every config first: unsupported settings fail before any weight is read.
+  read_model_index(path)
+  unet_config = read_diffusers_config(path / "unet")
+  vae_config = read_diffusers_config(path / "vae")
+  if not (path / "text_encoder" / "config.json").exists():
+    raise CheckpointError(f"{path / 'text_encoder'}: no config.json")
+  text_config = _read_json(path / "text_encoder" / "config.json")
+  sched_file = path / "scheduler" / "scheduler_config.json"
+  if not sched_file.exists():
+    raise CheckpointError(f"{path / 'scheduler'}: no scheduler_config.json")
+  schedule = scheduler_settings(_read_json(sched_file))
+
+  t0 = time.perf_counter()
+  unet, unet_vars = load_diffusers_component(path / "unet", variant=variant,
+                                             dtype=jnp.dtype(dtype))
+  vae, vae_vars = load_diffusers_component(path / "vae", variant=variant)
+  text, text_vars = load_text_encoder(path / "text_encoder", variant=variant)
+  log.info("Converted unet, vae and text_encoder of %s in %.1f s.", path,
+           time.perf_counter() - t0)
+  if text.projection_dim is not None:  # pooled embeddings play no part in text to image
+    text = text.clone(projection_dim=None)
+    text_vars = {"params": {k: v for k, v in text_vars["params"].items()
+                            if k != "text_projection"}}
+
+  created = not workdir.exists()
+  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    tok_dir = copy_tokenizer(path / "tokenizer", workdir / "tokenizer").resolve()
+    config = ldm_config(unet, unet_config, vae, vae_config, text, text_config,
+                        load_tokenizer(tok_dir), str(tok_dir), schedule, dtype=dtype)
+    task = tasks.build(config)
+    check_task_modules(task, unet, text, vae)
+    params = {"unet": unet_vars, "text": text_vars}
+    model_state = {"vae": {"params": vae_vars["params"]},
+                   "latent": {"scale": np.float32(config.ldm.latent_scale)}}
+    want_params, want_state = jax.eval_shape(lambda k: task.init(k, task.example_batch()),
+                                             jax.random.PRNGKey(0))
+    check_same_shapes("params", want_params, params)
+    check_same_shapes("model_state", want_state, model_state)
+    save_weights(workdir, config, params, model_state)
+  except BaseException:
+    # The workdir was empty: leave it as it was.
+    if created:
+      shutil.rmtree(workdir, ignore_errors=True)
+    else:
+      for child in workdir.iterdir():
+        if child.is_dir():
+          shutil.rmtree(child)
+        else:
+          child.unlink()
+    raise
+  log.info("Imported %s as an ldm run in %s (%.1f s).", path, workdir, time.perf_counter() - t0)
+  return workdir

@@ -1,0 +1,139 @@
+"""Latent text-to-image diffusion through the real loop, the jitted pipeline and the CLI, on
+smoke-sized autoencoder, dual encoder and U-Net."""
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import config, params_of
+from jaxgen.cli import main
+from jaxgen.errors import ConfigError, TokenError
+from jaxgen.models.autoencoder import Autoencoder
+from jaxgen.pipelines import text_to_image as t2i
+from jaxgen.train import restore_run, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+  """A smoke autoencoder and a smoke dual encoder on the captioned shapes."""
+  root = tmp_path_factory.mktemp("stages")
+  train(config("ldm_autoencoder"), root / "ae", progress=False)
+  train(config("clip"), root / "clip", progress=False)
+  return root
+
+
+@pytest.fixture(scope="module")
+def ldm_run(stages):
+  # The run must not need the autoencoder after its start: train from a copy, then delete it.
+  shutil.copytree(stages / "ae", stages / "ae_copy")
+  wd = stages / "ldm"
+  train(config("ldm", arg=f"smoke,ae={stages / 'ae_copy'},clip={stages / 'clip'}"), wd,
+        progress=False)
+  shutil.rmtree(stages / "ae_copy")
+  return wd
+
+
+def test_trained_run_is_self_contained_and_keeps_the_text_tower_frozen(ldm_run, stages):
+  run = restore_run(ldm_run)
+  assert (ldm_run / "samples" / "text_to_image_step0000004.png").exists()
+  clip = restore_run(stages / "clip")
+  text = params_of(run.params["text"]["params"])
+  source = params_of(clip.params["params"]["text_encoder"])
+  for name, leaf in jax.tree_util.tree_flatten_with_path(text)[0]:
+    ref = source
+    for k in name:
+      ref = ref[k.key]
+    np.testing.assert_array_equal(leaf, ref)
+  ae = restore_run(stages / "ae")
+  assert float(run.model_state["latent"]["scale"]) == pytest.approx(
+      float(jax.lax.rsqrt(ae.model_state["latent_stats"]["var"])), rel=1e-6)
+
+
+def test_text_to_image_without_recompiling(ldm_run):
+  run = restore_run(ldm_run)
+  model, params, state = run.task.model, run.params, run.model_state
+  kw = dict(steps=3, guidance_scale=4.0)
+  a = t2i.text_to_image(model, params, state, ["a large red circle"], jax.random.PRNGKey(0), **kw)
+  size = t2i.text_to_image.jitted._cache_size()
+  b = t2i.text_to_image(model, params, state, ["a small blue square"], jax.random.PRNGKey(1),
+                        steps=3, guidance_scale=7.5, negative_prompt="a large red circle")
+  assert t2i.text_to_image.jitted._cache_size() == size
+  assert a.shape == b.shape == (1, 32, 32, 3)
+  assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 and not np.allclose(a, b)
+  with pytest.raises(TokenError, match="context length is 16"):
+    t2i.text_to_image(model, params, state, ["a small red circle above " * 5],
+                      jax.random.PRNGKey(0), **kw)
+  with pytest.raises(ConfigError, match="2 negative prompts for 1 prompts"):
+    t2i.text_to_image(model, params, state, ["a circle"], jax.random.PRNGKey(0),
+                      negative_prompt=["", ""], **kw)
+
+
+def test_vmap_over_seeds_equals_separate_calls(ldm_run):
+  run = restore_run(ldm_run)
+  model, params, state = run.task.model, run.params, run.model_state
+  ids, mask, nids, nmask = t2i._tokens(model, ["a small green diamond"], None, 1)
+  f = lambda key: t2i._generate(model, params, state, ids, mask, nids, nmask, key, 3.0, 0.0,
+                                sampler="ddim", num_steps=2, spacing="trailing",
+                                decode_batch=None, tile=None)
+  keys = jax.random.split(jax.random.PRNGKey(5), 3)
+  both = jax.vmap(f)(keys)
+  for i in range(3):
+    np.testing.assert_allclose(both[i], f(keys[i]), atol=1e-5)
+
+
+def test_img2img_and_inpainting_in_latent_space(ldm_run):
+  run = restore_run(ldm_run)
+  model, params, state = run.task.model, run.params, run.model_state
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  out = t2i.image_to_image(model, params, state, ["a red circle", "a blue square"], images,
+                           jax.random.PRNGKey(0), strength=0.5, steps=4)
+  assert out.shape == (2, 32, 32, 3)
+  mask = np.zeros((2, 32, 32, 1), np.float32)
+  mask[:, :16] = 1.0
+  filled = t2i.inpaint(model, params, state, ["a red circle", "a blue square"], images, mask,
+                       jax.random.PRNGKey(1), steps=3)
+  np.testing.assert_allclose(np.asarray(filled)[:, :16], images[:, :16] / 255.0, atol=1e-6)
+
+
+def test_batched_and_tiled_decoding():
+  vae = Autoencoder(in_channels=3, out_channels=3, image_size=32, ch=8, ch_mult=(1, 2),
+                    z_channels=4, groups=4, mid_attention=False)
+  variables = vae.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  model = t2i.LatentDiffusionModel(None, None, vae, (32, 32, 3))
+  state = {"vae": variables, "latent": {"scale": jnp.float32(0.5)}}
+  z = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 4))
+  full = model.decode_latents(state, z)
+  np.testing.assert_allclose(model.decode_latents(state, z, batch_size=2), full, atol=1e-6)
+  np.testing.assert_array_equal(model.decode_latents(state, z, tile=16), full)
+  # Each tile is decoded without its neighbours' context, so its borders differ; blending over
+  # a larger overlap brings the result closer to whole-image decoding (the reference).
+  err = lambda tile, overlap: float(jnp.mean(jnp.abs(
+      model.decode_latents(state, z, tile=tile, overlap=overlap) - full)))
+  hard, blended = err(10, 0), err(12, 6)
+  assert blended < 0.75 * hard and blended < 0.03
+
+
+def test_generate_and_eval_from_the_command_line(ldm_run, stages, capsys, tmp_path):
+  main(["generate", "--workdir", str(ldm_run), "--prompt", "a large yellow circle",
+        "--prompt", "a small cyan square", "--num", "2", "--steps", "2",
+        "--out", str(tmp_path / "t2i.png")])
+  assert capsys.readouterr().out.split() == [str(tmp_path / "t2i.png")]
+  main(["eval", "--workdir", str(ldm_run), "--num", "10", "--steps", "2"])
+  m = json.loads(capsys.readouterr().out)
+  for part in ("generated", "real", "unconditional"):
+    assert {"clip_score", "shape_accuracy", "colour_accuracy"} <= set(m[part])
+  with pytest.raises(SystemExit):
+    main(["generate", "--workdir", str(stages / "clip"), "--prompt", "x"])
+  assert "needs a latent diffusion (ldm) workdir" in capsys.readouterr().err
+
+
+def test_an_autoencoder_of_another_architecture_is_refused(stages, tmp_path):
+  c = config("ldm", arg=f"smoke,ae={stages / 'ae'},clip={stages / 'clip'}")
+  c.model.vae.z_channels = 3
+  with pytest.raises(ConfigError, match="z_channels"):
+    train(c, tmp_path / "bad", progress=False)
