@@ -53,6 +53,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       end_lr_factor=0.01,         # cosine decays to lr * end_lr_factor
       grad_clip=1.0,              # global-norm clip; 0 turns it off
       ema_decay=0.999,            # 0 keeps ema_params equal to params
+      grad_accum_steps=1,         # > 1: gradients averaged over micro-batches of the batch
   )
   c.train = dict(
       num_steps=5000,
@@ -61,6 +62,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       ckpt_every=1000,
       keep_checkpoints=3,
       num_samples=64,             # pictures per grid
+      fsdp=False,                 # shard params, EMA and optimizer state over devices (FSDP)
   )
   task_sections = tasks.get(task).default_config()
   for name, section in task_sections.items():
@@ -221,6 +223,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"optim.schedule must be cosine or constant; got {o.schedule!r}.")
   if not 0.0 <= o.ema_decay < 1.0:
     raise ConfigError(f"optim.ema_decay must be in [0, 1); got {o.ema_decay}.")
+  if o.grad_accum_steps < 1 or d.batch_size % o.grad_accum_steps:
+    raise ConfigError(f"optim.grad_accum_steps={o.grad_accum_steps} must be >= 1 and divide "
+                      f"data.batch_size={d.batch_size}.")
   if o.lr <= 0:
     raise ConfigError(f"optim.lr must be positive; got {o.lr}.")
   tasks.get(config.task).validate(config)

@@ -147,9 +147,80 @@ for i in range(6):
 ]
 
 
+TEXT_TO_IMAGE = [
+    new_markdown_cell(
+        "# Text to image with latent diffusion\n\n"
+        "Loads `runs/ldm` (see the README: autoencoder, dual encoder, then the latent U-Net), "
+        "or trains the three smoke configs if there is none (then the pictures are noise). "
+        "Generates from prompts in one jitted call, sweeps the guidance scale, and edits an "
+        "image (img2img). The last section shows how to run Stable Diffusion weights from a "
+        "local folder; it is skipped unless `SD_PATH` points to one. Set `JAXGEN_WORKDIR` to "
+        "use another run."),
+    new_code_cell(SETUP),
+    new_code_cell('''\
+import jax.numpy as jnp
+from jaxgen.pipelines import text_to_image as t2i
+WORKDIR = pathlib.Path(os.environ.get("JAXGEN_WORKDIR", REPO / "runs" / "ldm"))
+if not (WORKDIR / "checkpoints").exists():
+    stages = WORKDIR.parent
+    for name in ("ldm_autoencoder", "clip"):
+        if not (stages / name / "checkpoints").exists():
+            train.train(config.load_config(f"{REPO}/configs/{name}.py:smoke"), stages / name,
+                        progress=False)
+    spec = f"{REPO}/configs/ldm.py:smoke,ae={stages / 'ldm_autoencoder'},clip={stages / 'clip'}"
+    train.train(config.load_config(spec), WORKDIR, progress=False)
+run = train.restore_run(WORKDIR)
+model, params, state = run.task.model, run.params, run.model_state
+print(f"step {run.step}; images {model.image_shape}; latents {model.latent_shape}")'''),
+    new_markdown_cell("Four seeds for each prompt (one row per prompt):"),
+    new_code_cell('''\
+prompts = ["a large red circle", "a small blue square left of a large yellow triangle",
+           "a large green diamond above a small magenta circle"]
+x = t2i.text_to_image(model, params, state, prompts, jax.random.PRNGKey(0), steps=50,
+                      guidance_scale=4.0, num_per_prompt=4)
+show(images.grid(x, ncols=4, scale=3))'''),
+    new_markdown_cell("Guidance sweep for one prompt and seed (scales 1, 2, 4, 8): the prompt "
+                      "tokens, the seed and the scale are traced, so these calls reuse one "
+                      "compiled program:"),
+    new_code_cell('''\
+sweep = [t2i.text_to_image(model, params, state, ["a large cyan square"], jax.random.PRNGKey(1),
+                           steps=50, guidance_scale=g)[0] for g in (1.0, 2.0, 4.0, 8.0)]
+show(images.grid(np.stack(sweep), ncols=4, scale=3))'''),
+    new_markdown_cell("img2img: held-out pictures (top) re-drawn towards a new prompt at "
+                      "strength 0.6 (bottom):"),
+    new_code_cell('''\
+from jaxgen.data import load_all, load_source
+src = load_all(load_source(run.config.data, "test"), limit=4)["image"]
+edited = t2i.image_to_image(model, params, state, ["a large yellow circle"] * 4, src,
+                            jax.random.PRNGKey(2), strength=0.6, steps=50)
+show(images.rows(src / 255, edited, scale=3))'''),
+    new_markdown_cell(
+        "## Stable Diffusion weights from a local folder\n\n"
+        "With a diffusers-layout checkpoint on disk (e.g. downloaded once with "
+        "`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --exclude "
+        "\"*.bin\" \"*.ckpt\" --local-dir sd15`), `jaxgen import` writes a jaxgen run and the "
+        "same functions generate from it. Not run in CI: no weights can be fetched there."),
+    new_code_cell('''\
+SD_PATH = os.environ.get("SD_PATH")  # e.g. "sd15"
+if SD_PATH and pathlib.Path(SD_PATH).exists():
+    from jaxgen.convert.stable_diffusion import import_stable_diffusion
+    sd_dir = pathlib.Path("runs/sd15")
+    if not (sd_dir / "checkpoints").exists():
+        import_stable_diffusion(SD_PATH, sd_dir)
+    sd = train.restore_run(sd_dir)
+    x = t2i.text_to_image(sd.task.model, sd.params, sd.model_state,
+                          ["a watercolour painting of a fox in the snow"], jax.random.PRNGKey(0),
+                          steps=30, guidance_scale=7.5, decode_batch=1)
+    show(x[0])
+else:
+    print("SD_PATH not set: skipping the Stable Diffusion section.")'''),
+]
+
+
 def main():
   NOTEBOOKS.mkdir(exist_ok=True)
-  for name, cells in {"vae": VAE, "ddpm": DDPM, "clip": CLIP}.items():
+  for name, cells in {"vae": VAE, "ddpm": DDPM, "clip": CLIP,
+                      "text_to_image": TEXT_TO_IMAGE}.items():
     nb = new_notebook(cells=cells, metadata={"kernelspec": {
         "name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(nb, NOTEBOOKS / f"{name}.ipynb")

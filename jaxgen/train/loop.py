@@ -24,7 +24,7 @@ from jaxgen import images, tasks
 from jaxgen.data import BatchLoader, batch_sharding, load_source
 from jaxgen.errors import CheckpointError, NonFiniteLossError
 from jaxgen.train.checkpoint import Checkpointer, config_differences
-from jaxgen.train.mesh import make_mesh, replicated
+from jaxgen.train.mesh import make_mesh, state_shardings
 from jaxgen.train.metrics_writer import MetricWriter
 from jaxgen.train.optim import make_optimizer
 from jaxgen.train.state import TrainState
@@ -45,11 +45,11 @@ def _state_factory(task, config, example: dict):
   return init, schedule
 
 
-def _abstract_state(init, mesh):
+def _abstract_state(init, mesh, fsdp: bool = False):
   shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-  sharding = replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                      shapes)
+  shardings = state_shardings(shapes, mesh, fsdp)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
 
 
 def _check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, has_ckpt: bool):
@@ -101,7 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   loader = BatchLoader(load_source(c.data, c.data.train_split), c.data.batch_size, c.seed,
                        c.data.shuffle, preprocess=task.preprocess)
   init, schedule = _state_factory(task, config, loader.get(0))
-  abstract = _abstract_state(init, mesh)
+  abstract = _abstract_state(init, mesh, t.fsdp)
   state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config_lib.to_json(config))
@@ -131,7 +131,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     task.prepare(state)
   train_step = make_train_step(task.loss_fn, ema_decay=c.optim.ema_decay, schedule=schedule,
                                state_sharding=state_sharding,
-                               batch_sharding=batch_sharding(mesh))
+                               batch_sharding=batch_sharding(mesh),
+                               accum_steps=c.optim.grad_accum_steps)
   end = t.num_steps if until_step is None else min(until_step, t.num_steps)
   writer = MetricWriter(workdir)
   pending = _Pending()
@@ -240,7 +241,7 @@ def restore_run(workdir: str | pathlib.Path, step: int | None = None, mesh=None)
     task = tasks.build(config)
     mesh = mesh or make_mesh()
     init, _ = _state_factory(task, config, task.example_batch())
-    abstract = _abstract_state(init, mesh)
+    abstract = _abstract_state(init, mesh, config.train.fsdp)
     if ckpt.has_weights_only(step):
       weights, _ = ckpt.restore(step, {"params": abstract.params,
                                        "model_state": abstract.model_state},

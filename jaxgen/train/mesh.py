@@ -20,3 +20,34 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int, min_size: int = 2 ** 14) -> P:
+  """FSDP (ZeRO-3) placement of one array: its largest axis divisible by the n devices of the
+  'data' axis is split over them; small arrays (biases, norms) stay replicated."""
+  size = 1
+  for d in shape:
+    size *= d
+  if n == 1 or size < min_size:
+    return P()
+  axes = sorted(range(len(shape)), key=lambda i: -shape[i])
+  for i in axes:
+    if shape[i] % n == 0:
+      return P(*([None] * i + ["data"]))
+  return P()
+
+
+def state_shardings(abstract_state, mesh: Mesh, fsdp: bool = False):
+  """Shardings of a TrainState: replicated (data parallel), or with parameters, their EMA and
+  the optimizer state split over the 'data' axis (FSDP). XLA gathers a layer's parameters
+  where they are used and reduce-scatters their gradients; the program is otherwise the same."""
+  rep = replicated(mesh)
+  if not fsdp:
+    return jax.tree.map(lambda _: rep, abstract_state)
+  n = mesh.shape["data"]
+  split = lambda s: NamedSharding(mesh, fsdp_spec(tuple(s.shape), n))
+  return abstract_state.replace(
+      step=rep, rng=rep, model_state=jax.tree.map(lambda _: rep, abstract_state.model_state),
+      params=jax.tree.map(split, abstract_state.params),
+      ema_params=jax.tree.map(split, abstract_state.ema_params),
+      opt_state=jax.tree.map(split, abstract_state.opt_state))

@@ -16,18 +16,56 @@ from jaxgen.train.state import TrainState
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, tuple[dict, Any]]]
 
 
+def _micro_batches(batch: dict, k: int) -> dict:
+  """[B, ...] -> [k, B/k, ...] with micro-batch i = examples i, i + k, ...: a batch split over
+  the devices stays split over them in every micro-batch."""
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} does not split into {k} micro-batches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulated_grads(loss_fn: LossFn, params, model_state, batch, key, k: int):
+  """Mean loss, metrics and gradients over k micro-batches, scanned so that only one
+  micro-batch's activations live at a time (gradient accumulation). k = 1 is a plain
+  value_and_grad. Equals the whole-batch gradient for losses that are means over examples."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    return grad_fn(params, model_state, batch, key)
+  micro = _micro_batches(batch, k)
+
+  def body(carry, xs):
+    model_state, g_sum, l_sum, m_sum = carry
+    mb, i = xs
+    (loss, (metrics, model_state)), g = grad_fn(params, model_state, mb, jax.random.fold_in(key, i))
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    return (model_state, add(g_sum, g), l_sum + loss, add(m_sum, metrics)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  _, (metrics_shape, _) = jax.eval_shape(loss_fn, params, model_state, first, key)
+  zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+  init = (model_state, jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+          zeros(metrics_shape))
+  (model_state, g_sum, l_sum, m_sum), _ = jax.lax.scan(body, init, (micro, jnp.arange(k)))
+  mean = lambda t: jax.tree.map(lambda x: x / k, t)
+  return (l_sum / k, (mean(m_sum), model_state)), mean(g_sum)
+
+
 def make_train_step(loss_fn: LossFn, *, ema_decay: float, schedule: optax.Schedule | None = None,
-                    state_sharding=None, batch_sharding: NamedSharding | None = None):
+                    state_sharding=None, batch_sharding: NamedSharding | None = None,
+                    accum_steps: int = 1):
   """A jitted `train_step(state, batch) -> (state, metrics)` with the state donated.
 
   A step whose loss or gradients are not finite leaves the state unchanged and reports
   `finite=False`; the loop stops on it. So a NaN never reaches parameters or checkpoints.
+  `accum_steps` > 1 accumulates gradients over that many micro-batches of the batch.
   """
 
   def train_step(state: TrainState, batch: dict):
     key = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, key)
+    (loss, (metrics, model_state)), grads = accumulated_grads(
+        loss_fn, state.params, state.model_state, batch, key, accum_steps)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

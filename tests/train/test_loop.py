@@ -110,3 +110,19 @@ def test_tfds_data_through_the_real_loop(tmp_path):
   with tfds.testing.mock_data(num_examples=16):
     state = train(c, tmp_path / "run", progress=False)
   assert int(state.step) == 2
+
+
+def test_the_loop_compiles_its_train_step_once(tmp_path, monkeypatch):
+  """Logging, pictures and checkpoints between steps must not retrace the step."""
+  from jaxgen.train import loop
+  made = []
+  real = loop.make_train_step
+
+  def spy(*args, **kwargs):
+    made.append(real(*args, **kwargs))
+    return made[-1]
+
+  monkeypatch.setattr(loop, "make_train_step", spy)
+  train(config("vae", "train.num_steps=6", "train.log_every=1", "train.ckpt_every=2",
+               "train.sample_every=3"), tmp_path / "run", progress=False)
+  assert len(made) == 1 and made[0]._cache_size() == 1

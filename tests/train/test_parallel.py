@@ -108,3 +108,42 @@ def test_two_processes_train_like_one(tmp_path):
     np.testing.assert_allclose(parts[0][f"arr_{i}"], leaf, rtol=1e-5, atol=1e-6)
   from jaxgen.train import restore_run
   assert restore_run(wd).step == 4
+
+
+def test_fsdp_and_gradient_accumulation_match_plain_data_parallel(tmp_path):
+  """On 8 devices: parameters and optimizer state sharded over the devices (FSDP), and
+  gradients accumulated over 2 micro-batches, give the losses and parameters of plain data
+  parallelism on one device (the deterministic autoencoder: no sampling noise per example)."""
+  code = textwrap.dedent(f"""
+      import os, json
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      import sys; sys.path.insert(0, "tests")
+      import jax, numpy as np
+      from jaxgen import runtime
+      runtime.enable_compilation_cache()
+      from helpers import config, params_of
+      from jaxgen.train import make_mesh, train
+      base = ["train.num_steps=4", "train.sample_every=0", "train.log_every=1",
+              "data.batch_size=16", "model.ch=16", "model.groups=8"]
+      runs = {{"one": (base, make_mesh(jax.devices()[:1])),
+               "fsdp": (base + ["train.fsdp=true"], make_mesh()),
+               "accum": (base + ["optim.grad_accum_steps=2"], make_mesh())}}
+      out = {{}}
+      for name, (over, mesh) in runs.items():
+        s = train(config("ae", *over), f"{tmp_path}/{{name}}", progress=False, mesh=mesh)
+        losses = [json.loads(l)["loss"] for l in open(f"{tmp_path}/{{name}}/metrics.jsonl")]
+        out[name] = (params_of(s.params), losses, s)
+      sharded = [x for x in jax.tree.leaves(out["fsdp"][2].params)
+                 if x.sharding.spec != jax.sharding.PartitionSpec()]
+      assert sharded, "FSDP sharded nothing"
+      big = max(sharded, key=lambda x: x.size)
+      assert big.addressable_shards[0].data.size * 8 == big.size, big.sharding
+      for name in ("fsdp", "accum"):
+        np.testing.assert_allclose(out[name][1], out["one"][1], rtol=2e-5)
+        for x, y in zip(jax.tree.leaves(out[name][0]), jax.tree.leaves(out["one"][0])):
+          np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5)
+        print(name, "losses", out[name][1])
+      print("OK")
+  """)
+  r = run_python(code)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
