@@ -43,3 +43,30 @@ def write(name: str, rows: list[dict], columns: list[str], meta: dict) -> tuple[
   header = ", ".join(f"{k}={v}" for k, v in data["meta"].items())
   (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
   return str(RESULTS / f"{name}.json"), table
+
+
+def median_time(fn, *args, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0) -> dict:
+  """Median wall seconds of `repeats` calls after `warmup` calls (results blocked on).
+
+  `fn` may carry state between calls (e.g. a donated train state): it is called as fn(*args)
+  and what it returns is blocked on, nothing else. With min_seconds, repeats grow until their
+  sum reaches it, so that fast functions get enough samples on a noisy machine.
+  """
+  import statistics
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  while len(times) < repeats or sum(times) < min_seconds:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+    if len(times) >= 50 * max(repeats, 1):
+      break
+  return dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+              repeats=len(times))
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far (Linux reports KiB)."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,107 @@
+"""The rows of the performance suite: which config, which batch, which sampler settings, and the
+PyTorch (diffusers) counterpart of each U-Net. Shared by bench_jax.py, bench_torch.py and run.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str
+  what: str
+  config: str                          # configs/FILE.py[:ARG], relative to the repository
+  overrides: tuple[str, ...] = ()      # --config.KEY=VALUE overrides (without the prefix)
+  batch: int = 64                      # training images per step
+  quick_batch: int | None = None       # --quick: a smaller batch (None: the same)
+  sample_batch: int = 0                # images per sampler call; 0: no sampler columns
+  sample_steps: tuple[int, ...] = ()
+  quick_sample_steps: tuple[int, ...] | None = None
+  repeats: int = 5                     # timed train steps (median)
+  quick_repeats: int = 3
+  torch: str = ""                      # "unet2d" | "unet2d_condition" | "" (no PyTorch row)
+  quick: bool = True                   # part of --quick
+  devices: int = 1                     # simulated CPU devices (XLA_FLAGS) on the CPU backend
+  group: str = "speed"                 # "speed": the main table; "memory": the variants table
+
+  def config_spec(self) -> str:
+    path, _, arg = self.config.partition(":")
+    return str(ROOT / path) + (f":{arg}" if arg else "")
+
+  def train_batch(self, quick: bool) -> int:
+    return self.quick_batch if quick and self.quick_batch else self.batch
+
+  def steps(self, quick: bool) -> tuple[int, ...]:
+    if quick and self.quick_sample_steps is not None:
+      return self.quick_sample_steps
+    return self.sample_steps
+
+
+# Stable-Diffusion-like U-Net for this CPU: SD 1.x's layout (4 levels, 2 ResBlocks each,
+# Transformer2D with cross-attention on the first three, 8 heads, 1x1-conv projections, context
+# of 77 tokens of width 768) at 2/5 of SD's widths, (128, 256, 512, 512) instead of
+# (320, 640, 1280, 1280), on 32x32x4 latents (256x256 images in SD's VAE). SD itself (860M
+# parameters, 14 GB of float32 AdamW state) does not fit a 2-core, 23 GB machine shared with other
+# work; this one (~146M parameters) trains at about 1 image/s.
+SD_LIKE = (
+    "model.unet.block_channels=128,256,512,512", "model.unet.layers_per_block=2",
+    "model.unet.attn_levels=True,True,True,False", "model.unet.num_heads=8",
+    "model.unet.groups=32", "model.unet.use_linear_projection=False",
+    # latents 32x32: the shapes autoencoder (factor 4) on 128x128 images
+    "data.image_size=128",
+    # the text tower gives the 77 x 768 context; one layer: SD's is frozen and cheap next to
+    # the U-Net, and jaxgen's loss runs it every step
+    "model.text.width=768", "model.text.heads=12", "model.text.layers=1",
+    "model.text.context_length=77",
+)
+
+# Stable Diffusion's AutoencoderKL (sd-vae: 4 levels 128-256-512-512, 2 ResBlocks each, 4 latent
+# channels, factor 8) on 64x64 images of the captioned shapes.
+VAE_SD = ("model.ch=128", "model.ch_mult=1,2,4,4", "model.num_res_blocks=2", "model.groups=32",
+          "model.z_channels=4", "data.image_size=64")
+
+# CLIP ViT-B/32: 224x224 images in 32x32 patches, 12 layers of width 768 and 12 heads; text
+# transformer 12 layers, width 512, 8 heads, 77 tokens; 512-d joint embedding.
+CLIP_B32 = ("model.encoder.patch_size=32", "model.encoder.width=768", "model.encoder.depth=12",
+            "model.encoder.heads=12", "data.image_size=224", "model.text.width=512",
+            "model.text.layers=12", "model.text.heads=8", "model.text.context_length=77",
+            "model.embed_dim=512")
+
+ROWS = {r.name: r for r in [
+    Row("vae", "VAE, 28x28x1, configs/vae.py", "configs/vae.py", batch=64),
+    Row("ddpm_small", "class-cond. DDPM U-Net 16x16x1, configs/ddpm_class.py",
+        "configs/ddpm_class.py", batch=64, sample_batch=64, sample_steps=(10, 50, 1000),
+        quick_sample_steps=(10, 50), torch="unet2d"),
+    Row("ddpm_cifar10", "DDPM paper CIFAR-10 U-Net 32x32x3 (35.7M), configs/ddpm.py:cifar10",
+        "configs/ddpm.py:cifar10", batch=16, quick_batch=4, sample_batch=4,
+        sample_steps=(10, 50), quick_sample_steps=(10,), repeats=3, quick_repeats=2,
+        torch="unet2d"),
+    Row("ldm_small", "cross-attn U-Net on 8x8x4 latents, 16x64 context, configs/ldm.py",
+        "configs/ldm.py", batch=64, sample_batch=16, sample_steps=(10, 50, 1000),
+        quick_sample_steps=(10, 50), torch="unet2d_condition"),
+    Row("ldm_sd_like", "SD-1.x-like U-Net at 2/5 width, 32x32x4 latents, 77x768 context",
+        "configs/ldm.py", overrides=SD_LIKE, batch=4, sample_batch=2, sample_steps=(10,),
+        repeats=3, torch="unet2d_condition", quick=False),
+    Row("clip", "CLIP-style dual encoder 32x32x3 + 16 tokens, configs/clip.py", "configs/clip.py",
+        batch=128),
+    Row("vae_sd", "Stable Diffusion's AutoencoderKL (83.7M: 128,256,512,512 x2 blocks) on "
+        "64x64x3", "configs/ldm_autoencoder.py", overrides=VAE_SD, batch=4, repeats=3,
+        quick=False),
+    Row("clip_b32", "CLIP ViT-B/32 image tower at 224x224 + 12-layer 512-wide text tower, "
+        "77 tokens", "configs/clip.py:vit", overrides=CLIP_B32, batch=16, repeats=3,
+        quick=False),
+    # Memory and precision variants of the DDPM paper's CIFAR-10 U-Net (train step only).
+    *[Row(f"ddpm_cifar10_{tag}", f"ddpm_cifar10 with {what}", "configs/ddpm.py:cifar10",
+          overrides=ov, batch=16, quick_batch=8, repeats=3, quick_repeats=2, devices=dev,
+          group="memory")
+      for tag, what, ov, dev in [
+          ("f32", "float32 (the reference of this table)", (), 1),
+          ("bf16", "bfloat16 compute", ("model.dtype=bfloat16",), 1),
+          ("remat", "rematerialised ResBlocks and attention", ("model.remat=true",), 1),
+          ("accum4", "4 accumulated micro-batches", ("optim.grad_accum_steps=4",), 1),
+          ("dp8", "data parallel over 8 simulated devices", (), 8),
+          ("fsdp8", "FSDP over 8 simulated devices", ("train.fsdp=true",), 8)]],
+]}

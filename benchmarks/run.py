@@ -1,0 +1,317 @@
+"""jaxgen's performance suite, side by side with PyTorch (diffusers) where it is installed.
+
+python benchmarks/run.py [--quick] [--only ROW[,ROW...]] [--no-torch] [--xla-flags FLAGS]
+
+Rows (benchmarks/rows.py): vae, ddpm_small, ddpm_cifar10, ldm_small, ldm_sd_like, clip.
+Per row: training images/s through the real `make_train_step` (the task's loss, AdamW), the
+achieved FLOP/s (XLA's cost analysis of the compiled step over its median time) as a share of
+the float32 matmul peak measured in the same run, compile time, memory (XLA's memory analysis of
+the step; device.memory_stats() where the backend has it, which the CPU backend does not; the
+process's peak RSS), and for the U-Nets DDIM images/s at 10, 50 and 1000 steps with the
+sampler's overhead over steps x one network call. With torch + diffusers installed, the same
+U-Net in diffusers (parameter counts asserted equal within 1%) is timed the same way and the
+jaxgen/PyTorch ratios are reported.
+
+Every measurement runs in its own process (jaxgen and PyTorch never share one: OpenMP's spinning
+threads and XLA's pool would slow each other). Times are medians of repeats after a warm-up.
+Writes benchmarks/results/suite.json and suite.md (--quick: suite_quick.*; --only merges its
+rows into the existing file) and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from rows import ROWS  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+def _worker(script: str, args: list[str], env: dict, timeout: float) -> dict:
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    out = f.name
+  cmd = [sys.executable, str(HERE / script), *args, "--out", out]
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return dict(error=f"timed out after {timeout:.0f} s")
+  wall = time.perf_counter() - t0
+  try:
+    if proc.returncode != 0:
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+      return dict(error=f"exit {proc.returncode}: " + " | ".join(tail))
+    with open(out) as fh:
+      res = json.load(fh)
+    res["process_wall_s"] = wall
+    return res
+  finally:
+    os.unlink(out)
+
+
+def _wait_idle(limit: float) -> None:
+  t0 = time.time()
+  while os.getloadavg()[0] > 0.5 and time.time() - t0 < limit:
+    time.sleep(10)
+
+
+def _cpu_model() -> str:
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor()
+
+
+def _fmt(v, digits=3):
+  if v is None or v == "":
+    return ""
+  if isinstance(v, float):
+    if abs(v) >= 100:
+      return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+  if isinstance(v, int):
+    return f"{v:,}"
+  return str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def _mb(v):
+  return None if v is None else v / 2 ** 20
+
+
+def _ratio(a, b):
+  return None if not a or not b else a / b
+
+
+def tables(data: dict) -> str:
+  meta, rows = data["meta"], data["rows"]
+  peak = meta.get("matmul_peak_flops_per_s")
+  train_h = ["row", "batch", "params", "train img/s", "step ms", "GFLOP/step", "GFLOP/s",
+             "% matmul peak", "compile s", "XLA peak MB", "RSS peak MB"]
+  has_torch = any("torch" in r for r in rows)
+  if has_torch:
+    train_h += ["PyTorch img/s", "jaxgen/PyTorch"]
+  memory_rows = [r for r in rows if r.get("group") == "memory"]
+  rows = [r for r in rows if r.get("group", "speed") == "speed"]
+  train = []
+  for r in rows:
+    j = r.get("jaxgen", {})
+    if "error" in j:
+      train.append([r["row"], "error: " + j["error"][:120]] + [""] * (len(train_h) - 2))
+      continue
+    fl = j.get("achieved_flops_per_s")
+    line = [r["row"], j.get("batch"), j.get("params"), j.get("train_images_per_s"),
+            1e3 * j["step_s"], (j.get("flops_per_step") or 0) / 1e9, (fl or 0) / 1e9,
+            100 * fl / peak if fl and peak else None, j.get("lower_s", 0) + j.get("compile_s", 0),
+            _mb(j.get("xla_peak_bytes")), _mb(j.get("rss_peak_bytes"))]
+    if has_torch:
+      t = r.get("torch", {})
+      if "error" in t:
+        line += ["error: " + t["error"][:120], ""]
+      else:
+        line += [t.get("train_images_per_s"),
+                 _ratio(j.get("train_images_per_s"), t.get("train_images_per_s"))]
+    train.append(line)
+  out = ["## Training step (jaxgen: make_train_step + task loss + AdamW)", "",
+         _table(train_h, train)]
+
+  steps = sorted({int(k[4:-3]) for r in rows for k in r.get("jaxgen", {})
+                  if k.startswith("ddim") and k.endswith("_s") and k[4:-2].isdigit()})
+  samp_rows = [r for r in rows if r.get("jaxgen", {}).get("sample_batch")]
+  if samp_rows:
+    h = ["row", "batch", "net call ms (batch)"]
+    for s in steps:
+      h += [f"DDIM {s} img/s", f"{s}: overhead %"]
+    if has_torch:
+      h += ["PyTorch net call ms"] + [f"PyTorch DDIM {s} img/s" for s in steps] + \
+          [f"jaxgen/PyTorch {s}" for s in steps]
+    lines = []
+    for r in samp_rows:
+      j, t = r["jaxgen"], r.get("torch", {})
+      line = [r["row"], j["sample_batch"], f"{1e3 * j['net_eval_s']:.4g} ({j['net_eval_batch']})"]
+      for s in steps:
+        line += [j.get(f"ddim{s}_images_per_s"), j.get(f"ddim{s}_overhead_pct")]
+      if has_torch:
+        line += [1e3 * t["net_eval_s"] if t.get("net_eval_s") else None]
+        line += [t.get(f"ddim{s}_images_per_s") for s in steps]
+        line += [_ratio(j.get(f"ddim{s}_images_per_s"), t.get(f"ddim{s}_images_per_s"))
+                 for s in steps]
+      lines.append(line)
+    out += ["", "## Sampling (DDIM; guided models evaluate a doubled batch per step)", "",
+            _table(h, lines)]
+  out += ["", "## Weak scaling, on paper", "", WEAK_SCALING_TEXT, "", weak_scaling(rows)]
+  if memory_rows:
+    out += ["", "## Memory and precision (per device; XLA's memory analysis of the compiled step)",
+            "", memory_table(memory_rows)]
+  return "\n".join(out)
+
+
+# Links of the estimate (assumed, not measured here): hosts on 10 and 100 Gbit/s Ethernet.
+LINKS_GB_S = {"10 GbE": 1.25, "100 GbE": 12.5}
+SCALE_DEVICES = (8, 64, 512)
+WEAK_SCALING_TEXT = (
+    "Data parallel with the per-device batch fixed: each step adds a ring all-reduce of the "
+    "float32 gradients, 2(N-1)/N x 4 bytes x parameters per device, at the link's bandwidth "
+    "(assumed, listed in the header of each column), to the step time measured above on one "
+    "device. Efficiency = compute / (compute + all-reduce), i.e. no overlap of the two "
+    "(XLA overlaps part of it, so this is a floor). FSDP moves 1.5x the bytes of this "
+    "all-reduce (all-gather of parameters forward and backward, reduce-scatter of gradients).")
+
+
+def weak_scaling(rows: list[dict]) -> str:
+  h = ["row", "grad MB", "step s (1 device)"] + [f"N={n}, {link}" for link in LINKS_GB_S
+                                                 for n in SCALE_DEVICES]
+  lines = []
+  for r in rows:
+    j = r.get("jaxgen", {})
+    if "error" in j or not j.get("params"):
+      continue
+    grad = 4.0 * j["params"]
+    line = [r["row"], grad / 2 ** 20, j["step_s"]]
+    for bw in LINKS_GB_S.values():
+      for n in SCALE_DEVICES:
+        comm = 2 * (n - 1) / n * grad / (bw * 1e9)
+        line.append(f"{100 * j['step_s'] / (j['step_s'] + comm):.0f}%")
+    lines.append(line)
+  return _table(h, lines)
+
+
+def memory_table(rows: list[dict]) -> str:
+  h = ["row", "devices", "batch (global)", "train img/s", "step ms", "compile s",
+       "params+opt MB / device", "temporaries MB / device", "XLA peak MB / device",
+       "peak vs f32"]
+  ref = next((r["jaxgen"].get("xla_peak_bytes") for r in rows
+              if r["row"].endswith("_f32") and "error" not in r["jaxgen"]), None)
+  lines = []
+  for r in rows:
+    j = r["jaxgen"]
+    if "error" in j:
+      lines.append([r["row"], "error: " + j["error"][:120]] + [""] * (len(h) - 2))
+      continue
+    peak = j.get("xla_peak_bytes")
+    lines.append([r["row"], j.get("devices"), j.get("batch"), j.get("train_images_per_s"),
+                  1e3 * j["step_s"], j.get("lower_s", 0) + j.get("compile_s", 0),
+                  _mb(j.get("xla_argument_bytes")), _mb(j.get("xla_temp_bytes")), _mb(peak),
+                  f"{peak / ref:.2f}x" if peak and ref else None])
+  return _table(h, lines)
+
+
+def header(meta: dict) -> str:
+  keys = ["date", "cpu", "cpu_count", "platform", "jax", "torch", "torch_threads", "xla_flags",
+          "quick", "matmul_peak_gflops", "torch_matmul_peak_gflops", "wall_s", "load_start",
+          "load_end"]
+  return ", ".join(f"{k}={_fmt(meta[k])}" for k in keys if k in meta)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="the rows marked quick, smaller settings "
+                 "(about 5 minutes on 2 cores)")
+  p.add_argument("--only", default="", help="comma-separated rows")
+  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
+  p.add_argument("--xla-flags", default=None,
+                 help="XLA_FLAGS for the jaxgen processes (default: the environment's)")
+  p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
+  p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                 help="first wait up to SECONDS for the 1-minute load average to fall below 0.5 "
+                      "(the timings assume the cores are free)")
+  a = p.parse_args()
+  t_start = time.perf_counter()
+  names = [n for n in a.only.split(",") if n] or [n for n, r in ROWS.items()
+                                                  if r.quick or not a.quick]
+  unknown = [n for n in names if n not in ROWS]
+  if unknown:
+    p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+  use_torch = (not a.no_torch and importlib.util.find_spec("torch") is not None
+               and importlib.util.find_spec("diffusers") is not None)
+  jax_env = dict(os.environ)
+  if a.xla_flags is not None:
+    jax_env["XLA_FLAGS"] = a.xla_flags
+  quick = ["--quick"] if a.quick else []
+
+  if a.wait_idle:
+    _wait_idle(a.wait_idle)
+  import jax
+  meta = dict(load_start=os.getloadavg()[0], date=time.strftime("%Y-%m-%d %H:%M"),
+              cpu=_cpu_model(), cpu_count=os.cpu_count(),
+              platform=jax.default_backend(), jax=jax.__version__, quick=a.quick,
+              xla_flags=jax_env.get("XLA_FLAGS", ""))
+  print("matmul peak ...", flush=True)
+  peak = _worker("bench_jax.py", ["peak"], jax_env, a.timeout)
+  meta["matmul_peak_flops_per_s"] = peak.get("flops_per_s")
+  meta["matmul_peak_gflops"] = (peak.get("flops_per_s") or 0) / 1e9
+  if use_torch:
+    tpeak = _worker("bench_torch.py", ["peak"], dict(os.environ), a.timeout)
+    meta["torch_matmul_peak_gflops"] = (tpeak.get("flops_per_s") or 0) / 1e9
+    meta["torch_threads"] = tpeak.get("threads")
+    import torch
+    meta["torch"] = torch.__version__
+
+  rows = []
+  for name in names:
+    row = ROWS[name]
+    print(f"{name}: jaxgen ...", flush=True)
+    env = dict(jax_env)
+    if row.devices > 1:
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                          f" --xla_force_host_platform_device_count={row.devices}").strip()
+    res = dict(row=name, what=row.what, group=row.group,
+               jaxgen=_worker("bench_jax.py", [name, *quick], env, a.timeout))
+    j = res["jaxgen"]
+    if "error" in j:
+      print(f"  {j['error']}", flush=True)
+    else:
+      print(f"  {j['train_images_per_s']:.4g} img/s, {j['process_wall_s']:.0f} s", flush=True)
+    if use_torch and row.torch:
+      print(f"{name}: PyTorch ...", flush=True)
+      expect = [] if "error" in j else ["--expect-params", str(j["unet_params"])]
+      res["torch"] = _worker("bench_torch.py", [name, *quick, *expect], dict(os.environ),
+                             a.timeout)
+      t = res["torch"]
+      print(f"  {t.get('error') or format(t['train_images_per_s'], '.4g') + ' img/s'}",
+            flush=True)
+    rows.append(res)
+
+  stem = "suite_quick" if a.quick else "suite"
+  path = RESULTS / f"{stem}.json"
+  if a.only and path.exists():  # merge: keep the other rows of the last full run
+    old = json.loads(path.read_text())
+    done = {r["row"] for r in rows}
+    rows = [r for r in old["rows"] if r["row"] not in done] + rows
+    order = list(ROWS)
+    rows.sort(key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
+  meta["wall_s"] = time.perf_counter() - t_start
+  meta["load_end"] = os.getloadavg()[0]
+  data = dict(meta=meta, rows=rows)
+  RESULTS.mkdir(exist_ok=True)
+  path.write_text(json.dumps(data, indent=1) + "\n")
+  body = tables(data)
+  what = "\n".join(f"- `{r['row']}`: {r['what']}" for r in rows)
+  (RESULTS / f"{stem}.md").write_text(
+      f"# jaxgen performance suite\n\n{header(meta)}\n\n{what}\n\n{body}\n")
+  print(header(meta))
+  print(body)
+  print(path)
+
+
+if __name__ == "__main__":
+  main()
