@@ -49,9 +49,7 @@ QUICK_CONVS = CONVS[:3]
 FLAGS = {
     "default": "",
     "onednn": "--xla_cpu_use_onednn=true",
-    "onednn_custom_call": "--xla_cpu_experimental_onednn_custom_call=true",
     "ynnpack_off": "--xla_cpu_experimental_ynn_fusion_type=",
-    "xnnpack_off": "--xla_cpu_use_xnnpack=false",
     "xnn_graph_greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "fast_math": "--xla_cpu_enable_fast_math=true",
     "eigen_single_thread": "--xla_cpu_multi_thread_eigen=false",
@@ -112,7 +110,27 @@ def conv_lowerings():
   def bf16(x, w):
     return nhwc(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
 
-  return dict(xla_nhwc=nhwc, xla_nchw=nchw, im2col=im2col, shift9=shift9, xla_bf16=bf16)
+  # The library convolution forward and for the input gradient, but the filter gradient as one
+  # matmul of the im2col patches with the output gradient (contracting over batch and space),
+  # instead of XLA's 16x16-window convolution between two transposed copies.
+  @jax.custom_vjp
+  def wgrad_dot(x, w):
+    return nhwc(x, w)
+
+  def wgrad_fwd(x, w):
+    return nhwc(x, w), (x, w)
+
+  def wgrad_bwd(res, g):
+    x, w = res
+    kh, kw, c, o = w.shape
+    dx = jax.vjp(lambda x: nhwc(x, w), x)[1](g)[0]
+    cols = jnp.concatenate(patches(x, kh, kw), axis=-1).reshape(-1, kh * kw * c)
+    dw = jnp.dot(cols.T, g.reshape(-1, o)).reshape(kh, kw, c, o)
+    return dx, dw.astype(w.dtype)
+
+  wgrad_dot.defvjp(wgrad_fwd, wgrad_bwd)
+  return dict(xla_nhwc=nhwc, xla_nchw=nchw, im2col=im2col, shift9=shift9, xla_bf16=bf16,
+              wgrad_dot=wgrad_dot)
 
 
 def jax_layers(convs, lowerings=None) -> dict:
@@ -617,7 +635,11 @@ def main():
                 ("bfloat16 compute (model.dtype)", "jax_step",
                  dict(overrides=["model.dtype=bfloat16"])),
                 ("3x3 convs as im2col + matmul", "jax_step", dict(conv_lowering="im2col")),
-                ("3x3 convs as 9 shifted matmuls", "jax_step", dict(conv_lowering="shift9"))]
+                ("3x3 convs as 9 shifted matmuls", "jax_step", dict(conv_lowering="shift9")),
+                ("filter gradient as im2col matmul", "jax_step",
+                 dict(conv_lowering="wgrad_dot")),
+                ("no dropout (model.dropout=0; PyTorch keeps 0.1)", "jax_step",
+                 dict(overrides=["model.dropout=0.0"]))]
     if has_torch:
       variants += [("PyTorch (diffusers), NCHW", "torch_step", {}),
                    ("PyTorch (diffusers), channels_last", "torch_step",

@@ -133,7 +133,7 @@ def tables(data: dict) -> str:
   out = ["## Training step (jaxgen: make_train_step + task loss + AdamW)", "",
          _table(train_h, train)]
 
-  steps = sorted({int(k[4:-3]) for r in rows for k in r.get("jaxgen", {})
+  steps = sorted({int(k[4:-2]) for r in rows for k in r.get("jaxgen", {})
                   if k.startswith("ddim") and k.endswith("_s") and k[4:-2].isdigit()})
   samp_rows = [r for r in rows if r.get("jaxgen", {}).get("sample_batch")]
   if samp_rows:
@@ -231,10 +231,18 @@ def main():
   p.add_argument("--xla-flags", default=None,
                  help="XLA_FLAGS for the jaxgen processes (default: the environment's)")
   p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
+  p.add_argument("--tables", action="store_true",
+                 help="only re-write the markdown tables from the last JSON results")
   p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                  help="first wait up to SECONDS for the 1-minute load average to fall below 0.5 "
                       "(the timings assume the cores are free)")
   a = p.parse_args()
+  if a.tables:
+    for stem in ("suite", "suite_quick"):
+      path = RESULTS / f"{stem}.json"
+      if path.exists():
+        write_tables(stem, json.loads(path.read_text()))
+    return
   t_start = time.perf_counter()
   names = [n for n in a.only.split(",") if n] or [n for n, r in ROWS.items()
                                                   if r.quick or not a.quick]
@@ -304,13 +312,17 @@ def main():
   data = dict(meta=meta, rows=rows)
   RESULTS.mkdir(exist_ok=True)
   path.write_text(json.dumps(data, indent=1) + "\n")
-  body = tables(data)
-  what = "\n".join(f"- `{r['row']}`: {r['what']}" for r in rows)
-  (RESULTS / f"{stem}.md").write_text(
-      f"# jaxgen performance suite\n\n{header(meta)}\n\n{what}\n\n{body}\n")
-  print(header(meta))
-  print(body)
+  write_tables(stem, data)
   print(path)
+
+
+def write_tables(stem: str, data: dict) -> None:
+  body = tables(data)
+  what = "\n".join(f"- `{r['row']}`: {r['what']}" for r in data["rows"])
+  (RESULTS / f"{stem}.md").write_text(
+      f"# jaxgen performance suite\n\n{header(data['meta'])}\n\n{what}\n\n{body}\n")
+  print(header(data["meta"]))
+  print(body)
 
 
 if __name__ == "__main__":
