@@ -161,7 +161,17 @@ def bench_train(task, config, batch_size: int, repeats: int) -> tuple[dict, Trai
              lower_s=t1 - t0, compile_s=t2 - t1, flops_per_step=flops,
              achieved_flops_per_s=flops / t["median_s"] if flops else None, **_memory(compiled))
   row["rss_peak_bytes"] = peak_rss_bytes()
+  row["jax_residual_bytes"] = residual_bytes(task, holder["state"], batch)
   return row, holder["state"], batch
+
+
+def residual_bytes(task, state, batch) -> int:
+  """Bytes JAX saves from the forward pass for the backward pass of the loss (the residuals of
+  jax.vjp, found by tracing only): what rematerialisation and bfloat16 act on, before XLA."""
+  key = jax.random.PRNGKey(0)
+  fn = lambda p: task.loss_fn(p, state.model_state, batch, key)[0]
+  leaves = jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(fn, p)[1]), state.params)
+  return int(sum(x.size * x.dtype.itemsize for x in leaves))
 
 
 def _unet_params(config, params):

@@ -197,7 +197,7 @@ def weak_scaling(rows: list[dict]) -> str:
 def memory_table(rows: list[dict]) -> str:
   h = ["row", "devices", "batch (global)", "train img/s", "step ms", "compile s",
        "params+opt MB / device", "temporaries MB / device", "XLA peak MB / device",
-       "peak vs f32"]
+       "peak vs f32", "JAX residuals MB (global)"]
   ref = next((r["jaxgen"].get("xla_peak_bytes") for r in rows
               if r["row"].endswith("_f32") and "error" not in r["jaxgen"]), None)
   lines = []
@@ -210,7 +210,8 @@ def memory_table(rows: list[dict]) -> str:
     lines.append([r["row"], j.get("devices"), j.get("batch"), j.get("train_images_per_s"),
                   1e3 * j["step_s"], j.get("lower_s", 0) + j.get("compile_s", 0),
                   _mb(j.get("xla_argument_bytes")), _mb(j.get("xla_temp_bytes")), _mb(peak),
-                  f"{peak / ref:.2f}x" if peak and ref else None])
+                  f"{peak / ref:.2f}x" if peak and ref else None,
+                  _mb(j.get("jax_residual_bytes"))])
   return _table(h, lines)
 
 
@@ -231,6 +232,8 @@ def main():
   p.add_argument("--xla-flags", default=None,
                  help="XLA_FLAGS for the jaxgen processes (default: the environment's)")
   p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
+  p.add_argument("--stem", default=None,
+                 help="results file name (default suite, or suite_quick with --quick)")
   p.add_argument("--tables", action="store_true",
                  help="only re-write the markdown tables from the last JSON results")
   p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
@@ -299,7 +302,7 @@ def main():
             flush=True)
     rows.append(res)
 
-  stem = "suite_quick" if a.quick else "suite"
+  stem = a.stem or ("suite_quick" if a.quick else "suite")
   path = RESULTS / f"{stem}.json"
   if a.only and path.exists():  # merge: keep the other rows of the last full run
     old = json.loads(path.read_text())
