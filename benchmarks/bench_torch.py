@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -24,25 +23,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import median_time as _median_time
+from common import peak_rss_bytes
 from rows import ROWS
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0) -> dict:
-  for _ in range(warmup):
-    fn()
-  times = []
-  while len(times) < repeats or sum(times) < min_seconds:
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-    if len(times) >= 50 * max(repeats, 1):
-      break
-  return dict(median_s=statistics.median(times), min_s=min(times), repeats=len(times))
-
-
-def peak_rss_bytes() -> int:
-  import resource
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return _median_time(fn, repeats=repeats, warmup=warmup, min_seconds=min_seconds,
+                      block=lambda r: r)
 
 
 def matmul_peak(n: int = 3072) -> dict:

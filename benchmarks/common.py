@@ -45,20 +45,22 @@ def write(name: str, rows: list[dict], columns: list[str], meta: dict) -> tuple[
   return str(RESULTS / f"{name}.json"), table
 
 
-def median_time(fn, *args, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0) -> dict:
+def median_time(fn, *args, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0,
+                block=jax.block_until_ready) -> dict:
   """Median wall seconds of `repeats` calls after `warmup` calls (results blocked on).
 
   `fn` may carry state between calls (e.g. a donated train state): it is called as fn(*args)
-  and what it returns is blocked on, nothing else. With min_seconds, repeats grow until their
-  sum reaches it, so that fast functions get enough samples on a noisy machine.
+  and what it returns is passed to `block` (jax.block_until_ready; for PyTorch, which runs
+  synchronously on the CPU, the identity). With min_seconds, repeats grow until their sum
+  reaches it, so that fast functions get enough samples on a noisy machine.
   """
   import statistics
   for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
+    block(fn(*args))
   times = []
   while len(times) < repeats or sum(times) < min_seconds:
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    block(fn(*args))
     times.append(time.perf_counter() - t0)
     if len(times) >= 50 * max(repeats, 1):
       break

@@ -25,7 +25,6 @@ import json
 import os
 import pathlib
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,20 +59,9 @@ QUICK_FLAGS = ["default", "onednn", "ynnpack_off", "fast_math"]
 
 
 def _median(fn, repeats=7, warmup=2, min_seconds=0.5, block=None):
-  for _ in range(warmup):
-    r = fn()
-    if block:
-      block(r)
-  times = []
-  while len(times) < repeats or sum(times) < min_seconds:
-    t0 = time.perf_counter()
-    r = fn()
-    if block:
-      block(r)
-    times.append(time.perf_counter() - t0)
-    if len(times) > 200:
-      break
-  return statistics.median(times)
+  from common import median_time
+  return median_time(fn, repeats=repeats, warmup=warmup, min_seconds=min_seconds,
+                     block=block or (lambda r: r))["median_s"]
 
 
 # -- jaxgen / XLA side ----------------------------------------------------------------------------

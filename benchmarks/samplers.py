@@ -1,7 +1,7 @@
 """Sampler wall time and quality: DDPM over all timesteps against DDIM and DPM-Solver++ with
 few steps, for a trained DDPM workdir (or a randomly initialised config for timing only).
 
-python benchmarks/samplers.py --workdir runs/ddpm_class [--num 1000] [--quality]
+python benchmarks/samplers.py --workdir runs/ddpm_class [--num 1000] [--quality] [--stem NAME]
 Writes benchmarks/results/samplers.json and .md. Overhead = time / (steps x one network call).
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main():
   p.add_argument("--batch", type=int, default=100, help="images per sampler call")
   p.add_argument("--quality", action="store_true", help="also score each setting (slow)")
   p.add_argument("--num", type=int, default=1000, help="samples scored with --quality")
+  p.add_argument("--stem", default="samplers", help="results file name under results/")
   a = p.parse_args()
   runtime.setup_logging()
   runtime.enable_compilation_cache()
@@ -67,7 +68,7 @@ def main():
   if a.quality:
     cols += ["frechet_distance", "precision", "recall"] + (["class_accuracy"] if labels is not None
                                                          else [])
-  path, table = write("samplers", rows, cols, dict(workdir=a.workdir, step=run.step,
+  path, table = write(a.stem, rows, cols, dict(workdir=a.workdir, step=run.step,
                                                    one_network_eval_s=one_eval))
   print(table)
   print(path)
