@@ -59,6 +59,15 @@ def build_tokenizer(t, captions_fn):
   raise ConfigError(f"model.text.tokenizer must be 'words' or 'bpe'; got {t.tokenizer!r}.")
 
 
+def build_text_tower(t, tokenizer, projection_dim: int | None = None) -> TextTransformer:
+  """The text transformer of a `model.text` section (dual encoder and latent diffusion)."""
+  return TextTransformer(vocab_size=tokenizer.vocab_size, hidden_size=t.width,
+                         num_layers=t.layers, num_heads=t.heads,
+                         mlp_dim=int(t.mlp_ratio * t.width), max_positions=t.context_length,
+                         activation=t.activation, projection_dim=projection_dim,
+                         eos_token_id=tokenizer.eos_id)
+
+
 def captions_of(batch: dict, class_names, template: str) -> np.ndarray:
   if "caption" in batch:
     return batch["caption"]
@@ -101,12 +110,7 @@ class CLIPTask(Task):
     m, d = config.model, config.data
     self._train_source = None
     self.tokenizer = build_tokenizer(m.text, self._train_captions)
-    t = m.text
-    text = TextTransformer(vocab_size=self.tokenizer.vocab_size, hidden_size=t.width,
-                           num_layers=t.layers, num_heads=t.heads,
-                           mlp_dim=int(t.mlp_ratio * t.width), max_positions=t.context_length,
-                           activation=t.activation, projection_dim=m.embed_dim,
-                           eos_token_id=self.tokenizer.eos_id)
+    text = build_text_tower(m.text, self.tokenizer, projection_dim=m.embed_dim)
     self.module = pipe.DualEncoderModule(build_image_encoder(m.encoder), text, m.embed_dim,
                                          loss=m.loss, lock_image=m.lock_image,
                                          lock_text=m.lock_text)

@@ -25,11 +25,10 @@ from jaxgen.data import load_all, load_source
 from jaxgen.data import shapes as shapes_data
 from jaxgen.errors import ConfigError
 from jaxgen.models.autoencoder import Autoencoder
-from jaxgen.models.text import TextTransformer
 from jaxgen.models.unet import UNet
 from jaxgen.pipelines import text_to_image as t2i
 from jaxgen.tasks.base import Task
-from jaxgen.tasks.clip import build_tokenizer, captions_of, text_section
+from jaxgen.tasks.clip import build_text_tower, build_tokenizer, captions_of, text_section
 from jaxgen.tasks.diffusion import diffusion_section, schedule_kwargs, validate_diffusion
 from jaxgen.tasks.vae import ARCHITECTURE_KEYS, AutoencoderTask, autoencoder_module, latent_scale
 
@@ -113,11 +112,7 @@ class LatentDiffusionTask(Task):
     self._train_source = None
     self.tokenizer = build_tokenizer(m.text, self._train_captions)
     t = m.text
-    self.text = TextTransformer(vocab_size=self.tokenizer.vocab_size, hidden_size=t.width,
-                                num_layers=t.layers, num_heads=t.heads,
-                                mlp_dim=int(t.mlp_ratio * t.width),
-                                max_positions=t.context_length, activation=t.activation,
-                                eos_token_id=self.tokenizer.eos_id)
+    self.text = build_text_tower(t, self.tokenizer)
     v = m.vae
     self.vae = autoencoder_module(v, d)
     vae_output = config.ldm.vae_output
