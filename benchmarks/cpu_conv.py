@@ -154,29 +154,49 @@ def jax_layers(convs, lowerings=None) -> dict:
   return out
 
 
+# GroupNorm(8 groups) shapes of the small DDPM U-Net's three levels at its training batch.
+NORMS = [(64, 16, 16, 16), (64, 8, 8, 32), (64, 4, 4, 64)]
+
+
 def jax_other_layers() -> dict:
-  """GroupNorm(8)+SiLU on the 16x16x16 level and single-head attention on the 8x8x32 level."""
+  """GroupNorm(8)+SiLU (flax's modules with autodiff against jaxgen's fused ops), dropout(0.1)
+  (flax's against jaxgen's masks), nearest x2 upsampling (jax.image.resize against jaxgen's
+  broadcast) and single-head attention on the 8x8x32 level; forward and forward+backward."""
   import flax.linen as nn
   import jax
 
-  from jaxgen.models.layers import attention
+  from jaxgen.models import ops
+  from jaxgen.models.layers import attention, repeat_2x2
   out = {}
-  x = jax.random.normal(jax.random.PRNGKey(0), (64, 16, 16, 16))
-  gn = nn.GroupNorm(num_groups=8, epsilon=1e-5)
-  p = gn.init(jax.random.PRNGKey(1), x)
-  f = lambda p, x: nn.silu(gn.apply(p, x))
-  fwd = jax.jit(f)
-  fb = jax.jit(lambda p, x: jax.vjp(f, p, x)[1](x))
-  out["groupnorm+silu 64x16x16x16"] = dict(
-      fwd_ms=1e3 * _median(lambda: fwd(p, x), block=jax.block_until_ready),
-      fwd_bwd_ms=1e3 * _median(lambda: fb(p, x), block=jax.block_until_ready))
+
+  def both(name, f, *args):
+    fwd = jax.jit(f)
+    y = fwd(*args)
+    fb = jax.jit(lambda *a: jax.vjp(f, *a)[1](y))
+    out[name] = dict(fwd_ms=1e3 * _median(lambda: fwd(*args), block=jax.block_until_ready),
+                     fwd_bwd_ms=1e3 * _median(lambda: fb(*args), block=jax.block_until_ready))
+
+  key = jax.random.PRNGKey(0)
+  for shape in NORMS:
+    x = jax.random.normal(key, shape)
+    tag = "x".join(map(str, shape))
+    for impl, gn in (("flax", nn.GroupNorm(num_groups=8, epsilon=1e-5)),
+                     ("jaxgen", ops.GroupNorm(num_groups=8, epsilon=1e-5, act="silu"))):
+      p = gn.init(key, x)
+      f = (lambda p, x, gn=gn: nn.silu(gn.apply(p, x))) if impl == "flax" else \
+          (lambda p, x, gn=gn: gn.apply(p, x))
+      both(f"groupnorm+silu {tag} {impl}", f, p, x)
+  x = jax.random.normal(key, NORMS[0])
+  for impl, drop in (("flax", nn.Dropout(0.1)), ("jaxgen", ops.Dropout(0.1))):
+    both(f"dropout 0.1 {'x'.join(map(str, NORMS[0]))} {impl}",
+         lambda x, drop=drop: drop.apply({}, x, deterministic=False, rngs={"dropout": key}), x)
+  x = jax.random.normal(key, NORMS[1])
+  b, h, w, c = x.shape
+  both(f"upsample x2 {'x'.join(map(str, NORMS[1]))} jax.image.resize",
+       lambda x: jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest"), x)
+  both(f"upsample x2 {'x'.join(map(str, NORMS[1]))} jaxgen", repeat_2x2, x)
   q = jax.random.normal(jax.random.PRNGKey(2), (128, 64, 1, 32))
-  fa = lambda q, k, v: attention(q, k, v)
-  fwd = jax.jit(fa)
-  fb = jax.jit(lambda q: jax.vjp(fa, q, q, q)[1](q))
-  out["attention 128x64 tokens x32"] = dict(
-      fwd_ms=1e3 * _median(lambda: fwd(q, q, q), block=jax.block_until_ready),
-      fwd_bwd_ms=1e3 * _median(lambda: fb(q), block=jax.block_until_ready))
+  both("attention 128x64 tokens x32 jaxgen", lambda q: attention(q, q, q), q)
   return out
 
 
@@ -239,10 +259,41 @@ def _ddpm_step(overrides=()):
   return compiled, state, batch, compile_s
 
 
-def jax_step(overrides=(), conv_lowering=None) -> dict:
+def patch_ops(which: list[str]) -> None:
+  """Puts back in this process what jaxgen's U-Net layers used before their CPU rewrites:
+  'groupnorm': flax's GroupNorm then nn.silu, differentiated by autodiff; 'dropout': flax's
+  Dropout (jax.random.bernoulli masks); 'upsample': jax.image.resize for nearest x2."""
+  import flax.linen as nn
+  import jax
+
+  from jaxgen.models import attention as attention_lib
+  from jaxgen.models import autoencoder as autoencoder_lib
+  from jaxgen.models import layers
+  from jaxgen.models import unet as unet_lib
+
+  if "groupnorm" in which:
+    def flax_group_norm(groups, eps, name=None, act=None):
+      gn = nn.GroupNorm(num_groups=groups, epsilon=eps, name=name)
+      return (lambda x: nn.silu(gn(x))) if act == "silu" else gn
+
+    for module in (layers, attention_lib, autoencoder_lib, unet_lib):
+      module.group_norm = flax_group_norm
+  if "dropout" in which:
+    layers.Dropout = nn.Dropout
+    attention_lib.Dropout = nn.Dropout
+  if "upsample" in which:
+    def resize(x):
+      b, h, w, c = x.shape
+      return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+    layers.repeat_2x2 = resize
+
+
+def jax_step(overrides=(), conv_lowering=None, old_ops=()) -> dict:
   import jax
   if conv_lowering:
     patch_conv(conv_lowering)
+  if old_ops:
+    patch_ops(list(old_ops))
   compiled, state, batch, compile_s = _ddpm_step(overrides)
   holder = [state]
 
@@ -370,22 +421,31 @@ def torch_layers(convs) -> dict:
 
 
 def torch_other_layers() -> dict:
+  """The same layers in PyTorch (NCHW), names ending in 'torch'."""
   import torch
   import torch.nn.functional as F
   out = {}
-  gn = torch.nn.GroupNorm(8, 16, eps=1e-5)
-  x = torch.randn(64, 16, 16, 16)
-  with torch.no_grad():
-    tf = _median(lambda: F.silu(gn(x)))
-  xr = x.clone().requires_grad_(True)
-  tb = _median(lambda: torch.autograd.grad(F.silu(gn(xr)), (xr, *gn.parameters()), x))
-  out["groupnorm+silu 64x16x16x16"] = dict(fwd_ms=1e3 * tf, fwd_bwd_ms=1e3 * tb)
+
+  def both(name, f, x, *params):
+    with torch.no_grad():
+      tf = _median(lambda: f(x))
+    xr = x.clone().requires_grad_(True)
+    g = f(x).detach()
+    tb = _median(lambda: torch.autograd.grad(f(xr), (xr, *params), g))
+    out[name] = dict(fwd_ms=1e3 * tf, fwd_bwd_ms=1e3 * tb)
+
+  for n, h, w, c in NORMS:
+    gn = torch.nn.GroupNorm(8, c, eps=1e-5)
+    both(f"groupnorm+silu {n}x{h}x{w}x{c} torch", lambda x, gn=gn: F.silu(gn(x)),
+         torch.randn(n, c, h, w), *gn.parameters())
+  n, h, w, c = NORMS[0]
+  both(f"dropout 0.1 {n}x{h}x{w}x{c} torch", lambda x: F.dropout(x, 0.1, training=True),
+       torch.randn(n, c, h, w))
+  n, h, w, c = NORMS[1]
+  both(f"upsample x2 {n}x{h}x{w}x{c} torch",
+       lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"), torch.randn(n, c, h, w))
   q = torch.randn(128, 1, 64, 32)
-  with torch.no_grad():
-    tf = _median(lambda: F.scaled_dot_product_attention(q, q, q))
-  qr = q.clone().requires_grad_(True)
-  tb = _median(lambda: torch.autograd.grad(F.scaled_dot_product_attention(qr, qr, qr), qr, q))
-  out["attention 128x64 tokens x32"] = dict(fwd_ms=1e3 * tf, fwd_bwd_ms=1e3 * tb)
+  both("attention 128x64 tokens x32 torch", lambda q: F.scaled_dot_product_attention(q, q, q), q)
   return out
 
 
@@ -495,7 +555,7 @@ def worker(kind: str, args: dict) -> dict:
       r.update(jax_other_layers())
     return r
   if kind == "jax_step":
-    return jax_step(args.get("overrides", ()), args.get("conv_lowering"))
+    return jax_step(args.get("overrides", ()), args.get("conv_lowering"), args.get("old_ops", ()))
   if kind == "jax_profile":
     return jax_profile()
   if kind == "torch_layers":
@@ -627,7 +687,13 @@ def main():
                 ("filter gradient as im2col matmul", "jax_step",
                  dict(conv_lowering="wgrad_dot")),
                 ("no dropout (model.dropout=0; PyTorch keeps 0.1)", "jax_step",
-                 dict(overrides=["model.dropout=0.0"]))]
+                 dict(overrides=["model.dropout=0.0"])),
+                ("before: autodiff flax GroupNorm+SiLU", "jax_step",
+                 dict(old_ops=["groupnorm"])),
+                ("before: flax Dropout masks", "jax_step", dict(old_ops=["dropout"])),
+                ("before: jax.image.resize upsampling", "jax_step", dict(old_ops=["upsample"])),
+                ("before: all three", "jax_step",
+                 dict(old_ops=["groupnorm", "dropout", "upsample"]))]
     if has_torch:
       variants += [("PyTorch (diffusers), NCHW", "torch_step", {}),
                    ("PyTorch (diffusers), channels_last", "torch_step",

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.models.layers import attention, group_norm
+from jaxgen.models.ops import Dropout
 
 
 class Attention(nn.Module):
@@ -53,7 +54,7 @@ class FeedForward(nn.Module):
   def __call__(self, x, *, train: bool = False):
     dim = x.shape[-1]
     h = GEGLU(self.mult * dim, self.dtype, name="net_0")(x)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = Dropout(self.dropout, deterministic=not train)(h)
     return nn.Dense(dim, dtype=self.dtype, name="net_2")(h)
 
 

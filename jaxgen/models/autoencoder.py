@@ -52,7 +52,7 @@ class Encoder(nn.Module):
                        name=f"down_{i}_downsample")(h)
     h = MidBlock(self.ch * self.ch_mult[-1], self.groups, self.eps, self.mid_attention,
                  self.dtype, name="mid")(h)
-    h = nn.silu(group_norm(self.groups, self.eps, "norm_out")(h))
+    h = group_norm(self.groups, self.eps, "norm_out", act="silu")(h)
     if not final_conv:
       return h
     return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
@@ -81,7 +81,7 @@ class Decoder(nn.Module):
                      name=f"up_{k}_res_{j}")(h)
       if i > 0:
         h = Upsample(self.ch * self.ch_mult[i], self.dtype, name=f"up_{k}_upsample")(h)
-    h = nn.silu(group_norm(self.groups, self.eps, "norm_out")(h))
+    h = group_norm(self.groups, self.eps, "norm_out", act="silu")(h)
     return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
 
 

@@ -11,9 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.models.ops import Dropout, GroupNorm
 
-def group_norm(groups: int, eps: float, name: str | None = None) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, name=name)
+
+def group_norm(groups: int, eps: float, name: str | None = None, act: str | None = None
+               ) -> GroupNorm:
+  """GroupNorm (flax's parameter names), followed by SiLU when act="silu", fused (models/ops)."""
+  return GroupNorm(num_groups=groups, epsilon=eps, act=act, name=name)
 
 
 class ResBlock(nn.Module):
@@ -26,13 +30,13 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, t_emb=None, *, train: bool = False):
-    h = nn.silu(group_norm(self.groups, self.eps, "norm1")(x))
+    h = group_norm(self.groups, self.eps, "norm1", act="silu")(x)
     h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
     if t_emb is not None:
       h = h + nn.Dense(self.features, dtype=self.dtype, name="time_emb_proj")(
           nn.silu(t_emb))[:, None, None, :]
-    h = nn.silu(group_norm(self.groups, self.eps, "norm2")(h))
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = group_norm(self.groups, self.eps, "norm2", act="silu")(h)
+    h = Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.features:
       x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
@@ -56,6 +60,14 @@ class Downsample(nn.Module):
                    name="conv")(x)
 
 
+def repeat_2x2(x):
+  """Nearest-neighbour x2 upsampling of NHWC `x` as a broadcast, which XLA fuses into its
+  consumer and whose gradient is a sum: jax.image.resize's gather and the scatter-add of its
+  gradient ran ~10x slower on the CPU (benchmarks/cpu_conv.py, part "layers")."""
+  b, h, w, c = x.shape
+  return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+
+
 class Upsample(nn.Module):
   """Nearest-neighbour x2 (or to `size`), then a 3x3 conv."""
   features: int
@@ -64,8 +76,11 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x, size: tuple[int, int] | None = None):
     b, h, w, c = x.shape
-    size = size or (2 * h, 2 * w)
-    x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
+    size = tuple(size or (2 * h, 2 * w))
+    if size == (2 * h, 2 * w):
+      x = repeat_2x2(x)
+    else:
+      x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
     return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
 
 

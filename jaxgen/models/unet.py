@@ -208,7 +208,7 @@ class UNet(nn.Module):
       if i > 0:
         h = Upsample(chans[i], self.dtype, name=f"up_{k}_upsample")(h)
 
-    h = nn.silu(group_norm(self.groups, self.norm_eps, "conv_norm_out")(h))
+    h = group_norm(self.groups, self.norm_eps, "conv_norm_out", act="silu")(h)
     h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
     return h.astype(jnp.float32)
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jaxgen.errors import ConfigError, ShapeError
 from jaxgen.models.layers import attention
+from jaxgen.models.ops import Dropout
 
 # big_vision / the ViT paper's initialisers.
 dense_init = nn.initializers.xavier_uniform()
@@ -24,7 +25,7 @@ class MlpBlock(nn.Module):
     d = x.shape[-1]
     h = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=dense_init, bias_init=nn.initializers.normal(
         1e-6), dtype=self.dtype, name="fc1")(x), approximate=False)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = Dropout(self.dropout, deterministic=not train)(h)
     return nn.Dense(d, kernel_init=dense_init, bias_init=nn.initializers.normal(1e-6),
                     dtype=self.dtype, name="fc2")(h)
 
@@ -52,7 +53,7 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    drop = nn.Dropout(self.dropout, deterministic=not train)
+    drop = Dropout(self.dropout, deterministic=not train)
     h = SelfAttention(self.heads, dtype=self.dtype, name="attn")(
         nn.LayerNorm(1e-6, dtype=self.dtype, name="ln1")(x))
     x = x + drop(h)
@@ -102,7 +103,7 @@ class ViT(nn.Module):
       cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, tokens, self.width))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x + pos.astype(x.dtype))
+    x = Dropout(self.dropout, deterministic=not train)(x + pos.astype(x.dtype))
     for i in range(self.depth):
       x = EncoderBlock(self.heads, int(self.mlp_ratio * self.width), self.dropout,
                        dtype=self.dtype, name=f"block{i + 1}")(x, train=train)

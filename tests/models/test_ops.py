@@ -1,0 +1,130 @@
+"""jaxgen's fast layers: the fused GroupNorm(+SiLU) against flax's GroupNorm then nn.silu with
+autodiff gradients; the dropout masks' rate, independence, keys and sharding."""
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import run_python
+from jaxgen.models.ops import Dropout, GroupNorm, dropout_keep_mask, group_norm_silu
+
+
+def _inputs(shape, seed=0):
+  rng = np.random.RandomState(seed)
+  c = shape[-1]
+  x = (2.0 * rng.randn(*shape) + 0.7).astype(np.float32)
+  scale = (1.0 + 0.2 * rng.randn(c)).astype(np.float32)
+  bias = (0.3 * rng.randn(c)).astype(np.float32)
+  cot = rng.randn(*shape).astype(np.float32)
+  return x, scale, bias, cot
+
+
+def _flax(x, scale, bias, groups, eps, silu):
+  y = nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False).apply(
+      {"params": {"scale": scale, "bias": bias}}, x)
+  return nn.silu(y) if silu else y
+
+
+@pytest.mark.parametrize("shape,groups,silu", [((3, 5, 4, 8), 4, True), ((2, 6, 6, 12), 3, False),
+                                               ((2, 4, 4, 6), 6, True)])
+def test_value_and_gradients_match_flax(shape, groups, silu):
+  x, scale, bias, cot = _inputs(shape)
+
+  def loss(fn):
+    return lambda x, s, b: jnp.sum(fn(x, s, b, groups, 1e-5, silu) * cot)
+
+  ours = jax.jit(jax.value_and_grad(loss(group_norm_silu), argnums=(0, 1, 2)))(x, scale, bias)
+  ref = jax.jit(jax.value_and_grad(loss(_flax), argnums=(0, 1, 2)))(x, scale, bias)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5, atol=1e-4)
+  for a, b, name in zip(ours[1], ref[1], ("dx", "dscale", "dbias")):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * np.abs(b).max(), err_msg=name)
+
+
+def test_module_has_flax_parameters_and_bfloat16_input():
+  x, scale, bias, _ = _inputs((2, 4, 4, 8))
+  module = GroupNorm(num_groups=2, epsilon=1e-6, act="silu")
+  variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x))
+  flax_vars = jax.eval_shape(lambda: nn.GroupNorm(2).init(jax.random.PRNGKey(0), x))
+  assert jax.tree.map(lambda s: (s.shape, s.dtype), variables) == \
+      jax.tree.map(lambda s: (s.shape, s.dtype), flax_vars)
+  params = {"params": {"scale": scale, "bias": bias}}
+  xb = jnp.asarray(x, jnp.bfloat16)
+  out = module.apply(params, xb)
+  assert out.dtype == jnp.float32  # bfloat16 input promoted with float32 parameters, as flax does
+  ref = _flax(xb.astype(jnp.float32), scale, bias, 2, 1e-6, True)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  dx = jax.grad(lambda x: jnp.sum(module.apply(params, x)))(xb)
+  assert dx.dtype == jnp.bfloat16
+
+
+def test_errors_name_the_problem():
+  x = jnp.zeros((1, 2, 2, 6))
+  with pytest.raises(ValueError, match="6 channels do not split into 4 groups"):
+    GroupNorm(num_groups=4).init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match="act must be None or 'silu'"):
+    GroupNorm(num_groups=2, act="relu").init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match="NHWC"):
+    GroupNorm(num_groups=2).init(jax.random.PRNGKey(0), jnp.zeros((2, 6)))
+
+
+def test_dropout_mask_rate_independence_and_keys():
+  key = jax.random.PRNGKey(7)
+  shape = (16, 8, 8, 64)
+  mask = np.asarray(dropout_keep_mask(key, shape, 0.9))
+  n = mask.size
+  assert abs(mask.mean() - 0.9) < 5 * np.sqrt(0.9 * 0.1 / n)
+  # the two words of each hash fill the two halves of the last axis: they must not agree more
+  # than independent draws would (p^2 + (1-p)^2 = 0.82)
+  agree = (mask[..., :32] == mask[..., 32:]).mean()
+  assert abs(agree - 0.82) < 5 * np.sqrt(0.82 * 0.18 / (n / 2))
+  # nor repeat along any axis
+  assert (mask[0] != mask[1]).any() and (mask[:, 0] != mask[:, 1]).any()
+  assert np.array_equal(mask, np.asarray(dropout_keep_mask(key, shape, 0.9)))
+  assert not np.array_equal(mask, np.asarray(dropout_keep_mask(jax.random.PRNGKey(8), shape, 0.9)))
+  typed = np.asarray(dropout_keep_mask(jax.random.wrap_key_data(key), shape, 0.9))
+  assert np.array_equal(mask, typed)
+  odd = np.asarray(dropout_keep_mask(key, (3, 5, 7), 0.5))
+  assert odd.shape == (3, 5, 7) and 0.3 < odd.mean() < 0.7
+  assert np.asarray(dropout_keep_mask(key, (1000,), 0.0)).sum() == 0
+  assert np.asarray(dropout_keep_mask(key, (1000,), 1.0)).all()
+
+
+def test_dropout_module_scales_kept_inputs_and_passes_through_when_deterministic():
+  x = jnp.asarray(np.random.RandomState(0).rand(4, 6, 6, 8).astype(np.float32)) + 1.0
+  key = jax.random.PRNGKey(3)
+  drop = Dropout(0.25)
+  assert drop.apply({}, x, deterministic=True) is x
+  y = drop.apply({}, x, deterministic=False, rngs={"dropout": key})
+  kept = np.asarray(y) != 0
+  np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+  assert 0.65 < kept.mean() < 0.85
+  g = jax.grad(lambda x: jnp.sum(drop.apply({}, x, deterministic=False, rngs={"dropout": key})))(x)
+  np.testing.assert_allclose(g, kept / 0.75, rtol=1e-6)
+  none = Dropout(1.0).apply({}, x, deterministic=False, rngs={"dropout": key})
+  assert np.asarray(none).sum() == 0
+
+
+def test_dropout_mask_split_over_eight_devices_is_the_same_and_local():
+  code = textwrap.dedent("""
+      import os
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      import jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      from jaxgen.models.ops import dropout_keep_mask
+      mesh = jax.make_mesh((8,), ("data",))
+      key = jax.random.PRNGKey(1)
+      x = jax.device_put(jnp.ones((16, 4, 4, 6)), NamedSharding(mesh, P("data")))
+      f = jax.jit(lambda k, x: jnp.where(dropout_keep_mask(k, x.shape, 0.8), x, 0.0),
+                  out_shardings=NamedSharding(mesh, P("data")))
+      hlo = f.lower(key, x).compile().as_text()
+      assert not any(c in hlo for c in ("all-gather", "all-to-all", "collective-permute",
+                                        "all-reduce")), "dropout masks needed communication"
+      one = np.asarray(jnp.where(dropout_keep_mask(key, x.shape, 0.8), 1.0, 0.0))
+      assert np.array_equal(np.asarray(f(key, x)), one)
+      print("OK")
+  """)
+  r = run_python(code)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
