@@ -24,8 +24,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import median_time, peak_rss_bytes
 from rows import ROWS
 
-from jaxgen import config as config_lib
-from jaxgen import diffusion, tasks
+from jaxgen import app, diffusion
 from jaxgen.data.pipeline import batch_sharding
 from jaxgen.train.mesh import make_mesh, state_shardings
 from jaxgen.train.optim import make_optimizer
@@ -247,9 +246,9 @@ def bench_sampler(task, config, params, n: int, steps_list, quick: bool) -> dict
 def run_row(name: str, quick: bool) -> dict:
   row = ROWS[name]
   bs = row.train_batch(quick)
-  config = config_lib.load_config(row.config_spec(),
+  config = app.load_config(row.config_spec(),
                                   list(row.overrides) + [f"data.batch_size={bs}"])
-  task = tasks.build(config)
+  task = app.build_task(config)
   out = dict(row=name, what=row.what, framework="jaxgen")
   train, state, _ = bench_train(task, config, bs, row.quick_repeats if quick else row.repeats)
   out.update(train)

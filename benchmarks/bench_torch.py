@@ -95,10 +95,10 @@ def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
 # -- the row --------------------------------------------------------------------------------------
 
 def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
-  from jaxgen import config as config_lib
+  from jaxgen import app
   row = ROWS[name]
   bs = row.train_batch(quick)
-  config = config_lib.load_config(row.config_spec(),
+  config = app.load_config(row.config_spec(),
                                   list(row.overrides) + [f"data.batch_size={bs}"])
   torch.manual_seed(0)
   conditional = row.torch == "unet2d_condition"

@@ -239,14 +239,13 @@ def _ddpm_step(overrides=()):
   import numpy as np
   from rows import ROWS
 
-  from jaxgen import config as config_lib
-  from jaxgen import tasks
+  from jaxgen import app
   from jaxgen.train.optim import make_optimizer
   from jaxgen.train.step import make_train_step
   row = ROWS[ROW]
-  config = config_lib.load_config(row.config_spec(),
+  config = app.load_config(row.config_spec(),
                                   [f"data.batch_size={row.batch}", *overrides])
-  task = tasks.build(config)
+  task = app.build_task(config)
   tx, schedule = make_optimizer(config.optim, config.train.num_steps, task.frozen)
   example = {k: np.asarray(v)[:1] for k, v in task.example_batch().items()
              if np.asarray(v).dtype.kind not in "USO"}
@@ -455,9 +454,9 @@ def _torch_step_fn(channels_last=False):
   import torch.nn.functional as F
   from rows import ROWS
 
-  from jaxgen import config as config_lib
+  from jaxgen import app
   row = ROWS[ROW]
-  config = config_lib.load_config(row.config_spec(), [f"data.batch_size={row.batch}"])
+  config = app.load_config(row.config_spec(), [f"data.batch_size={row.batch}"])
   model, _ = bt.unet2d(config)
   o = config.optim
   opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,

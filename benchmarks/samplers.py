@@ -15,7 +15,7 @@ import jax.numpy as jnp
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import timed, write
 
-from jaxgen import runtime, train
+from jaxgen import app, runtime
 from jaxgen.pipelines import diffusion as pipe
 
 GRID = [("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10),
@@ -33,7 +33,7 @@ def main():
   a = p.parse_args()
   runtime.setup_logging()
   runtime.enable_compilation_cache()
-  run = train.restore_run(a.workdir)
+  run = app.restore_run(a.workdir)
   task, params = run.task, run.params
   model = task.model
   n = a.batch
@@ -58,8 +58,9 @@ def main():
                warm_s=r["warm_s"], images_per_s=n / r["warm_s"],
                overhead_pct=100 * (r["warm_s"] / (steps * one_eval) - 1))
     if a.quality:
-      m = task.evaluate(params, run.model_state, jax.random.PRNGKey(1), num=a.num,
-                        sampler=sampler, steps=steps, batch=n)
+      from jaxgen.commands import evaluate_diffusion
+      m = evaluate_diffusion(task, params, jax.random.PRNGKey(1), num=a.num, sampler=sampler,
+                             steps=steps, batch=n)
       row.update({k: m[k] for k in ("frechet_distance", "precision", "recall",
                                     "class_accuracy") if k in m})
     rows.append(row)

@@ -20,8 +20,7 @@ import jax
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import write
 
-from jaxgen import config as config_lib
-from jaxgen import runtime, tasks, train
+from jaxgen import app, runtime
 from jaxgen.pipelines import text_to_image as t2i
 
 PROMPTS = ["a large red circle", "a small blue square left of a large yellow triangle",
@@ -30,10 +29,10 @@ PROMPTS = ["a large red circle", "a small blue square left of a large yellow tri
 
 def _model(a):
   if a.workdir:
-    run = train.restore_run(a.workdir)
+    run = app.restore_run(a.workdir)
     return run.task.model, run.params, run.model_state, f"{a.workdir} step {run.step}"
-  config = config_lib.load_config(a.config)
-  task = tasks.build(config)
+  config = app.load_config(a.config)
+  task = app.build_task(config)
   example = {k: v[:1] for k, v in task.example_batch().items()}
   params, model_state = task.init(jax.random.PRNGKey(0), example)
   return task.model, params, model_state, f"{a.config} (random weights)"

@@ -3,12 +3,12 @@
 jaxgen train --config configs/ae.py --workdir runs/ae
 Arguments: smoke, gaussian (squared-error reconstruction instead of Bernoulli cross-entropy).
 """
-from jaxgen import config as jc
+from jaxgen import app
 
 
 def get_config(arg=None):
-  flags = jc.check_arg(arg, ["smoke", "gaussian"])
-  c = jc.base_config("vae")
+  flags = app.check_arg(arg, ["smoke", "gaussian"])
+  c = app.base_config("vae")
   c.data.image_size, c.data.channels, c.data.batch_size = 28, 1, 64
   c.model.update(kind="ae", likelihood="bernoulli", ch=16, ch_mult=(1, 2, 2), latent_dim=32,
                  groups=8)

@@ -3,12 +3,12 @@
 jaxgen train --config configs/classifier.py --workdir runs/classifier     (about 1 min)
 Arguments: smoke, size=N (image size; the metric trains one per size automatically).
 """
-from jaxgen import config as jc
+from jaxgen import app
 
 
 def get_config(arg=None):
-  flags = jc.check_arg(arg, ["smoke", "size"])
-  c = jc.base_config("classifier")
+  flags = app.check_arg(arg, ["smoke", "size"])
+  c = app.base_config("classifier")
   c.data.image_size = int(flags.get("size", 28))
   c.data.batch_size = 128
   c.model.update(num_classes=10, stage_sizes=(1, 1, 1), width=16, norm="group", groups=8)

@@ -6,13 +6,13 @@ jaxgen eval --workdir runs/clip          (zero-shot shape/colour accuracy, retri
 Arguments: smoke; siglip (sigmoid loss); vit (ViT image tower); fashion (Fashion-MNIST with
 captions made from the class names); lit=WORKDIR (LiT: lock an image tower from a SimCLR run).
 """
-from jaxgen import config as jc
-from jaxgen.tasks.encoders import image_encoder_section
+from jaxgen import app
+from jaxgen.models.build import image_encoder_section
 
 
 def get_config(arg=None):
-  flags = jc.check_arg(arg, ["smoke", "siglip", "vit", "fashion", "lit"])
-  c = jc.base_config("clip")
+  flags = app.check_arg(arg, ["smoke", "siglip", "vit", "fashion", "lit"])
+  c = app.base_config("clip")
   c.data.update(source="embedded", name="shapes", image_size=32, channels=3, batch_size=128)
   c.model.encoder = image_encoder_section(kind="resnet", stage_sizes=(1, 1, 1), width=16,
                                           norm="group", groups=8)

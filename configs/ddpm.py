@@ -4,12 +4,12 @@ jaxgen train --config configs/ddpm.py --workdir runs/ddpm
 Arguments: smoke; size=N (image size: 16 or 28); cifar10 (the DDPM paper's 35.7M-parameter
 CIFAR-10 model on TFDS cifar10 at 32x32: for accelerators, not for a CPU).
 """
-from jaxgen import config as jc
+from jaxgen import app
 
 
 def get_config(arg=None):
-  flags = jc.check_arg(arg, ["smoke", "size", "cifar10"])
-  c = jc.base_config("ddpm")
+  flags = app.check_arg(arg, ["smoke", "size", "cifar10"])
+  c = app.base_config("ddpm")
   c.data.image_size = int(flags.get("size", 16))
   c.data.channels, c.data.batch_size = 1, 64
   c.model.update(block_channels=(16, 32, 64), layers_per_block=1, attn_levels=(False, True, False),

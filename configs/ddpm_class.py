@@ -4,12 +4,12 @@ jaxgen train --config configs/ddpm_class.py --workdir runs/ddpm_class
 jaxgen sample --workdir runs/ddpm_class --label 7 --guidance 3      (sneakers)
 Arguments: smoke; size=N (16 or 28).
 """
-from jaxgen import config as jc
+from jaxgen import app
 
 
 def get_config(arg=None):
-  flags = jc.check_arg(arg, ["smoke", "size"])
-  c = jc.base_config("ddpm")
+  flags = app.check_arg(arg, ["smoke", "size"])
+  c = app.base_config("ddpm")
   c.data.image_size = int(flags.get("size", 16))
   c.data.channels, c.data.batch_size = 1, 64
   c.model.update(block_channels=(16, 32, 64), layers_per_block=1, attn_levels=(False, True, False),

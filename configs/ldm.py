@@ -12,19 +12,19 @@ tower with the U-Net instead of loading and freezing the clip run's).
 """
 import pathlib
 
-from jaxgen import config as jc
+from jaxgen import app
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
 def get_config(arg=None):
-  flags = jc.check_arg(arg, ["smoke", "ae", "clip", "scratch"])
+  flags = app.check_arg(arg, ["smoke", "ae", "clip", "scratch"])
   smoke = ":smoke" if flags.get("smoke") else ""
-  c = jc.base_config("ldm")
+  c = app.base_config("ldm")
   c.data.update(source="embedded", name="shapes", image_size=32, channels=3, batch_size=64)
   # The autoencoder's and the text tower's architecture come from their own configs.
-  c.model.vae.update(jc.load_config(f"{HERE / 'ldm_autoencoder.py'}{smoke}").model.to_dict())
-  clip = jc.load_config(f"{HERE / 'clip.py'}{smoke}")
+  c.model.vae.update(app.load_config(f"{HERE / 'ldm_autoencoder.py'}{smoke}").model.to_dict())
+  clip = app.load_config(f"{HERE / 'clip.py'}{smoke}")
   c.model.text.update(clip.model.text.to_dict())
   c.model.text.update(init=str(flags.get("clip", "runs/clip")), freeze=True)
   c.ldm.update(autoencoder=str(flags.get("ae", "runs/ldm_autoencoder")), cache_latents=True)

@@ -8,12 +8,12 @@ Arguments: smoke (a few steps of a tiny model); gan (a patch discriminator from 
 perceptual (LPIPS-style loss in the offline metric's classifier, trained first if not cached);
 rec=likelihood|l1|l2; beta=B (KL weight); steps=N.
 """
-from jaxgen import config as jc
+from jaxgen import app
 
 
 def get_config(arg=None):
-  flags = jc.check_arg(arg, ["smoke", "gan", "perceptual", "rec", "beta", "steps"])
-  c = jc.base_config("vae")
+  flags = app.check_arg(arg, ["smoke", "gan", "perceptual", "rec", "beta", "steps"])
+  c = app.base_config("vae")
   c.data.update(source="embedded", name="shapes", image_size=32, channels=3, batch_size=32)
   # Sized for a 2-core CPU: ~0.27 s a step, 3.6 min for 600 steps (compiles included) to 36.2 dB
   # held-out PSNR. The Bernoulli likelihood (sigmoid outputs) beat an L1 loss (linear outputs,

@@ -4,13 +4,13 @@ jaxgen train --config configs/simclr.py --workdir runs/simclr
 jaxgen eval --workdir runs/simclr --baselines      (linear probe and k-NN vs pixels, random)
 Arguments: smoke; vit (a small ViT encoder instead); lars (LARS with the paper's lr scaling).
 """
-from jaxgen import config as jc
-from jaxgen.tasks.encoders import image_encoder_section
+from jaxgen import app
+from jaxgen.models.build import image_encoder_section
 
 
 def get_config(arg=None):
-  flags = jc.check_arg(arg, ["smoke", "vit", "lars"])
-  c = jc.base_config("simclr")
+  flags = app.check_arg(arg, ["smoke", "vit", "lars"])
+  c = app.base_config("simclr")
   c.data.update(image_size=28, channels=1, batch_size=256)
   c.model.encoder = image_encoder_section(kind="resnet", stage_sizes=(1, 1, 1), width=16,
                                           norm="batch", cifar_stem=True)

@@ -3,12 +3,12 @@
 jaxgen train --config configs/vae.py --workdir runs/vae          (about 4 min on 2 CPU cores)
 Arguments: smoke (a few steps of a tiny model), gaussian (Gaussian likelihood, learned scale).
 """
-from jaxgen import config as jc
+from jaxgen import app
 
 
 def get_config(arg=None):
-  flags = jc.check_arg(arg, ["smoke", "gaussian"])
-  c = jc.base_config("vae")
+  flags = app.check_arg(arg, ["smoke", "gaussian"])
+  c = app.base_config("vae")
   # Sized for a 2-core CPU: ~0.3 s a step, recognisable samples after 700 steps (~4 min).
   c.data.image_size, c.data.channels, c.data.batch_size = 28, 1, 64
   c.model.update(kind="vae", likelihood="bernoulli", ch=16, ch_mult=(1, 2, 2), latent_dim=32,

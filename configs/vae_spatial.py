@@ -3,12 +3,12 @@
 jaxgen train --config configs/vae_spatial.py --workdir runs/vae_spatial
 Arguments: smoke, gaussian (Gaussian likelihood with a learned scale), beta=B (KL weight).
 """
-from jaxgen import config as jc
+from jaxgen import app
 
 
 def get_config(arg=None):
-  flags = jc.check_arg(arg, ["smoke", "gaussian", "beta"])
-  c = jc.base_config("vae")
+  flags = app.check_arg(arg, ["smoke", "gaussian", "beta"])
+  c = app.base_config("vae")
   c.data.image_size, c.data.channels, c.data.batch_size = 28, 1, 64
   c.model.update(kind="vae", likelihood="bernoulli", ch=16, ch_mult=(1, 2, 2), latent_dim=0,
                  z_channels=4, groups=8, mid_attention=True)

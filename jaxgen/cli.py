@@ -51,16 +51,35 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
-def _task_help(command: str) -> str:
-  """The options each task adds to `sample` or `eval`, for the command's --help."""
-  from jaxgen import tasks
+def _workdir_task(argv: list[str]) -> str | None:
+  """The task of the workdir named by --workdir in argv, if it names a readable jaxgen run."""
+  for i, arg in enumerate(argv):
+    value = (argv[i + 1] if arg == "--workdir" and i + 1 < len(argv)
+             else arg.partition("=")[2] if arg.startswith("--workdir=") else None)
+    if value:
+      try:
+        from jaxgen.weights import read_config
+        return read_config(value)["task"]
+      except JaxgenError:
+        return None
+  return None
+
+
+def _task_help(command: str, task: str | None) -> str:
+  """The options each task adds to `sample` or `eval`, for the command's --help: only the
+  workdir's task's when --workdir names a run, else every task's."""
+  from jaxgen import app, commands
   parts = []
-  for name in tasks.names():
+  for name in [task] if task else app.task_names():
     p = argparse.ArgumentParser(prog=f"options for task '{name}'", add_help=False)
-    getattr(tasks.get(name), f"add_{command}_args")(p)
+    getattr(commands.of(name), f"{command}_args")(p)
     if p._actions:
       parts.append(p.format_help())
-  return "task options (chosen by the workdir's task):\n\n" + "\n".join(parts)
+    elif task:
+      parts.append(f"options for task '{name}': none\n")
+  head = (f"options of this workdir's task ({task}):" if task
+          else "task options (chosen by the workdir's task; give --workdir to see only its own):")
+  return head + "\n\n" + "\n".join(parts)
 
 
 def _sample_options(p: argparse.ArgumentParser) -> None:
@@ -71,7 +90,8 @@ def _sample_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
 
 
-def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
+def build_parser(help_for: str | None = None, task: str | None = None
+                 ) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxgen", description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -98,7 +118,7 @@ def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
       description="Write pictures from the latest checkpoint (EMA parameters) in WORKDIR: for "
                   "autoencoders prior samples, reconstructions and interpolations (linear and "
                   "slerp); for diffusion models a grid drawn with the chosen sampler.",
-      epilog=_task_help("sample") if help_for == "sample" else None)
+      epilog=_task_help("sample", task) if help_for == "sample" else None)
   _sample_options(p)
 
   p = sub.add_parser(
@@ -107,7 +127,7 @@ def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
       description="Generate images from prompts with the latest checkpoint in WORKDIR (an ldm "
                   "run, trained or imported): one jitted call encodes the prompts, samples "
                   "latents with classifier-free guidance and decodes them.",
-      epilog=_task_help("sample") if help_for == "generate" else None)
+      epilog=_task_help("sample", "ldm") if help_for == "generate" else None)
   _sample_options(p)
 
   p = sub.add_parser(
@@ -117,7 +137,7 @@ def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
                   "(autoencoders: PSNR, SSIM, negative ELBO; diffusion: Frechet distance, "
                   "precision/recall and class accuracy in a classifier's feature space); print "
                   "the metrics as JSON and write WORKDIR/eval_stepN.json.",
-      epilog=_task_help("eval") if help_for == "eval" else None)
+      epilog=_task_help("eval", task) if help_for == "eval" else None)
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   p.add_argument("--seed", type=int, default=0)
@@ -128,7 +148,7 @@ def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
       description="Convert a Stable Diffusion 1.x/2.x checkpoint saved in diffusers' folder "
                   "layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
                   "safetensors files, no torch needed) into a latent diffusion (ldm) WORKDIR "
-                  "that 'jaxgen generate', 'jaxgen eval' and jaxgen.train.restore_run read like "
+                  "that 'jaxgen generate', 'jaxgen eval' and jaxgen.app.restore_run read like "
                   "a trained run. The config reproduces the checkpoint's architecture, noise "
                   "schedule, prediction type and timestep grid; the tokenizer is copied into "
                   "WORKDIR/tokenizer.",
@@ -146,18 +166,18 @@ def build_parser(help_for: str | None = None) -> argparse.ArgumentParser:
 
 
 def _cmd_train(args, overrides):
-  from jaxgen import config as config_lib
-  from jaxgen import runtime, train
-  config = config_lib.load_config(args.config, overrides)  # all checks before any compute
+  from jaxgen import app, runtime
+  config = app.load_config(args.config, overrides)  # all checks before any compute
   if args.distributed:
     runtime.initialize_distributed()
-  train.train(config, args.workdir, progress=not args.no_progress)
+  app.train(config, args.workdir, progress=not args.no_progress)
   log.info("Done. Pictures in %s", pathlib.Path(args.workdir) / "samples")
 
 
 def _task_args(run, command: str, args, extra: list[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog=f"jaxgen {command} (task {run.config.task})")
-  getattr(run.task, f"add_{command}_args")(p)
+  from jaxgen import commands
+  p = argparse.ArgumentParser(prog=f"jaxgen {args.command} (task {run.config.task})")
+  getattr(commands.of(run.config.task), f"{command}_args")(p)
   task_args = p.parse_args(extra)
   for k, v in vars(args).items():
     setattr(task_args, k, v)
@@ -165,8 +185,8 @@ def _task_args(run, command: str, args, extra: list[str]) -> argparse.Namespace:
 
 
 def _cmd_sample(args, extra):
-  from jaxgen import train
-  run = train.restore_run(args.workdir, args.step)
+  from jaxgen import app, commands
+  run = app.restore_run(args.workdir, args.step, with_state=False)
   if args.command == "generate" and run.config.task != "ldm":
     raise ConfigError(f"jaxgen generate needs a latent diffusion (ldm) workdir; {args.workdir} "
                       f"holds a {run.config.task} run: use jaxgen sample.")
@@ -174,27 +194,24 @@ def _cmd_sample(args, extra):
   out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "samples"
   task_args.out_file = str(out) if out.suffix.lower() == ".png" else None
   outdir = out.parent if task_args.out_file else out
-  paths = run.task.sample(run.params, run.model_state, task_args, outdir)
+  paths = commands.of(run.config.task).sample(run, task_args, outdir)
   for path in paths:
     print(path)
 
 
 def _cmd_import(args):
-  from jaxgen.convert.stable_diffusion import import_stable_diffusion
-  print(import_stable_diffusion(args.diffusers, args.workdir, dtype=args.dtype,
-                                variant=args.variant))
+  from jaxgen import app
+  print(app.import_stable_diffusion(args.diffusers, args.workdir, dtype=args.dtype,
+                                    variant=args.variant))
 
 
 def _cmd_eval(args, extra):
   import jax
 
-  from jaxgen import train
-  run = train.restore_run(args.workdir, args.step)
-  options = vars(_task_args(run, "eval", args, extra))
-  for k in ("command", "workdir", "step", "seed", "no_progress", "distributed", "config"):
-    options.pop(k, None)
-  metrics = run.task.evaluate(run.params, run.model_state,
-                              jax.random.PRNGKey(args.seed), **options)
+  from jaxgen import app, commands
+  run = app.restore_run(args.workdir, args.step, with_state=False)
+  task_args = _task_args(run, "eval", args, extra)
+  metrics = commands.of(run.config.task).evaluate(run, jax.random.PRNGKey(args.seed), task_args)
   metrics = dict(step=run.step, split=run.config.data.eval_split, **metrics)
   text = json.dumps(metrics, indent=2)
   (pathlib.Path(args.workdir) / f"eval_step{run.step}.json").write_text(text + "\n")
@@ -207,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     rest, overrides = _split_overrides(argv)
     wants_help = (rest[:1] in (["sample"], ["eval"], ["generate"])
                   and any(a in ("-h", "--help") for a in rest))
-    parser = build_parser(rest[0] if wants_help else None)
+    parser = build_parser(rest[0] if wants_help else None,
+                          _workdir_task(rest) if wants_help else None)
     args, extra = parser.parse_known_args(rest)
     if args.command is None:
       parser.print_help()

@@ -1,7 +1,10 @@
 """The one config system: ml_collections files under configs/, command-line overrides, checks.
 
-A config file defines `get_config(arg)` and starts from `base_config(task)`, which holds every key
-jaxgen knows, locked: a misspelt key or a value of the wrong type fails here, before any compute.
+This module knows the sections every run shares (data, optim, train) and nothing of tasks: the
+composition of a whole config from these and a task's own sections, and its validation, live in
+the app layer (`jaxgen.app.base_config`, `jaxgen.app.load_config`). A config file defines
+`get_config(arg)` and starts from `app.base_config(task)`, which holds every key jaxgen knows,
+locked: a misspelt key or a value of the wrong type fails before any compute.
 """
 from __future__ import annotations
 
@@ -18,9 +21,8 @@ from ml_collections import config_dict
 from jaxgen.errors import ConfigError
 
 
-def base_config(task: str) -> ml_collections.ConfigDict:
-  """All shared keys with their defaults, plus the task's own sections; locked."""
-  from jaxgen import tasks  # the tasks own their model sections
+def compose(task: str, task_sections: dict[str, dict]) -> ml_collections.ConfigDict:
+  """The shared keys with their defaults plus a task's own sections; locked."""
   c = ml_collections.ConfigDict()
   c.task = task
   c.seed = 0
@@ -64,7 +66,6 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       num_samples=64,             # pictures per grid
       fsdp=False,                 # shard params, EMA and optimizer state over devices (FSDP)
   )
-  task_sections = tasks.get(task).default_config()
   for name, section in task_sections.items():
     c[name] = section
   c.lock()
@@ -91,8 +92,9 @@ def check_arg(arg: str | None, known: Sequence[str]) -> dict[str, str | bool]:
   return flags
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads 'path/to/config.py[:arg]' and applies 'a.b=value' overrides; checks everything."""
+def exec_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Runs 'path/to/config.py[:arg]' (a config file is Python: it runs with the user's rights)
+  and returns its get_config(arg), unvalidated."""
   path_str, _, arg = spec.partition(":")
   path = pathlib.Path(path_str)
   if not path.is_file():
@@ -107,16 +109,18 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   if not hasattr(module, "get_config"):
     raise ConfigError(f"Config file {path_str} defines no get_config(arg).")
   try:
-    config = module.get_config(arg or None)
+    return module.get_config(arg or None)
   except (AttributeError, KeyError, TypeError) as e:
     raise ConfigError(f"Error in config file {path_str} (arg {arg!r}): {e}") from e
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  """Applies 'a.b=value' overrides (strings from the command line), typed like the field."""
   for item in overrides:
     key, eq, value = item.partition("=")
     if not eq:
       raise ConfigError(f"Override {item!r} must have the form key=value (e.g. optim.lr=1e-3).")
     set_value(config, key, value)
-  validate(config)
-  return config
 
 
 def _exists(config: ml_collections.ConfigDict, parts: list[str]) -> bool:
@@ -199,9 +203,8 @@ def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     node[leaf] = coerced
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks value ranges and combinations; the task checks its own sections."""
-  from jaxgen import tasks
+def validate_shared(config: ml_collections.ConfigDict) -> None:
+  """Checks the value ranges and combinations of the shared sections (data, optim, train)."""
   d, t, o = config.data, config.train, config.optim
   if d.source not in ("embedded", "tfds", "folder", "npz"):
     raise ConfigError(f"data.source must be embedded, tfds, folder or npz; got {d.source!r}.")
@@ -228,23 +231,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"data.batch_size={d.batch_size}.")
   if o.lr <= 0:
     raise ConfigError(f"optim.lr must be positive; got {o.lr}.")
-  tasks.get(config.task).validate(config)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 
 
-def from_dict(d: dict) -> ml_collections.ConfigDict:
-  """Rebuilds a config saved as JSON (in a workdir or checkpoint), checked like an override."""
-  if "task" not in d:
-    raise ConfigError("Saved config has no 'task' key.")
-  config = base_config(d["task"])
+def fill(config: ml_collections.ConfigDict, d: dict) -> ml_collections.ConfigDict:
+  """Sets every key of a saved config (JSON from a workdir or checkpoint) on `config`, checked
+  like an override; the 'task' key must match."""
+  if d.get("task") != config.task:
+    raise ConfigError(f"Saved config is of task {d.get('task')!r}, not {config.task!r}.")
   for section, value in d.items():
-    if section == "task":
-      continue
-    set_value(config, section, value)
-  validate(config)
+    if section != "task":
+      set_value(config, section, value)
   return config
 
 

@@ -1,10 +1,74 @@
-"""Pictures: image grids and strips as uint8 arrays, written as PNG."""
+"""The one image layer: conversions between uint8, [0, 1] and [-1, 1], shape checks, the padded
+batch mapper, and pictures (grids and strips as uint8 arrays, written as PNG).
+
+Conventions: images are NHWC; "unit" images are float in [0, 1]; "signed" images are float in
+[-1, 1], what the networks see. Every function that takes images takes uint8 or unit floats.
+"""
 from __future__ import annotations
 
 import pathlib
+from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from jaxgen.errors import ShapeError
+
+
+def to_unit(images) -> jax.Array:
+  """uint8 or [0, 1] float images -> float32 in [0, 1]. Jittable."""
+  images = jnp.asarray(images)
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def to_signed(images) -> jax.Array:
+  """uint8 or [0, 1] float images -> float32 in [-1, 1], the networks' input. Jittable."""
+  return 2.0 * to_unit(images) - 1.0
+
+
+def from_signed(x) -> jax.Array:
+  """[-1, 1] model outputs -> images in [0, 1], clipped. Jittable."""
+  return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def check_images(images, expected: tuple[int, ...], what: str = "images",
+                 model: str = "this model makes") -> None:
+  """ShapeError naming the expected [batch, H, W, C] unless `images` has it."""
+  if np.ndim(images) != 4 or tuple(np.shape(images)[1:]) != tuple(expected):
+    dims = ", ".join(map(str, expected))
+    raise ShapeError(f"{what}: expected shape [batch, {dims}] (NHWC), got "
+                     f"{list(np.shape(images))}; {model} images [batch, {dims}].")
+
+
+def map_batches(fn: Callable, arrays: dict[str, np.ndarray] | np.ndarray, batch_size: int,
+                key: jax.Array | None = None):
+  """Runs a jitted per-batch function over a whole data set with one compile: the last batch is
+  padded to the full size (by wrapping around) and the padding dropped from the results.
+
+  With a dict, fn(batch, key) -> dict of per-example arrays and the result is a dict of numpy
+  arrays; with one array, fn(batch) -> per-example array [b, ...] and the result is an array.
+  """
+  single = not isinstance(arrays, dict)
+  data = {"x": arrays} if single else arrays
+  n = len(next(iter(data.values())))
+  outs: dict[str, list] = {}
+  for i, lo in enumerate(range(0, n, batch_size)):
+    idx = np.arange(lo, lo + batch_size) % n
+    batch = {k: np.asarray(v)[idx] for k, v in data.items()}
+    if single:
+      res = {"x": fn(batch["x"])}
+    else:
+      res = fn(batch, None if key is None else jax.random.fold_in(key, i))
+    res = jax.device_get(res)
+    keep = min(batch_size, n - lo)
+    for name, v in res.items():
+      outs.setdefault(name, []).append(np.asarray(v)[:keep])
+  out = {k: np.concatenate(v) for k, v in outs.items()}
+  return out["x"] if single else out
 
 
 def to_uint8(images) -> np.ndarray:

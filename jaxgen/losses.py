@@ -100,9 +100,9 @@ class FeatureDistance:
   def from_feature_net(cls, net) -> FeatureDistance:
     """From a jaxgen.eval.quality.FeatureNet: an ImageClassifier with a ResNet trunk, whose
     last block of each stage gives one feature map."""
-    sizes = net.task.config.model.stage_sizes
+    sizes = net.module.stage_sizes
     stages = [f"stage{i + 1}_block{n}" for i, n in enumerate(sizes)]
-    return cls(net.task.module, {**net.params, **net.model_state}, stages, train=False)
+    return cls(net.module, net.variables, stages, train=False)
 
   def features(self, images) -> list[jax.Array]:
     keep = lambda mdl, method: method == "__call__" and mdl.name in self.stages

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from IPython.display import display
 from PIL import Image
-from jaxgen import config, images, runtime, train
+from jaxgen import app, commands, images, runtime
 runtime.enable_compilation_cache()
 runtime.setup_logging()
 REPO = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
@@ -29,23 +29,25 @@ VAE = [
     new_code_cell('''\
 WORKDIR = pathlib.Path(os.environ.get("JAXGEN_WORKDIR", REPO / "runs" / "vae"))
 if not (WORKDIR / "checkpoints").exists():
-    train.train(config.load_config(f"{REPO}/configs/vae.py:smoke"), WORKDIR, progress=False)
-run = train.restore_run(WORKDIR)
+    app.train(app.load_config(f"{REPO}/configs/vae.py:smoke"), WORKDIR, progress=False)
+run = app.restore_run(WORKDIR)
 params, task = run.params, run.task
 print(f"step {run.step}, latent shape {task.model.latent_shape}")'''),
     new_markdown_cell("Held-out images (top) and their reconstructions (bottom):"),
     new_code_cell('''\
+from jaxgen.data import heldout_images
 from jaxgen.pipelines import autoencoder as ae
-x = task.eval_images(12)
+x = heldout_images(run.config.data, 12)
 show(images.rows(x, ae.reconstruct(task.model, params, x), scale=2))'''),
     new_markdown_cell("Decoded draws from the N(0, I) prior:"),
     new_code_cell('''\
 show(images.grid(ae.sample_prior(task.model, params, jax.random.PRNGKey(0), 36), scale=2))'''),
     new_markdown_cell("Between two held-out images: linear (top) and spherical (bottom) "
                       "interpolation of the latent means, framed by the originals:"),
-    new_code_cell("show(task.interpolation_strip(params, x[0], x[1], num=8))"),
+    new_code_cell("show(ae.interpolation_strip(task.model, params, x[0], x[1], num=8))"),
     new_markdown_cell("Held-out reconstruction PSNR/SSIM and negative ELBO (nats per image):"),
-    new_code_cell("task.evaluate(params, {}, jax.random.PRNGKey(0), limit=256)"),
+    new_code_cell(
+        "commands.evaluate_autoencoder(task, params, {}, jax.random.PRNGKey(0), limit=256)"),
 ]
 
 
@@ -62,8 +64,8 @@ import jax.numpy as jnp
 from jaxgen.pipelines import diffusion as dp
 WORKDIR = pathlib.Path(os.environ.get("JAXGEN_WORKDIR", REPO / "runs" / "ddpm_class"))
 if not (WORKDIR / "checkpoints").exists():
-    train.train(config.load_config(f"{REPO}/configs/ddpm_class.py:smoke"), WORKDIR, progress=False)
-run = train.restore_run(WORKDIR)
+    app.train(app.load_config(f"{REPO}/configs/ddpm_class.py:smoke"), WORKDIR, progress=False)
+run = app.restore_run(WORKDIR)
 params, task = run.params, run.task
 model, classes = task.model, run.config.model.num_classes
 print(f"step {run.step}; {model.image_shape}; {classes} classes; T={model.num_timesteps}")'''),
@@ -115,8 +117,8 @@ from jaxgen.data import load_all, load_source, shapes
 from jaxgen.pipelines import clip as cp
 WORKDIR = pathlib.Path(os.environ.get("JAXGEN_WORKDIR", REPO / "runs" / "clip"))
 if not (WORKDIR / "checkpoints").exists():
-    train.train(config.load_config(f"{REPO}/configs/clip.py:smoke"), WORKDIR, progress=False)
-run = train.restore_run(WORKDIR)
+    app.train(app.load_config(f"{REPO}/configs/clip.py:smoke"), WORKDIR, progress=False)
+run = app.restore_run(WORKDIR)
 model, params, state = run.task.model, run.params, run.model_state
 held_out = load_all(load_source(run.config.data, "test"), limit=200)
 show(images.grid(held_out["image"][:8], ncols=8, scale=3))'''),
@@ -143,7 +145,7 @@ txt_emb = cp.embed_texts(model, params, captions)
 for i in range(6):
     best = np.argsort(-(txt_emb @ img_emb[i]))[:3]
     print(f"{held_out['caption'][i]!r:55} -> {[captions[j] for j in best]}")'''),
-    new_code_cell("run.task.evaluate(params, state, jax.random.PRNGKey(0), limit=500)"),
+    new_code_cell("commands.evaluate_dual_encoder(run.task, params, state, limit=500)"),
 ]
 
 
@@ -165,11 +167,11 @@ if not (WORKDIR / "checkpoints").exists():
     stages = WORKDIR.parent
     for name in ("ldm_autoencoder", "clip"):
         if not (stages / name / "checkpoints").exists():
-            train.train(config.load_config(f"{REPO}/configs/{name}.py:smoke"), stages / name,
+            app.train(app.load_config(f"{REPO}/configs/{name}.py:smoke"), stages / name,
                         progress=False)
     spec = f"{REPO}/configs/ldm.py:smoke,ae={stages / 'ldm_autoencoder'},clip={stages / 'clip'}"
-    train.train(config.load_config(spec), WORKDIR, progress=False)
-run = train.restore_run(WORKDIR)
+    app.train(app.load_config(spec), WORKDIR, progress=False)
+run = app.restore_run(WORKDIR)
 model, params, state = run.task.model, run.params, run.model_state
 print(f"step {run.step}; images {model.image_shape}; latents {model.latent_shape}")'''),
     new_markdown_cell("Four seeds for each prompt (one row per prompt):"),
@@ -203,11 +205,10 @@ show(images.rows(src / 255, edited, scale=3))'''),
     new_code_cell('''\
 SD_PATH = os.environ.get("SD_PATH")  # e.g. "sd15"
 if SD_PATH and pathlib.Path(SD_PATH).exists():
-    from jaxgen.convert.stable_diffusion import import_stable_diffusion
     sd_dir = pathlib.Path("runs/sd15")
     if not (sd_dir / "checkpoints").exists():
-        import_stable_diffusion(SD_PATH, sd_dir)
-    sd = train.restore_run(sd_dir)
+        app.import_stable_diffusion(SD_PATH, sd_dir)
+    sd = app.restore_run(sd_dir)
     x = t2i.text_to_image(sd.task.model, sd.params, sd.model_state,
                           ["a watercolour painting of a fox in the snow"], jax.random.PRNGKey(0),
                           steps=30, guidance_scale=7.5, decode_batch=1)

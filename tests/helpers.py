@@ -10,9 +10,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def config(name: str, *overrides: str, arg: str = "smoke"):
-  from jaxgen import config as jc
+  from jaxgen import app
   spec = f"{REPO / 'configs' / name}.py" + (f":{arg}" if arg else "")
-  return jc.load_config(spec, list(overrides))
+  return app.load_config(spec, list(overrides))
 
 
 def files_under(path: pathlib.Path) -> dict[str, int]:

@@ -14,7 +14,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 
 from helpers import config  # noqa: E402
 from jaxgen import runtime  # noqa: E402
-from jaxgen.train import train  # noqa: E402
+from jaxgen.app import train  # noqa: E402
 
 runtime.setup_logging()
 assert jax.process_count() == 2 and len(jax.devices()) == 2

@@ -4,6 +4,7 @@ import textwrap
 import pytest
 
 from helpers import REPO, config
+from jaxgen import app
 from jaxgen import config as jc
 from jaxgen.errors import ConfigError
 
@@ -43,27 +44,27 @@ def test_unknown_config_argument():
 def test_typo_inside_a_config_file(tmp_path):
   path = tmp_path / "bad.py"
   path.write_text(textwrap.dedent("""
-      from jaxgen import config as jc
+      from jaxgen import app
       def get_config(arg=None):
-        c = jc.base_config("vae")
+        c = app.base_config("vae")
         c.optim.lrr = 1e-3
         return c
   """))
   with pytest.raises(ConfigError, match="lrr"):
-    jc.load_config(str(path))
+    app.load_config(str(path))
 
 
 def test_missing_file_and_unknown_task(tmp_path):
   with pytest.raises(ConfigError, match="Config file not found"):
-    jc.load_config(str(tmp_path / "nope.py"))
+    app.load_config(str(tmp_path / "nope.py"))
   with pytest.raises(ConfigError, match="Unknown task 'gan'"):
-    jc.base_config("gan")
+    app.base_config("gan")
 
 
 def test_json_round_trip_keeps_types():
   c = config("vae", "model.ch_mult=1,2")
   d = json.loads(jc.to_json(c))
-  back = jc.from_dict(d)
+  back = app.config_from_dict(d)
   assert back.model.ch_mult == (1, 2)
   assert back.to_dict() == c.to_dict()
 
@@ -72,5 +73,5 @@ def test_every_config_file_and_its_smoke_variant_load():
   files = sorted((REPO / "configs").glob("*.py"))
   assert files
   for f in files:
-    jc.load_config(str(f))
-    jc.load_config(f"{f}:smoke")
+    app.load_config(str(f))
+    app.load_config(f"{f}:smoke")

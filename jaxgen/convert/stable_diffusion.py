@@ -1,12 +1,11 @@
-"""Import a Stable Diffusion 1.x/2.x checkpoint in diffusers' folder layout (model_index.json,
-unet/, vae/, text_encoder/, tokenizer/, scheduler/) as a jaxgen latent-diffusion (ldm) run, without
-torch: `jaxgen generate`, `restore_run` and the text-to-image pipelines then read it like a
-trained run.
+"""Convert a Stable Diffusion 1.x/2.x checkpoint in diffusers' folder layout (model_index.json,
+unet/, vae/, text_encoder/, tokenizer/, scheduler/), without torch, into the sections of an
+ldm-task config and its parameters (`convert`). The app layer (`jaxgen.app.
+import_stable_diffusion`) composes the config, checks that the ldm task builds the very modules
+the weights were converted for (`check_task_modules`) and writes the run, tokenizer included.
 
-The run's config is an ordinary ldm-task config that reproduces the checkpoint's architecture
-(jaxgen.tasks.build(config) is checked to build the very modules the weights were converted
-for) and its noise schedule, prediction type and sampling grid. The tokenizer folder is copied
-into WORKDIR/tokenizer, which the config names.
+The config sections are filled from the converted modules' own fields (jaxgen.models.build), so a
+new U-Net field reaches imported configs without an edit here.
 """
 from __future__ import annotations
 
@@ -18,15 +17,14 @@ import shutil
 import time
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxgen import config as config_lib
 from jaxgen.convert.clip_text import load_text_encoder, load_tokenizer
 from jaxgen.convert.diffusers import load_diffusers_component, read_diffusers_config
 from jaxgen.errors import CheckpointError, ConfigError, DataError
+from jaxgen.models import build
 from jaxgen.models.autoencoder import Autoencoder
 from jaxgen.models.text import TextTransformer
 from jaxgen.models.unet import UNet
@@ -183,15 +181,13 @@ def unet_section(unet: UNet, unet_config: Mapping[str, Any], latent_channels: in
     raise ConfigError(f"unet: cross_attention_dim={unet.context_dim} differs from the text "
                       f"encoder's hidden_size={text_width}")
   heads = unet.heads_per_level()
-  return dict(
-      block_channels=chans, layers_per_block=int(unet.layers_per_block),
-      attn_levels=tuple(bool(a) for a in unet.attn_levels), mid_attention=bool(unet.mid_attention),
-      num_heads=int(heads[-1]), num_heads_per_level=() if len(set(heads)) == 1 else heads,
-      transformer_depth=int(_one("unet: transformer_layers_per_block", unet.transformer_depth)),
-      use_linear_projection=bool(unet.use_linear_projection), dropout=float(unet.dropout),
-      groups=int(unet.groups), norm_eps=float(unet.norm_eps),
-      flip_sin_to_cos=bool(unet.flip_sin_to_cos), freq_shift=float(unet.freq_shift),
-      dtype=dtype, remat=False)
+  keys = [k for k in build.conditional_unet_section() if k != "num_heads_per_level"]
+  out = build.fields_of(unet, keys)
+  out.update(num_heads=int(heads[-1]), num_heads_per_level=() if len(set(heads)) == 1 else heads,
+             transformer_depth=int(_one("unet: transformer_layers_per_block",
+                                        unet.transformer_depth)),
+             dtype=dtype, remat=False)
+  return out
 
 
 def vae_section(vae: Autoencoder, vae_config: Mapping[str, Any]) -> dict:
@@ -207,7 +203,7 @@ def vae_section(vae: Autoencoder, vae_config: Mapping[str, Any]) -> dict:
       raise ConfigError(f"vae: {key} is not supported (the ldm task only scales its latents)")
   return dict(kind="vae", latent_dim=0, ch=int(vae.ch), ch_mult=tuple(vae.ch_mult),
               num_res_blocks=int(vae.num_res_blocks), z_channels=int(vae.z_channels),
-              groups=int(vae.groups), mid_attention=bool(vae.mid_attention),
+              groups=int(vae.groups), eps=float(vae.eps), mid_attention=bool(vae.mid_attention),
               quant_conv=bool(vae.quant_conv))
 
 
@@ -312,15 +308,16 @@ def check_same_shapes(what: str, expected, actual) -> None:
 # the import
 
 
-def ldm_config(unet: UNet, unet_config, vae: Autoencoder, vae_config, text: TextTransformer,
-               text_config, tokenizer, tokenizer_path: str, schedule: dict, *,
-               dtype: str = "float32"):
-  """The ldm-task config (validated) for converted modules, their diffusers/transformers
-  configs, the tokenizer at tokenizer_path and scheduler_settings(...) of the scheduler."""
+def ldm_sections(unet: UNet, unet_config, vae: Autoencoder, vae_config, text: TextTransformer,
+                 text_config, tokenizer, tokenizer_path: str, schedule: dict, *,
+                 dtype: str = "float32") -> dict:
+  """The sections of an ldm-task config for converted modules, their diffusers/transformers
+  configs, the tokenizer at tokenizer_path and scheduler_settings(...) of the scheduler
+  (`jaxgen.app.compose_config("ldm", sections)` makes the validated config)."""
   v = vae_section(vae, vae_config)
   size = unet_config.get("sample_size", 64)
   size = size[0] if isinstance(size, (list, tuple)) else size
-  sections = {
+  return {
       # A placeholder that is never read: generating needs prompts, not data (see the ldm task).
       "data": dict(source="embedded", name="shapes", channels=3,
                    image_size=int(size) * 2 ** (len(v["ch_mult"]) - 1)),
@@ -331,11 +328,6 @@ def ldm_config(unet: UNet, unet_config, vae: Autoencoder, vae_config, text: Text
       "ldm": dict(schedule["ldm"], autoencoder="", vae_output="signed", cache_latents=False,
                   latent_scale=float(vae_config.get("scaling_factor") or 0.18215)),
   }
-  config = config_lib.base_config("ldm")
-  for section, values in sections.items():
-    config_lib.set_value(config, section, values)
-  config_lib.validate(config)
-  return config
 
 
 def check_task_modules(task, unet: UNet, text: TextTransformer, vae: Autoencoder) -> None:
@@ -347,28 +339,31 @@ def check_task_modules(task, unet: UNet, text: TextTransformer, vae: Autoencoder
   check_same_module("VAE", task.vae, vae, drop=("image_size",))
 
 
-def import_stable_diffusion(path, workdir, *, dtype: str = "float32",
-                            variant: str | None = None) -> pathlib.Path:
-  """Converts the diffusers Stable Diffusion folder `path` into the ldm run `workdir` (which
-  must not exist or be empty) and returns workdir.
+@dataclasses.dataclass
+class Converted:
+  """A converted pipeline: ldm config sections, parameters, model state and tokenizer."""
+  sections: dict
+  params: dict
+  model_state: dict
+  tokenizer: Any
+  tokenizer_dir: pathlib.Path
+  unet: UNet
+  text: TextTransformer
+  vae: Autoencoder
 
-  dtype: the U-Net's compute dtype in the run's config (model.unet.dtype); parameters are
-  stored in float32 whatever the files hold. variant: read e.g. diffusion_pytorch_model.fp16
-  .safetensors / model.fp16.safetensors. Unsupported settings raise ConfigError naming the key.
-  """
-  from jaxgen import tasks
-  from jaxgen.train.loop import save_weights
 
+def convert(path, *, dtype: str = "float32", variant: str | None = None,
+            scratch: str | pathlib.Path) -> Converted:
+  """Reads the diffusers Stable Diffusion folder `path` (configs first: unsupported settings
+  fail before any weight is read) and converts its modules. dtype: the U-Net's compute dtype
+  in the config (parameters stay float32 whatever the files hold). variant: read e.g.
+  *.fp16.safetensors. The tokenizer is copied to `scratch` (a new folder), in the vocab.json +
+  merges.txt form that jaxgen reads."""
   if dtype not in DTYPES:
     raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-  path, workdir = pathlib.Path(path), pathlib.Path(workdir)
+  path = pathlib.Path(path)
   if not path.is_dir():
     raise CheckpointError(f"{path}: not a folder (expected a diffusers Stable Diffusion folder)")
-  if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
-    raise CheckpointError(f"{workdir} exists and is not empty; nothing was overwritten. Choose a "
-                          f"new --workdir.")
-
-  # Every config first: unsupported settings fail before any weight is read.
   read_model_index(path)
   unet_config = read_diffusers_config(path / "unet")
   vae_config = read_diffusers_config(path / "vae")
@@ -391,33 +386,11 @@ def import_stable_diffusion(path, workdir, *, dtype: str = "float32",
     text = text.clone(projection_dim=None)
     text_vars = {"params": {k: v for k, v in text_vars["params"].items()
                             if k != "text_projection"}}
-
-  created = not workdir.exists()
-  workdir.mkdir(parents=True, exist_ok=True)
-  try:
-    tok_dir = copy_tokenizer(path / "tokenizer", workdir / "tokenizer").resolve()
-    config = ldm_config(unet, unet_config, vae, vae_config, text, text_config,
-                        load_tokenizer(tok_dir), str(tok_dir), schedule, dtype=dtype)
-    task = tasks.build(config)
-    check_task_modules(task, unet, text, vae)
-    params = {"unet": unet_vars, "text": text_vars}
-    model_state = {"vae": {"params": vae_vars["params"]},
-                   "latent": {"scale": np.float32(config.ldm.latent_scale)}}
-    want_params, want_state = jax.eval_shape(lambda k: task.init(k, task.example_batch()),
-                                             jax.random.PRNGKey(0))
-    check_same_shapes("params", want_params, params)
-    check_same_shapes("model_state", want_state, model_state)
-    save_weights(workdir, config, params, model_state)
-  except BaseException:
-    # The workdir was empty: leave it as it was.
-    if created:
-      shutil.rmtree(workdir, ignore_errors=True)
-    else:
-      for child in workdir.iterdir():
-        if child.is_dir():
-          shutil.rmtree(child)
-        else:
-          child.unlink()
-    raise
-  log.info("Imported %s as an ldm run in %s (%.1f s).", path, workdir, time.perf_counter() - t0)
-  return workdir
+  tok_dir = copy_tokenizer(path / "tokenizer", scratch)
+  tokenizer = load_tokenizer(tok_dir)
+  sections = ldm_sections(unet, unet_config, vae, vae_config, text, text_config, tokenizer,
+                          "tokenizer", schedule, dtype=dtype)
+  params = {"unet": unet_vars, "text": text_vars}
+  model_state = {"vae": {"params": vae_vars["params"]},
+                 "latent": {"scale": np.float32(sections["ldm"]["latent_scale"])}}
+  return Converted(sections, params, model_state, tokenizer, tok_dir, unet, text, vae)

@@ -6,9 +6,10 @@ from jaxgen.data.sources import (
                                  Source,
                                  TfdsSource,
                                  fit_images,
+                                 heldout_images,
                                  load_all,
                                  load_source,
 )
 
 __all__ = ["EMBEDDED", "ArraySource", "BatchLoader", "Source", "TfdsSource", "batch_sharding",
-           "fit_images", "load_all", "load_source", "shard_batch"]
+           "fit_images", "heldout_images", "load_all", "load_source", "shard_batch"]

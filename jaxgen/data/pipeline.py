@@ -25,9 +25,12 @@ class BatchLoader:
 
   def __init__(self, source: Source, global_batch: int, seed: int, shuffle: bool = True,
                process_index: int | None = None, process_count: int | None = None,
-               preprocess=None):
+               preprocess=None, cached: dict[str, np.ndarray] | None = None):
     self.source = source
     self.preprocess = preprocess  # host-side, e.g. tokenising captions; runs on the thread
+    # Per-example arrays computed once for the whole source (e.g. a frozen encoder's latents),
+    # joined to each batch by data-set index: batches carry them next to the images.
+    self.cached = cached
     self.n = len(source)
     self.global_batch = global_batch
     self.seed = seed
@@ -59,9 +62,12 @@ class BatchLoader:
     return batch[lo:lo + self.local_batch]
 
   def get(self, k: int) -> dict[str, np.ndarray]:
-    """Global batch k: this process's examples, with their data-set `index` (for caches)."""
+    """Global batch k: this process's examples, with their data-set `index` and the `cached`
+    arrays' rows for them."""
     idx = self.indices(k)
     batch = dict(self.source.get(idx), index=idx.astype(np.int32))
+    if self.cached:
+      batch.update({name: values[idx] for name, values in self.cached.items()})
     return self.preprocess(batch) if self.preprocess is not None else batch
 
   def state(self, k: int) -> dict:

@@ -108,3 +108,14 @@ def make_scenes(n: int, seed: int, size: int = 32, two_object_fraction: float = 
     attrs.append(at)
   columns = {k: np.array([a[k] for a in attrs]) for k in attrs[0]}
   return np.stack(images), np.array(captions), columns
+
+
+def attribute_prompts() -> dict[str, tuple[list[list[str]], tuple[str, ...]]]:
+  """attribute -> (prompts per class, class names) for zero-shot reading of the first object's
+  shape and colour: each class's prompts span the other attributes (a prompt ensemble)."""
+  return {
+      "shape": ([[f"a {z} {c} {k}" for z in SIZE_NAMES for c in COLOUR_NAMES] for k in SHAPES],
+                SHAPES),
+      "colour": ([[f"a {z} {c} {k}" for z in SIZE_NAMES for k in SHAPES] for c in COLOUR_NAMES],
+                 COLOUR_NAMES),
+  }

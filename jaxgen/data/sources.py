@@ -315,3 +315,8 @@ def load_all(source: Source, limit: int | None = None) -> dict[str, np.ndarray]:
   """The first `limit` examples (all by default) as arrays: for evaluation on held-out data."""
   n = len(source) if limit is None else min(limit, len(source))
   return source.get(np.arange(n))
+
+
+def heldout_images(data_cfg, limit: int | None = None) -> np.ndarray:
+  """The first `limit` images (uint8) of the config's held-out split."""
+  return load_all(load_source(data_cfg, data_cfg.eval_split), limit=limit)["image"]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 import pathlib
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.errors import ShapeError
+from jaxgen.images import to_unit
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,17 +71,6 @@ def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[fl
   return float(inside.sum() / (k * len(fake))), float(np.mean(inside.any(axis=0)))
 
 
-def batched_features(fn: Callable, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-  """fn(images [b, ...]) -> features [b, D] over all images, padding the last batch so the
-  jitted fn compiles once."""
-  n = len(images)
-  out = []
-  for lo in range(0, n, batch_size):
-    idx = np.arange(lo, lo + batch_size) % n
-    out.append(np.asarray(fn(images[idx]))[:min(batch_size, n - lo)])
-  return np.concatenate(out)
-
-
 class InceptionFeatures:
   """The FID Inception network with weights from pytorch-fid's pt_inception-2015-12-05 file."""
 
@@ -107,8 +96,7 @@ class InceptionFeatures:
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
       raise ShapeError(f"FID Inception takes images [B, H, W, 1 or 3]; got {images.shape}.")
-    if images.dtype == jnp.uint8:
-      images = images.astype(jnp.float32) / 255.0
+    images = to_unit(images)
     if images.shape[-1] == 1:
       images = jnp.repeat(images, 3, axis=-1)
     return self._features(self.variables, images)

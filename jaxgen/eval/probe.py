@@ -146,3 +146,10 @@ def knn_classify(train_x, train_y, test_x, **kwargs) -> jax.Array:
 def knn_accuracy(train_x, train_y, test_x, test_y, **kwargs) -> jax.Array:
   return jnp.mean((knn_classify(train_x, train_y, test_x, **kwargs)
                    == jnp.asarray(test_y)).astype(jnp.float32))
+
+
+def probe_metrics(train_x, train_y, test_x, test_y, num_classes: int) -> dict:
+  """The linear probe's and the k-NN classifier's held-out accuracy on frozen features."""
+  lin = linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes, l2=1e-3)
+  knn = knn_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes)
+  return dict(linear_probe=float(lin["accuracy"]), knn=float(knn))

@@ -3,15 +3,16 @@ models) the share of samples classified as the requested class, all in the featu
 classifier trained on the real data.
 
 No Inception or CLIP weights can be assumed offline, so the feature network is a small ResNet
-trained through the one loop on the generator's own data set and image size, then cached in
-$JAXGEN_CACHE (default ~/.cache/jaxgen)/feature_nets. Numbers are comparable between models
-evaluated with the same feature network, not with published FIDs (use --inception for those).
+trained through the one loop on the generator's own data set and image size (by the app layer:
+`jaxgen.app.load_feature_net`), then cached in $JAXGEN_CACHE (default ~/.cache/jaxgen)/
+feature_nets. Numbers are comparable between models evaluated with the same feature network,
+not with published FIDs (use --inception for those).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import logging
 import os
 import pathlib
 
@@ -19,16 +20,11 @@ import jax
 import numpy as np
 
 from jaxgen.data import load_all, load_source
-from jaxgen.errors import DataError
-from jaxgen.eval.fid import (
-  batched_features,
-  density_coverage,
-  feature_stats,
-  frechet_distance,
-  precision_recall,
-)
-
-log = logging.getLogger(__name__)
+from jaxgen.errors import CheckpointError, DataError
+from jaxgen.eval.fid import density_coverage, feature_stats, frechet_distance, precision_recall
+from jaxgen.images import map_batches, to_signed
+from jaxgen.models import build
+from jaxgen.models.classifier import ImageClassifier
 
 DATA_KEYS = ("source", "name", "path", "tfds_data_dir", "image_key", "label_key", "train_split",
              "eval_split", "holdout_fraction", "image_size", "channels")
@@ -38,27 +34,41 @@ def cache_root() -> pathlib.Path:
   return pathlib.Path(os.environ.get("JAXGEN_CACHE", pathlib.Path.home() / ".cache" / "jaxgen"))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module: ImageClassifier, variables, images):
+  return module.apply(variables, to_signed(images), train=False)
+
+
 @dataclasses.dataclass
 class FeatureNet:
   """A trained classifier: images -> (features [N, D], logits [N, K]), batched and jitted."""
-  task: object
-  params: object
-  model_state: object
+  module: ImageClassifier
+  variables: dict
+  data: dict                     # the data section it was trained on
+  workdir: pathlib.Path | None = None
 
-  def __post_init__(self):
-    self._fn = jax.jit(lambda x: self.task.apply(self.params, self.model_state, x))
+  @classmethod
+  def from_weights(cls, w) -> FeatureNet:
+    """From a classifier run's weights (jaxgen.weights.load_weights)."""
+    if w.task != "classifier":
+      raise CheckpointError(f"{w.workdir} holds a {w.task} run; the feature network must be a "
+                            "classifier run.")
+    module = build.build(ImageClassifier, w.config["model"], skip=("random_flip",))
+    return cls(module, {**w.params, **w.model_state}, w.config["data"], w.workdir)
+
+  @property
+  def num_classes(self) -> int:
+    return self.module.num_classes
 
   def __call__(self, images: np.ndarray, batch_size: int = 256):
-    out = batched_features(lambda x: np.concatenate([np.asarray(a) for a in self._fn(x)], -1),
-                           images, batch_size)
-    k = self.task.config.model.num_classes
-    feats, logits = out[:, :-k], out[:, -k:]
-    return feats, logits
+    out = map_batches(lambda x: np.concatenate(
+        [np.asarray(a) for a in _apply(self.module, self.variables, x)], -1), images, batch_size)
+    k = self.num_classes
+    return out[:, :-k], out[:, -k:]
 
 
-def classifier_config(data_cfg, num_classes: int, steps: int = 600):
-  from jaxgen import config as config_lib
-  c = config_lib.base_config("classifier")
+def fill_classifier_config(c, data_cfg, num_classes: int, steps: int = 600) -> None:
+  """The feature network's recipe, on a classifier-task config `c`."""
   for k in DATA_KEYS:
     c.data[k] = data_cfg[k]
   c.data.batch_size = 128
@@ -66,7 +76,15 @@ def classifier_config(data_cfg, num_classes: int, steps: int = 600):
                  groups=8)
   c.optim.update(lr=3e-3, warmup_steps=50, weight_decay=1e-4, ema_decay=0.99)
   c.train.update(num_steps=steps, log_every=50, sample_every=0, ckpt_every=steps)
-  return c
+
+
+def num_classes_of(data_cfg) -> int:
+  source = load_source(data_cfg, data_cfg.train_split)
+  probe = source.get(np.arange(min(len(source), 4096)))
+  if "label" not in probe:
+    raise DataError("The offline metric trains a classifier on the real data, but this data "
+                    "set has no labels: use --inception with FID weights instead.")
+  return len(source.class_names or ()) or int(probe["label"].max()) + 1
 
 
 def feature_net_dir(data_cfg) -> pathlib.Path:
@@ -77,28 +95,15 @@ def feature_net_dir(data_cfg) -> pathlib.Path:
       f"{name}-{data_cfg.image_size}px-{data_cfg.channels}ch-{digest}")
 
 
-def load_feature_net(data_cfg, workdir: str | pathlib.Path | None = None, *,
-                     train_if_missing: bool = True, progress: bool = True,
-                     steps: int = 600) -> FeatureNet:
-  """The classifier in `workdir` (any classifier-task workdir), else the cached one for this
-  data set and size, trained first (about a minute on 2 CPU cores) if there is none."""
-  from jaxgen import train
-  if workdir is None:
-    workdir = feature_net_dir(data_cfg)
-    if not (workdir / "checkpoints").exists():
-      if not train_if_missing:
-        raise DataError(f"No feature network in {workdir}.")
-      source = load_source(data_cfg, data_cfg.train_split)
-      probe = source.get(np.arange(min(len(source), 4096)))
-      if "label" not in probe:
-        raise DataError("The offline metric trains a classifier on the real data, but this data "
-                        "set has no labels: use --inception with FID weights instead.")
-      num_classes = len(source.class_names or ()) or int(probe["label"].max()) + 1
-      log.info("Training the metric's feature network in %s (once per data set and size).",
-               workdir)
-      train.train(classifier_config(data_cfg, num_classes, steps), workdir, progress=progress)
-  run = train.restore_run(workdir)
-  return FeatureNet(run.task, run.params, run.model_state)
+def load_feature_net(data_cfg, workdir: str | pathlib.Path | None = None) -> FeatureNet:
+  """The classifier in `workdir`, else the cached one for this data set and size; an error
+  saying how to make it when there is none (`jaxgen.app.load_feature_net` trains it)."""
+  from jaxgen.weights import load_weights
+  path = pathlib.Path(workdir) if workdir is not None else feature_net_dir(data_cfg)
+  if workdir is None and not (path / "checkpoints").exists():
+    raise CheckpointError(f"No feature network in {path}: jaxgen.app.load_feature_net (or "
+                          "`jaxgen eval` on a diffusion run) trains it.")
+  return FeatureNet.from_weights(load_weights(path))
 
 
 def quality(samples: np.ndarray, reference: np.ndarray, net, *, labels=None, k: int = 3,
@@ -117,15 +122,30 @@ def quality(samples: np.ndarray, reference: np.ndarray, net, *, labels=None, k: 
 
 
 def baselines(data_cfg, net, num: int, seed: int = 0) -> dict:
-  """Reference points for the metric: real training images against the held-out set (the best a
-  generator can hope for) and uniform noise (the worst)."""
-  test = load_all(load_source(data_cfg, data_cfg.eval_split), limit=num)["image"]
+  """Reference points for the metric, each named by what it scores, against the first half of
+  the held-out split (images the feature network never saw in training):
+
+    heldout_vs_heldout   the other half of the held-out split: real images the feature network
+                         never saw, the honest best a generator can hope for
+    train_vs_heldout     training images, which the feature network was trained on (its own
+                         training set scores better than any unseen image would: shown so that
+                         no one mistakes it for the real-data baseline)
+    uniform_noise        the worst
+  """
+  test = load_all(load_source(data_cfg, data_cfg.eval_split), limit=2 * num)
+  if len(test["image"]) < 4:
+    raise DataError(f"The held-out split has {len(test['image'])} images; the baselines need "
+                    "at least 4.")
+  half = len(test["image"]) // 2
+  ref, other = test["image"][:half], test["image"][half:2 * half]
+  reference = net(ref)[0]
   train = load_source(data_cfg, data_cfg.train_split)
-  idx = np.random.default_rng(seed).choice(len(train), min(num, len(train)), replace=False)
-  real = train.get(np.sort(idx))
-  reference = net(test)[0]
-  noise = np.random.default_rng(seed).integers(0, 256, real["image"].shape, dtype=np.uint8)
-  out = {"real_vs_heldout": quality(real["image"], test, net, labels=real.get("label"),
-                                    reference_features=reference),
-         "uniform_noise": quality(noise, test, net, reference_features=reference)}
-  return out
+  idx = np.random.default_rng(seed).choice(len(train), min(half, len(train)), replace=False)
+  seen = train.get(np.sort(idx))
+  noise = np.random.default_rng(seed).integers(0, 256, other.shape, dtype=np.uint8)
+  other_labels = test["label"][half:2 * half] if "label" in test else None
+  return {"heldout_vs_heldout": quality(other, ref, net, labels=other_labels,
+                                        reference_features=reference),
+          "train_vs_heldout": quality(seen["image"], ref, net, labels=seen.get("label"),
+                                      reference_features=reference),
+          "uniform_noise": quality(noise, ref, net, reference_features=reference)}

@@ -112,3 +112,33 @@ def image_text_retrieval(image_emb, text_emb, *, text_image_ids=None,
   out = {f"i2t_recall@{k}": v for k, v in i2t.items()}
   out.update({f"t2i_recall@{k}": v for k, v in t2i.items()})
   return out
+
+
+def dual_encoder_metrics(embed_images, embed_texts, images, captions=None,
+                         zero_shot: dict | None = None) -> dict:
+  """Held-out metrics of a dual encoder given as predict functions (big_vision's evaluator
+  style): embed_images(images) -> [N, D], embed_texts(list of str) -> [M, D].
+
+  zero_shot: name -> (prompts per class, true class index per image): the zero-shot accuracy
+  with prompt ensembles, beside chance. captions [N] (str): image<->text recall@1/5, where the
+  gallery holds each distinct caption once and a hit is any item with the query's caption
+  (several images share "a small red circle").
+  """
+  import numpy as np
+  emb = embed_images(images)
+  out = {"num_images": len(emb)}
+  for name, (prompts, labels) in (zero_shot or {}).items():
+    classes = class_embeddings(np.stack([embed_texts(p) for p in prompts]))
+    out[f"zero_shot_{name}"] = float(zero_shot_accuracy(emb, classes, labels))
+    out[f"zero_shot_{name}_chance"] = 1.0 / len(prompts)
+  if captions is not None:
+    unique, caption_id = np.unique(np.asarray(captions), return_inverse=True)
+    texts = embed_texts(list(unique))
+    ids = np.arange(len(unique))
+    for name, q, g, qid, gid in (("i2t", emb, texts, caption_id, ids),
+                                 ("t2i", texts, emb, ids, caption_id)):
+      for k, v in recall_at_k(q, g, (1, 5), query_ids=qid, gallery_ids=gid).items():
+        out[f"{name}_recall@{k}"] = float(v)
+    out["i2t_chance@1"] = 1.0 / len(unique)
+    out["t2i_chance@1"] = float(np.mean(np.bincount(caption_id) / len(captions)))
+  return out

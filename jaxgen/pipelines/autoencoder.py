@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgen.distributions import lerp, slerp
 from jaxgen.errors import ShapeError
+from jaxgen.images import check_images, map_batches, to_signed, to_unit
 from jaxgen.models.autoencoder import Autoencoder
 
 
@@ -31,20 +34,6 @@ class AutoencoderModel:
     return self.module.latent_shape
 
 
-def check_images(images, expected: tuple[int, ...], what: str = "images") -> None:
-  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected):
-    raise ShapeError(f"{what}: expected shape [batch, {', '.join(map(str, expected))}] "
-                     f"(NHWC), got {list(images.shape)}.")
-
-
-def to_unit(images) -> jax.Array:
-  """uint8 or [0, 1] float -> float32 in [0, 1]."""
-  images = jnp.asarray(images)
-  if images.dtype == jnp.uint8:
-    return images.astype(jnp.float32) / 255.0
-  return images.astype(jnp.float32)
-
-
 def output_to_images(model: AutoencoderModel, out) -> jax.Array:
   if model.likelihood == "bernoulli":
     return jax.nn.sigmoid(out)
@@ -55,7 +44,7 @@ def output_to_images(model: AutoencoderModel, out) -> jax.Array:
 def encode(model: AutoencoderModel, params, images):
   """-> (mean, logvar); logvar is None for a deterministic autoencoder."""
   check_images(images, model.image_shape)
-  return model.module.apply(params, 2.0 * to_unit(images) - 1.0, method=Autoencoder.encode)
+  return model.module.apply(params, to_signed(images), method=Autoencoder.encode)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -90,3 +79,48 @@ def interpolate(model: AutoencoderModel, params, image_a, image_b, num: int = 10
   t = jnp.linspace(0.0, 1.0, num)
   z = (slerp if method == "slerp" else lerp)(mean[0], mean[1], t)
   return decode(model, params, z)
+
+
+def latent_scale(model_state) -> jax.Array:
+  """1 / std of the latents, the factor latent diffusion multiplies them by to give them unit
+  variance (Stable Diffusion's scaling_factor: 0.18215 for SD 1.x's VAE). Pure and jittable;
+  float() it on the host. model_state holds the vae task's running {"latent_stats"}."""
+  return jax.lax.rsqrt(jnp.asarray(model_state["latent_stats"]["var"], jnp.float32))
+
+
+def latent_stats_for_scale(scale: float, mean: float = 0.0) -> dict:
+  """latent_stats whose latent_scale() is `scale` (e.g. for imported weights with a published
+  scaling factor)."""
+  return {"mean": jnp.float32(mean), "var": jnp.float32(1.0 / scale ** 2)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _latent_sums(model: AutoencoderModel, params, images):
+  """Per image: sum of the posterior means and sum of E[z^2] = mean^2 + var over its latent."""
+  mean, logvar = encode(model, params, images)
+  second = jnp.square(mean) if logvar is None else jnp.square(mean) + jnp.exp(logvar)
+  flat = lambda a: a.reshape(a.shape[0], -1).astype(jnp.float32).sum(-1)
+  return {"s1": flat(mean), "s2": flat(second)}
+
+
+def latent_stats(model: AutoencoderModel, params, images, batch_size: int = 256) -> dict:
+  """Mean and variance of the sampled latents z ~ q(z | x) over all latent elements of the
+  given images, exactly: the noise is integrated out (E[z^2] = mean^2 + var), not sampled."""
+  r = map_batches(lambda b, _: _latent_sums(model, params, b["image"]), {"image": images},
+                  min(batch_size, len(images)))
+  n = len(images) * math.prod(model.latent_shape)
+  mean = r["s1"].astype(np.float64).sum() / n
+  var = r["s2"].astype(np.float64).sum() / n - mean ** 2
+  return {"mean": np.float32(mean), "var": np.float32(var)}
+
+
+def interpolation_strip(model: AutoencoderModel, params, image_a, image_b, num: int = 10
+                        ) -> np.ndarray:
+  """Row 1: linear, row 2: spherical interpolation of the latents, each framed by the two
+  original images."""
+  from jaxgen import images as img
+  ends = to_unit(np.stack([image_a, image_b]))
+  lin = interpolate(model, params, image_a, image_b, num, "lerp")
+  sph = interpolate(model, params, image_a, image_b, num, "slerp")
+  frame = lambda r: np.concatenate([ends[:1], r, ends[1:]])
+  return img.rows(frame(lin), frame(sph), scale=img.display_scale(model.image_shape[0]))

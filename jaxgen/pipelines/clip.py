@@ -9,50 +9,14 @@ import dataclasses
 import functools
 from typing import Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.contrastive.losses import l2_normalize
-from jaxgen.errors import ShapeError
-from jaxgen.eval.fid import batched_features
-
-
-class DualEncoderModule(nn.Module):
-  """Image tower + projection, text tower (with its projection), learnable temperature."""
-  image_encoder: nn.Module
-  text_encoder: nn.Module
-  embed_dim: int
-  loss: str = "clip"                 # clip | siglip
-  init_logit_scale: float = 2.6593   # log(1 / 0.07), CLIP's initial temperature
-  init_bias: float = -10.0           # SigLIP's initial bias
-  lock_image: bool = False           # LiT: the image tower runs frozen (eval mode, no gradient)
-  lock_text: bool = False
-
-  def setup(self):
-    self.image_proj = nn.Dense(self.embed_dim, use_bias=False,
-                               kernel_init=nn.initializers.lecun_normal(), name="image_proj")
-    self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.init_logit_scale),
-                                  ())
-    if self.loss == "siglip":
-      self.bias = self.param("bias", nn.initializers.constant(self.init_bias), ())
-
-  def embed_image(self, x, *, train: bool = False):
-    h = self.image_encoder(x, train=train and not self.lock_image)
-    if self.lock_image:
-      h = jax.lax.stop_gradient(h)
-    return self.image_proj(h)
-
-  def text_outputs(self, input_ids, attention_mask=None):
-    out = self.text_encoder(input_ids, attention_mask)
-    return jax.lax.stop_gradient(out) if self.lock_text else out
-
-  def embed_text(self, input_ids, attention_mask=None):
-    return self.text_outputs(input_ids, attention_mask)["text_embeds"]
-
-  def __call__(self, x, input_ids, attention_mask=None, *, train: bool = False):
-    return self.embed_image(x, train=train), self.embed_text(input_ids, attention_mask)
+from jaxgen.errors import ConfigError
+from jaxgen.images import check_images, map_batches, to_signed
+from jaxgen.models.dual_encoder import DualEncoderModule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +30,7 @@ class DualEncoder:
     return hash((self.module, self.image_shape))
 
   def check_images(self, images):
-    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(self.image_shape):
-      raise ShapeError(f"images: this dual encoder takes [batch, "
-                       f"{', '.join(map(str, self.image_shape))}] (NHWC); got "
-                       f"{list(images.shape)}.")
+    check_images(images, self.image_shape, model="this dual encoder takes")
 
 
 def _variables(params, model_state):
@@ -78,9 +39,7 @@ def _variables(params, model_state):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _embed_images(model: DualEncoder, params, model_state, images):
-  x = jnp.asarray(images)
-  x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
-  emb = model.module.apply(_variables(params, model_state), 2.0 * x - 1.0,
+  emb = model.module.apply(_variables(params, model_state), to_signed(images),
                            method=DualEncoderModule.embed_image)
   return l2_normalize(emb)
 
@@ -89,8 +48,7 @@ def embed_images(model: DualEncoder, params, model_state, images, batch_size: in
   """Unit-norm image embeddings [N, D] (uint8 or [0, 1] images)."""
   images = np.asarray(images)
   model.check_images(images)
-  return batched_features(lambda x: _embed_images(model, params, model_state, x), images,
-                          batch_size)
+  return map_batches(lambda x: _embed_images(model, params, model_state, x), images, batch_size)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -128,3 +86,33 @@ def clip_score(model: DualEncoder, params, model_state, images, prompts: Sequenc
   txt = embed_texts(model, params, prompts)
   per_image = 100.0 * np.maximum(np.sum(img * txt, axis=-1), 0.0)
   return dict(clip_score=float(per_image.mean()), per_image=per_image)
+
+
+def nearest_captions(model: DualEncoder, params, model_state, images, gallery: Sequence[str]
+                     ) -> list[str]:
+  """Retrieval captioning: for each image, the caption of `gallery` nearest in the shared
+  space."""
+  gallery = list(gallery)
+  texts = embed_texts(model, params, gallery)
+  best = np.argmax(embed_images(model, params, model_state, images) @ texts.T, axis=1)
+  return [gallery[int(b)] for b in best]
+
+
+def from_weights(w) -> tuple[DualEncoder, dict, dict]:
+  """(DualEncoder, params, model_state) of a clip run's weights (jaxgen.weights.load_weights):
+  built from its saved config and tokenizer, without its task or its data."""
+  from jaxgen.models import build
+  if w.tokenizer is None:
+    raise ConfigError(f"{w.workdir} holds no tokenizer/ folder; run `jaxgen train` on it once "
+                      "with this jaxgen version to store it.")
+  d = w.section("data")
+  module = build.dual_encoder(w.section("model"), w.tokenizer)
+  return DualEncoder(module, (d.image_size, d.image_size, d.channels), w.tokenizer), \
+      w.params, w.model_state
+
+
+@functools.lru_cache(maxsize=8)
+def load_dual_encoder(workdir: str, what: str = "") -> tuple[DualEncoder, dict, dict]:
+  """(DualEncoder, params, model_state) of a trained clip workdir, for scoring other runs."""
+  from jaxgen.weights import load_weights
+  return from_weights(load_weights(workdir, expect_task="clip", what=what))

@@ -16,6 +16,8 @@ import numpy as np
 
 from jaxgen import diffusion
 from jaxgen.errors import ConfigError, ShapeError
+from jaxgen.images import check_images as _check_shape
+from jaxgen.images import from_signed, to_signed
 from jaxgen.models.unet import UNet
 
 
@@ -44,23 +46,8 @@ class DiffusionModel:
     return self.unet.apply(params, x_t, t, labels=labels, train=train, rngs=rngs)
 
 
-def to_model_space(images) -> jax.Array:
-  """uint8 / [0, 1] images -> the model's [-1, 1]."""
-  images = jnp.asarray(images)
-  if images.dtype == jnp.uint8:
-    images = images.astype(jnp.float32) / 255.0
-  return 2.0 * images.astype(jnp.float32) - 1.0
-
-
-def to_images(x) -> jax.Array:
-  return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
-
-
 def check_images(model: DiffusionModel, images, what: str = "images") -> None:
-  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(model.image_shape):
-    raise ShapeError(f"{what}: this model makes images [batch, "
-                     f"{', '.join(map(str, model.image_shape))}] (NHWC); got "
-                     f"{list(images.shape)}.")
+  _check_shape(images, model.image_shape, what)
 
 
 def _check_conditioning(model: DiffusionModel, num: int, labels, guidance_scale) -> None:
@@ -126,8 +113,8 @@ def generate(model: DiffusionModel, params, key, *, num: int, labels=None, guida
                          eta=eta, timesteps=timesteps, spacing=spacing, clip_x0=model.clip_x0,
                          return_trajectory=return_trajectory)
   if return_trajectory:
-    return to_images(out[0]), out[1]
-  return to_images(out)
+    return from_signed(out[0]), out[1]
+  return from_signed(out)
 
 
 @_checked
@@ -141,10 +128,10 @@ def inpaint(model: DiffusionModel, params, key, images, mask, *, num: int, label
     raise ShapeError(f"inpaint: {images.shape[0]} images given for num={num}.")
   mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), images.shape)
   den = denoiser(model, params, num, labels, guidance_scale)
-  out = diffusion.inpaint(den, model.make_schedule(), key, to_model_space(images), mask,
+  out = diffusion.inpaint(den, model.make_schedule(), key, to_signed(images), mask,
                           sampler=sampler, num_steps=num_steps, prediction=model.prediction,
                           eta=eta, spacing=spacing, clip_x0=model.clip_x0)
-  return to_images(out)
+  return from_signed(out)
 
 
 @_checked
@@ -155,10 +142,10 @@ def img2img(model: DiffusionModel, params, key, images, *, strength: float, num:
   """SDEdit: noise the images to `strength` (0..1] of the schedule and denoise them back."""
   check_images(model, images)
   den = denoiser(model, params, num, labels, guidance_scale)
-  out = diffusion.img2img(den, model.make_schedule(), key, to_model_space(images), strength,
+  out = diffusion.img2img(den, model.make_schedule(), key, to_signed(images), strength,
                           sampler=sampler, num_steps=num_steps, prediction=model.prediction,
                           eta=eta, spacing=spacing, clip_x0=model.clip_x0)
-  return to_images(out)
+  return from_signed(out)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num", "num_steps", "label"))
@@ -178,7 +165,31 @@ def interpolate(model: DiffusionModel, params, image_a, image_b, *, num: int = 8
     y = None if fill is None else jnp.full(x_t.shape[:1], fill, jnp.int32)
     return model.apply(params, x_t, t, y)
 
-  out = diffusion.interpolate(den, model.make_schedule(), to_model_space(image_a),
-                              to_model_space(image_b), num, num_steps,
+  out = diffusion.interpolate(den, model.make_schedule(), to_signed(image_a),
+                              to_signed(image_b), num, num_steps,
                               prediction=model.prediction)
-  return to_images(out)
+  return from_signed(out)
+
+
+def grid_labels(model: DiffusionModel, n: int):
+  """n labels cycling through the classes (a grid then shows each class in its own column);
+  None for an unconditional model."""
+  k = model.num_classes
+  return jnp.arange(n, dtype=jnp.int32) % k if k else None
+
+
+def draw(model: DiffusionModel, params, key, num: int, *, sampler: str, steps: int,
+         guidance=None, batch: int = 250):
+  """`num` samples (uint8 [num, H, W, C]) in calls of `batch` images, and their labels
+  (class-conditional: cycling through the classes, with `guidance`; else None)."""
+  from jaxgen.images import to_uint8
+  labels_all = grid_labels(model, num)
+  out = []
+  for i, lo in enumerate(range(0, num, batch)):
+    n = min(batch, num - lo)
+    labels = None if labels_all is None else labels_all[lo:lo + n]
+    g = None if labels is None else jnp.float32(guidance)
+    x = generate(model, params, jax.random.fold_in(key, i), num=n, labels=labels,
+                 guidance_scale=g, sampler=sampler, num_steps=steps)
+    out.append(to_uint8(np.asarray(x)))
+  return np.concatenate(out), (None if labels_all is None else np.asarray(labels_all))

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxgen import diffusion
 from jaxgen.errors import ConfigError, ShapeError
+from jaxgen.images import check_images, from_signed, to_signed, to_unit
 from jaxgen.models.autoencoder import Autoencoder
 from jaxgen.models.text import TextTransformer
 from jaxgen.models.unet import UNet
@@ -88,9 +89,7 @@ class LatentDiffusionModel:
 
   def encode_images(self, model_state, images, key=None):
     """Images (uint8 or [0, 1]) -> scaled latents; the posterior mean, or a sample with key."""
-    x = jnp.asarray(images)
-    x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
-    mean, logvar = self.vae.apply(model_state["vae"], 2.0 * x - 1.0, method=Autoencoder.encode)
+    mean, logvar = self.vae.apply(model_state["vae"], to_signed(images), method=Autoencoder.encode)
     z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key,
                                                                                   mean.shape)
     return z * model_state["latent"]["scale"]
@@ -116,7 +115,7 @@ class LatentDiffusionModel:
       return jax.nn.sigmoid(x)
     if self.vae_output == "unit":
       return jnp.clip(x, 0.0, 1.0)
-    return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+    return from_signed(x)
 
 
 def _tile_starts(n: int, tile: int, stride: int) -> list[int]:
@@ -266,9 +265,7 @@ def _inpaint(model, params, model_state, images, mask_px, ids, mask, neg_ids, ne
                         num_steps=num_steps, prediction=model.prediction, eta=eta,
                         timesteps=model.timesteps(num_steps, spacing), clip_x0=model.clip_x0)
   out = model.decode_latents(model_state, z)
-  x = jnp.asarray(images)
-  x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
-  return mask_px * x + (1.0 - mask_px) * out  # known pixels exactly as given
+  return mask_px * to_unit(images) + (1.0 - mask_px) * out  # known pixels exactly as given
 
 
 def inpaint(model: LatentDiffusionModel, params, model_state, prompts, images, mask, key, *,
@@ -288,8 +285,6 @@ def inpaint(model: LatentDiffusionModel, params, model_state, prompts, images, m
 
 
 def _check_images(model: LatentDiffusionModel, images, n: int):
-  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(model.image_shape):
-    raise ShapeError(f"images: this model makes [batch, {', '.join(map(str, model.image_shape))}]"
-                     f" (NHWC); got {list(images.shape)}.")
+  check_images(images, model.image_shape)
   if images.shape[0] != n:
     raise ShapeError(f"{images.shape[0]} images for {n} prompts: give one image per prompt.")

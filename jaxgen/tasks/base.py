@@ -1,12 +1,13 @@
-"""What a pillar supplies to the one train loop: its config sections, model init and loss.
+"""What a pillar supplies to the one train loop: its config sections, validation, module
+building, init, loss and host preprocessing.
 
 A Task builds its flax modules from the config. The loop owns everything else: data, mesh,
-optimizer, TrainState, jit, checkpoints, logging and the schedule of pictures.
+optimizer, TrainState, jit, checkpoints, logging and the schedule of pictures. Sampling lives in
+`jaxgen.pipelines`, evaluation in `jaxgen.eval`, and the commands that wire them to a run in
+`jaxgen.commands`.
 """
 from __future__ import annotations
 
-import argparse
-import pathlib
 from typing import Any
 
 import jax
@@ -26,8 +27,11 @@ class Task:
   def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError for values this task cannot use."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer=None):
     self.config = config
+    # Tasks with text set self.tokenizer: `tokenizer` if given (a run's saved one), else built
+    # from the config (and, for the word tokenizer, the training captions).
+    self.tokenizer = tokenizer
 
   def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Host-side work on each batch before it goes to the devices (e.g. tokenising captions).
@@ -64,25 +68,16 @@ class Task:
     """-> (loss, (metrics, new_model_state)). Pure and jittable."""
     raise NotImplementedError
 
+  def cached_inputs(self, state, source) -> dict[str, np.ndarray] | None:
+    """Per-example arrays computed once over the training `source` with the restored or initial
+    `state` (e.g. a frozen encoder's latents). The loader joins them to each batch by index, so
+    the batch says explicitly what the loss reads."""
+    return None
+
+  # The offline metric's data set, when the loss needs its feature network (a perceptual loss):
+  # the app layer makes sure the network exists before training starts.
+  feature_net_data = None
+
   def pictures(self, params, model_state, key: jax.Array) -> dict[str, np.ndarray]:
     """Named uint8 pictures [H, W, C] to write during training (grids, strips)."""
     return {}
-
-  # `jaxgen eval`: each task adds its own options; they arrive as keyword arguments.
-  @staticmethod
-  def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    pass
-
-  def evaluate(self, params, model_state, key: jax.Array, **options) -> dict:
-    """Held-out metrics for `jaxgen eval`."""
-    return {}
-
-  # `jaxgen sample`: each task adds its own options and writes its own pictures.
-  @staticmethod
-  def add_sample_args(parser: argparse.ArgumentParser) -> None:
-    pass
-
-  def sample(self, params, model_state, args: argparse.Namespace,
-             outdir: pathlib.Path) -> list[pathlib.Path]:
-    """Writes pictures; args.out_file (a .png given with --out) names the main one."""
-    raise NotImplementedError(f"task {self.name} has no sampler")

@@ -5,15 +5,15 @@ params      {"unet": ..., "text": ...}           the text tower is trained, or f
 model_state {"vae": ..., "latent": {"scale"}}    the autoencoder is frozen and travels with the
                                                  checkpoint, so a run is self-contained
 A fresh run loads the autoencoder from `ldm.autoencoder` (a vae-task workdir) and, optionally,
-the text tower from a clip workdir (`model.text.init`). Captions are dropped to the empty prompt
-with probability `model.prompt_dropout`, which trains the unconditional model for guidance.
+the text tower from a clip workdir (`model.text.init`), both through jaxgen.weights (no task, no
+data). With `ldm.cache_latents` the training set is encoded once and the batches carry the
+latents' mean and std (`cached_inputs`) instead of the images. Captions are dropped to the empty
+prompt with probability `model.prompt_dropout`, which trains the unconditional model for
+guidance.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,34 +21,24 @@ import numpy as np
 
 from jaxgen import diffusion
 from jaxgen import images as img
-from jaxgen.data import load_all, load_source
-from jaxgen.data import shapes as shapes_data
+from jaxgen import text as text_lib
+from jaxgen import weights as weights_lib
+from jaxgen.data import load_source
+from jaxgen.data.captions import captions_of
 from jaxgen.errors import ConfigError
+from jaxgen.images import map_batches, to_signed
+from jaxgen.models import build
 from jaxgen.models.autoencoder import Autoencoder
-from jaxgen.models.unet import UNet
 from jaxgen.pipelines import text_to_image as t2i
+from jaxgen.pipelines.autoencoder import latent_scale
 from jaxgen.tasks.base import Task
-from jaxgen.tasks.clip import build_text_tower, build_tokenizer, captions_of, text_section
 from jaxgen.tasks.diffusion import diffusion_section, schedule_kwargs, validate_diffusion
-from jaxgen.tasks.vae import ARCHITECTURE_KEYS, AutoencoderTask, autoencoder_module, latent_scale
+from jaxgen.tasks.vae import architecture_keys, autoencoder_module, autoencoder_section
 
 log = logging.getLogger(__name__)
 
-
-def unet_section(**overrides) -> dict:
-  d = dict(block_channels=(64, 128), layers_per_block=1, attn_levels=(True, True),
-           mid_attention=True, num_heads=4, transformer_depth=1, use_linear_projection=True,
-           dropout=0.0, groups=16, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0.0,
-           dtype="float32", remat=False,
-           num_heads_per_level=())  # (): num_heads at every level; else one count per level
-                                    # (SD 2.x: 5, 10, 20, 20), the middle block takes the last
-  d.update(overrides)
-  return d
-
-
 def vae_section(**overrides) -> dict:
-  d = dict(AutoencoderTask.default_config()["model"])
-  d.update(latent_dim=0, quant_conv=True, mid_attention=True)
+  d = autoencoder_section(latent_dim=0, quant_conv=True, mid_attention=True)
   d.update(overrides)
   return d
 
@@ -59,8 +49,8 @@ class LatentDiffusionTask(Task):
   @staticmethod
   def default_config():
     return {
-        "model": dict(unet=unet_section(), vae=vae_section(),
-                      text=text_section(init="", freeze=True, layer=0,
+        "model": dict(unet=build.conditional_unet_section(), vae=vae_section(),
+                      text=build.text_section(init="", freeze=True, layer=0,
                                         attention_mask=True),  # False: Stable Diffusion's
                       prompt_dropout=0.1),                     # pipelines give the tower none
         "diffusion": diffusion_section(),
@@ -106,28 +96,22 @@ class LatentDiffusionTask(Task):
     if not 0.0 <= m.prompt_dropout < 1.0:
       raise ConfigError(f"model.prompt_dropout must be in [0, 1); got {m.prompt_dropout}.")
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, tokenizer=None):
+    super().__init__(config, tokenizer)
     m, d = config.model, config.data
     self._train_source = None
-    self.tokenizer = build_tokenizer(m.text, self._train_captions)
-    t = m.text
-    self.text = build_text_tower(t, self.tokenizer)
-    v = m.vae
+    t, v = m.text, m.vae
+    if self.tokenizer is None and t.init:
+      # The text tower comes from a clip run: so do the ids it was trained on.
+      self.tokenizer = weights_lib.load_tokenizer(t.init, weights_lib.read_config(t.init))
+    if self.tokenizer is None:
+      self.tokenizer = text_lib.from_config(t, self._train_captions)
+    self.text = build.text_tower(t, self.tokenizer)
     self.vae = autoencoder_module(v, d)
     vae_output = config.ldm.vae_output
     if vae_output == "auto":
       vae_output = "sigmoid" if v.likelihood == "bernoulli" else "unit"
-    u = m.unet
-    self.unet = UNet(out_channels=v.z_channels, block_channels=tuple(u.block_channels),
-                     layers_per_block=u.layers_per_block, attn_levels=tuple(u.attn_levels),
-                     mid_attention=u.mid_attention, attention="transformer",
-                     num_heads=tuple(u.num_heads_per_level) or u.num_heads,
-                     transformer_depth=u.transformer_depth,
-                     context_dim=t.width, use_linear_projection=u.use_linear_projection,
-                     dropout=u.dropout, groups=u.groups, norm_eps=u.norm_eps,
-                     flip_sin_to_cos=u.flip_sin_to_cos, freq_shift=u.freq_shift,
-                     dtype=jnp.dtype(u.dtype), remat=u.remat)
+    self.unet = build.conditional_unet(m.unet, v.z_channels, t.width)
     self.model = t2i.LatentDiffusionModel(
         self.unet, self.text, self.vae, (d.image_size, d.image_size, d.channels),
         text_layer=t.layer or None, text_mask=t.attention_mask, vae_output=vae_output,
@@ -136,7 +120,6 @@ class LatentDiffusionTask(Task):
     self.schedule = self.model.make_schedule()
     empty = self.tokenizer([""])
     self.empty_ids, self.empty_mask = empty["input_ids"][0], empty["attention_mask"][0]
-    self._latents = None
 
   def _source(self, split):
     d = self.config.data
@@ -167,16 +150,14 @@ class LatentDiffusionTask(Task):
 
   def pretrained(self, params, model_state):
     """Loads the autoencoder (required) and the text tower (optional) of other runs."""
-    from jaxgen.train import restore_run
     lc, m = self.config.ldm, self.config.model
     if not lc.autoencoder:
       raise ConfigError("ldm.autoencoder must name a trained autoencoder workdir (e.g. "
                         "runs/ldm_autoencoder from configs/ldm_autoencoder.py).")
-    ae = restore_run(lc.autoencoder)
-    if ae.config.task != "vae":
-      raise ConfigError(f"ldm.autoencoder: {lc.autoencoder} holds a {ae.config.task} run.")
-    mismatch = [k for k in ARCHITECTURE_KEYS if ae.config.model.get(k) != m.vae[k]]
-    image = (ae.config.data.image_size, ae.config.data.channels)
+    ae = weights_lib.load_weights(lc.autoencoder, expect_task="vae", what="ldm.autoencoder")
+    saved_model, saved_data = ae.config["model"], ae.config["data"]
+    mismatch = [k for k in architecture_keys(m.vae) if saved_model.get(k) != _plain(m.vae[k])]
+    image = (saved_data["image_size"], saved_data["channels"])
     if mismatch or image != (self.config.data.image_size, self.config.data.channels):
       raise ConfigError(f"ldm.autoencoder: the run's model differs from model.vae in "
                         f"{mismatch or 'image size/channels'}; copy its model section.")
@@ -186,9 +167,7 @@ class LatentDiffusionTask(Task):
              "from the config" if lc.latent_scale else "measured by the autoencoder")
     model_state = dict(model_state, vae=vae_params, latent={"scale": jnp.float32(scale)})
     if m.text.init:
-      clip = restore_run(m.text.init)
-      if clip.config.task != "clip":
-        raise ConfigError(f"model.text.init: {m.text.init} holds a {clip.config.task} run.")
+      clip = weights_lib.load_weights(m.text.init, expect_task="clip", what="model.text.init")
       src = clip.params["params"]["text_encoder"]
       text = {k: v for k, v in src.items() if k != "text_projection"}
       shapes = lambda t: jax.tree.map(lambda a: tuple(a.shape), t)
@@ -210,34 +189,24 @@ class LatentDiffusionTask(Task):
     tok = self.tokenizer(list(captions_of(batch, names, "a photo of a {}")), truncate=True)
     out = {k: v for k, v in batch.items() if v.dtype.kind not in "USO"}
     out.update(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-    if self._latents is not None:
-      idx = batch["index"]
-      out["latent_mean"], out["latent_std"] = self._latents[0][idx], self._latents[1][idx]
+    if "latent_mean" in out:  # the batch carries cached latents: the images are not needed
       del out["image"]
     return out
 
-  def prepare(self, state) -> None:
-    if self.config.ldm.cache_latents:
-      self.cache_latents(state.model_state)
-
-  def cache_latents(self, model_state) -> None:
-    """Encodes the training set once (posterior mean and std, unscaled) for training on latents;
-    the loop's reader then sends latents instead of images."""
-    src = self._source(self.config.data.train_split)
+  def cached_inputs(self, state, source):
+    """With ldm.cache_latents: the training set encoded once by the frozen autoencoder (posterior
+    mean and std, unscaled), which the loader joins to each batch by index."""
+    if not self.config.ldm.cache_latents:
+      return None
+    vae = state.model_state["vae"]
 
     @jax.jit
-    def enc(x):
-      mean, logvar = self.vae.apply(model_state["vae"], 2.0 * x.astype(jnp.float32) / 255.0 - 1.0,
-                                    method=Autoencoder.encode)
-      return mean, jnp.exp(0.5 * logvar)
+    def enc(batch, _):
+      mean, logvar = self.vae.apply(vae, to_signed(batch["image"]), method=Autoencoder.encode)
+      return {"latent_mean": mean, "latent_std": jnp.exp(0.5 * logvar)}
 
-    means, stds = [], []
-    for lo in range(0, len(src), 256):
-      idx = np.arange(lo, min(lo + 256, len(src)))
-      m, s = enc(src.get(idx)["image"])
-      means.append(np.asarray(m))
-      stds.append(np.asarray(s))
-    self._latents = (np.concatenate(means), np.concatenate(stds))
+    images = source.get(np.arange(len(source)))["image"]
+    return map_batches(enc, {"image": images}, min(256, len(images)))
 
   def loss_fn(self, params, model_state, batch, key):
     m, d = self.config.model, self.config.diffusion
@@ -262,6 +231,7 @@ class LatentDiffusionTask(Task):
 
   # -- pictures ----------------------------------------------------------------------------
   def prompts(self, split: str, n: int) -> list[str]:
+    """The first n captions of a split (held-out prompts for pictures and evaluation)."""
     src = self._source(split)
     data = src.get(np.arange(min(n, len(src))))
     return [str(c) for c in captions_of(data, src.class_names, "a photo of a {}")]
@@ -275,105 +245,6 @@ class LatentDiffusionTask(Task):
     return {"text_to_image": img.grid(x.reshape(len(prompts), 4, *x.shape[1:]).swapaxes(0, 1)
                                       .reshape(x.shape), ncols=len(prompts), scale=scale)}
 
-  # -- jaxgen generate / sample ------------------------------------------------------------
-  @staticmethod
-  def add_sample_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", action="append", default=None,
-                        help="a prompt (repeat for several); default: held-out captions")
-    parser.add_argument("--negative", default=None, help="negative prompt (default: empty)")
-    parser.add_argument("--num", type=int, default=4, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None)
 
-  def sample(self, params, model_state, args, outdir: pathlib.Path):
-    d = self.config.diffusion
-    if not args.prompt and not self.config.ldm.autoencoder:
-      # Only imported runs (jaxgen import) have no autoencoder run: their data section is a
-      # placeholder, not data to draw held-out captions from.
-      raise ConfigError("This run holds imported weights and no data set: give --prompt.")
-    prompts = args.prompt or self.prompts(self.config.data.eval_split, 4)
-    t0 = time.perf_counter()
-    x = t2i.text_to_image(self.model, params, model_state, prompts,
-                          jax.random.PRNGKey(args.seed), steps=args.steps or d.sample_steps,
-                          guidance_scale=d.guidance_scale if args.guidance is None
-                          else args.guidance, negative_prompt=args.negative,
-                          sampler=args.sampler or d.sampler, num_per_prompt=args.num)
-    x = jax.block_until_ready(x)
-    log.info("%d images in %.1f s (compile included)", len(x), time.perf_counter() - t0)
-    for i, p in enumerate(prompts):
-      log.info("row %d: %s", i, p)
-    path = pathlib.Path(args.out_file) if args.out_file else outdir / "text_to_image.png"
-    return [img.save_png(img.grid(x, ncols=args.num,
-                                  scale=img.display_scale(self.config.data.image_size)), path)]
-
-  # -- jaxgen eval -------------------------------------------------------------------------
-  @staticmethod
-  def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num", type=int, default=200, help="held-out prompts to draw")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--judge", default=None,
-                        help="clip workdir that scores the images (default: ldm.judge, else "
-                             "model.text.init)")
-
-  def evaluate(self, params, model_state, key, *, num=200, steps=None, guidance=None,
-               judge=None, **unused):
-    """CLIP score and zero-shot prompt-following of images drawn for held-out prompts, beside
-    the same measures for the real held-out images and for unconditional samples."""
-    from jaxgen.pipelines import clip as clip_pipe
-    from jaxgen.tasks.clip import load_dual_encoder
-    judge = judge or self.config.ldm.judge or self.config.model.text.init
-    if not judge:
-      raise ConfigError("Scoring needs a trained clip run: pass --judge WORKDIR or set ldm.judge.")
-    jm, jp, js = load_dual_encoder(str(judge))
-    d = self.config.diffusion
-    data = load_all(self._source(self.config.data.eval_split), limit=num)
-    prompts = self.prompts(self.config.data.eval_split, num)
-    g = d.guidance_scale if guidance is None else guidance
-    steps = steps or d.sample_steps
-
-    def draw(prompt_list, k):
-      out = []
-      for i in range(0, len(prompt_list), 50):
-        out.append(np.asarray(t2i.text_to_image(
-            self.model, params, model_state, prompt_list[i:i + 50], jax.random.fold_in(k, i),
-            steps=steps, guidance_scale=g, sampler=d.sampler)))
-      return np.concatenate(out)
-
-    t0 = time.perf_counter()
-    generated = draw(prompts, key)
-    seconds = time.perf_counter() - t0
-    # Unconditional: the empty prompt both as condition and as guidance reference.
-    unconditional = draw([""] * len(prompts), jax.random.fold_in(key, 1))
-    out = dict(num_prompts=len(prompts), steps=steps, guidance_scale=g, sampling_seconds=seconds)
-    for name, images in (("generated", generated), ("real", data["image"]),
-                         ("unconditional", unconditional)):
-      score = clip_pipe.clip_score(jm, jp, js, images, prompts)["clip_score"]
-      out[name] = dict(clip_score=score, **self._prompt_following(jm, jp, js, images, data))
-    return out
-
-  def _prompt_following(self, jm, jp, js, images, data) -> dict:
-    """Zero-shot: does the picture show the first object's shape and colour that its prompt
-    names (shapes data), or the prompt's class (class data)?"""
-    from jaxgen.pipelines import clip as clip_pipe
-    emb = clip_pipe.embed_images(jm, jp, js, images)
-    d = self.config.data
-    out = {}
-    if d.source == "embedded" and d.name == "shapes":
-      s = shapes_data
-      for attr, names, prompts in (
-          ("shape", s.SHAPES, [[f"a {z} {c} {k}" for z in s.SIZE_NAMES for c in s.COLOUR_NAMES]
-                               for k in s.SHAPES]),
-          ("colour", s.COLOUR_NAMES, [[f"a {z} {c} {k}" for z in s.SIZE_NAMES for k in s.SHAPES]
-                                      for c in s.COLOUR_NAMES])):
-        classes = clip_pipe.zero_shot_classifier(jm, jp, prompts)
-        pred = np.asarray(emb @ classes.T).argmax(1)
-        out[f"{attr}_accuracy"] = float(np.mean(np.array(names)[pred] == data[attr]))
-    elif "label" in data and self._source(d.train_split).class_names:
-      names = self._source(d.train_split).class_names
-      classes = clip_pipe.zero_shot_classifier(jm, jp, [[f"a photo of a {n}"] for n in names])
-      out["class_accuracy"] = float(np.mean(np.asarray(emb @ classes.T).argmax(1)
-                                            == data["label"]))
-    return out
-
+def _plain(value):
+  return list(value) if isinstance(value, tuple) else value

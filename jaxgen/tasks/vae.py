@@ -12,65 +12,72 @@ factor latent diffusion multiplies the latents by (Stable Diffusion's scaling_fa
 """
 from __future__ import annotations
 
-import argparse
-import functools
 import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxgen import images as img
 from jaxgen import losses
-from jaxgen.data import load_all, load_source
+from jaxgen.data import heldout_images
 from jaxgen.distributions import bernoulli_log_prob, gaussian_kl, gaussian_log_prob, reparameterize
 from jaxgen.errors import ConfigError
-from jaxgen.eval.batching import map_batches
-from jaxgen.eval.image_metrics import psnr, ssim
+from jaxgen.images import to_signed, to_unit
+from jaxgen.models import build
 from jaxgen.models.autoencoder import Autoencoder
 from jaxgen.models.discriminator import PatchDiscriminator
 from jaxgen.pipelines import autoencoder as pipe
 from jaxgen.tasks.base import Task
 
-# The model keys that define the autoencoder's parameters; the others only shape its training.
-ARCHITECTURE_KEYS = ("kind", "likelihood", "gaussian_scale", "rec_loss", "ch", "ch_mult",
-                     "num_res_blocks", "z_channels", "latent_dim", "groups", "mid_attention",
-                     "quant_conv")
+# The model keys that shape training only; the others are the Autoencoder's fields or decide them.
+TRAINING_KEYS = ("kind", "likelihood", "gaussian_scale", "rec_loss", "beta",
+                 "latent_stats_momentum", "perceptual_net", "perceptual_weight", "disc_weight",
+                 "disc_start", "disc_adaptive", "disc_ch", "disc_layers")
+
+
+def architecture_keys(model_cfg) -> list[str]:
+  """The model keys that define the autoencoder's parameters (a loaded run must match them)."""
+  shaping = ("kind", "likelihood", "gaussian_scale", "rec_loss")  # decide learn_output_scale
+  return [k for k in model_cfg if k not in TRAINING_KEYS or k in shaping]
+
+
+def autoencoder_section(**overrides) -> dict:
+  """A vae-task model section: the Autoencoder's fields (those the data does not fix) and the
+  training keys."""
+  training = dict(
+      kind="vae",               # vae | ae (deterministic)
+      # How decoder outputs become images: bernoulli = logits (sigmoid), gaussian = the
+      # pixel values themselves; with rec_loss="likelihood" also the likelihood.
+      likelihood="bernoulli",   # bernoulli | gaussian
+      gaussian_scale=0.0,       # fixed output std for gaussian; 0 learns one per channel
+      rec_loss="likelihood",    # likelihood (-log p(x|z), nats) | l1 | l2 (summed, [-1, 1])
+      beta=1.0,                 # KL weight (beta-VAE; LDM's KL autoencoders use 1e-6)
+      latent_stats_momentum=0.99,  # running mean/var of the sampled latents (model_state)
+      perceptual_net="",        # "" off | auto (the metric's cached classifier) | a workdir
+      perceptual_weight=1.0,    # LPIPS-style distance, added to every pixel's loss (as LDM)
+      disc_weight=0.0,          # > 0: a patch discriminator (hinge loss) with this weight
+      disc_start=0,             # steps before the discriminator and its loss are switched on
+      disc_adaptive=True,       # scale disc_weight by |grad rec| / |grad gan| (taming)
+      disc_ch=64,
+      disc_layers=3,            # stride-2 convs; the patch is 34 px for 2, 70 px for 3
+  )
+  d = build.section(Autoencoder, exclude=("in_channels", "out_channels", "image_size",
+                                          "variational", "learn_output_scale", "dtype"),
+                    ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, latent_dim=32,
+                    groups=8, mid_attention=False, quant_conv=True, **training)
+  d.update(overrides)
+  return d
 
 
 def autoencoder_module(model_cfg, data_cfg) -> Autoencoder:
   """The Autoencoder a vae-task model section describes (also for tasks that load one)."""
   m, d = model_cfg, data_cfg
-  return Autoencoder(
-      in_channels=d.channels, out_channels=d.channels, image_size=d.image_size, ch=m.ch,
-      ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks, z_channels=m.z_channels,
-      latent_dim=m.latent_dim, variational=m.kind == "vae", groups=m.groups,
-      mid_attention=m.mid_attention, quant_conv=m.quant_conv,
+  return build.build(
+      Autoencoder, m, skip=TRAINING_KEYS, where="model", in_channels=d.channels,
+      out_channels=d.channels, image_size=d.image_size, variational=m.kind == "vae",
       learn_output_scale=(m.likelihood == "gaussian" and m.gaussian_scale == 0
                           and m.rec_loss == "likelihood"))
-
-
-def latent_scale(model_state) -> jax.Array:
-  """1 / std of the latents, the factor latent diffusion multiplies them by to give them unit
-  variance (Stable Diffusion's scaling_factor: 0.18215 for SD 1.x's VAE). Pure and jittable;
-  float() it on the host."""
-  return jax.lax.rsqrt(jnp.asarray(model_state["latent_stats"]["var"], jnp.float32))
-
-
-def latent_stats_for_scale(scale: float, mean: float = 0.0) -> dict:
-  """latent_stats whose latent_scale() is `scale` (e.g. for imported weights with a published
-  scaling factor)."""
-  return {"mean": jnp.float32(mean), "var": jnp.float32(1.0 / scale ** 2)}
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _latent_sums(model: pipe.AutoencoderModel, params, images):
-  """Per image: sum of the posterior means and sum of E[z^2] = mean^2 + var over its latent."""
-  mean, logvar = pipe.encode(model, params, images)
-  second = jnp.square(mean) if logvar is None else jnp.square(mean) + jnp.exp(logvar)
-  flat = lambda a: a.reshape(a.shape[0], -1).astype(jnp.float32).sum(-1)
-  return {"s1": flat(mean), "s2": flat(second)}
 
 
 class AutoencoderTask(Task):
@@ -78,31 +85,7 @@ class AutoencoderTask(Task):
 
   @staticmethod
   def default_config():
-    return {"model": dict(
-        kind="vae",               # vae | ae (deterministic)
-        # How decoder outputs become images: bernoulli = logits (sigmoid), gaussian = the
-        # pixel values themselves; with rec_loss="likelihood" also the likelihood.
-        likelihood="bernoulli",   # bernoulli | gaussian
-        gaussian_scale=0.0,       # fixed output std for gaussian; 0 learns one per channel
-        rec_loss="likelihood",    # likelihood (-log p(x|z), nats) | l1 | l2 (summed, [-1, 1])
-        beta=1.0,                 # KL weight (beta-VAE; LDM's KL autoencoders use 1e-6)
-        ch=32,
-        ch_mult=(1, 2, 2),
-        num_res_blocks=1,
-        z_channels=4,
-        latent_dim=32,            # > 0: vector latents; 0: spatial [H/f, W/f, z_channels]
-        groups=8,
-        mid_attention=False,
-        quant_conv=True,
-        latent_stats_momentum=0.99,  # running mean/var of the sampled latents (model_state)
-        perceptual_net="",        # "" off | auto (the metric's cached classifier) | a workdir
-        perceptual_weight=1.0,    # LPIPS-style distance, added to every pixel's loss (as LDM)
-        disc_weight=0.0,          # > 0: a patch discriminator (hinge loss) with this weight
-        disc_start=0,             # steps before the discriminator and its loss are switched on
-        disc_adaptive=True,       # scale disc_weight by |grad rec| / |grad gan| (taming)
-        disc_ch=64,
-        disc_layers=3,            # stride-2 convs; the patch is 34 px for 2, 70 px for 3
-    )}
+    return {"model": autoencoder_section()}
 
   @staticmethod
   def validate(config):
@@ -142,15 +125,15 @@ class AutoencoderTask(Task):
                           f"{d.image_size}px image; use at most "
                           f"{max(1, int(math.log2(max(d.image_size // 3, 1))))}.")
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, tokenizer=None):
+    super().__init__(config, tokenizer)
     m = config.model
     self.module = autoencoder_module(m, config.data)
     self.model = pipe.AutoencoderModel(self.module, m.likelihood)
     self.disc = (PatchDiscriminator(ch=m.disc_ch, num_layers=m.disc_layers)
                  if m.disc_weight > 0 else None)
     self._feature_distance = None
-    self._eval_data = None
+    self._eval_images = None
 
   @staticmethod
   def autoencoder_params(params) -> dict:
@@ -159,7 +142,7 @@ class AutoencoderTask(Task):
 
   # -- training ----------------------------------------------------------------------------
   def init(self, key, batch):
-    x = 2.0 * pipe.to_unit(batch["image"]) - 1.0
+    x = to_signed(batch["image"])
     params = self.module.init(key, x)
     if self.disc is not None:
       params = {**params, "disc": self.disc.init(jax.random.fold_in(key, 1), x)["params"]}
@@ -179,19 +162,23 @@ class AutoencoderTask(Task):
       return None
     if self._feature_distance is None:
       from jaxgen.eval.quality import load_feature_net
+      from jaxgen.weights import read_config
       workdir = None if m.perceptual_net == "auto" else pathlib.Path(m.perceptual_net)
       if workdir is not None and not (workdir / "config.json").is_file():
         raise ConfigError(f"model.perceptual_net: {workdir} is not a jaxgen workdir; give a "
                           "classifier run's workdir, or 'auto'.")
+      d = self.config.data
+      if workdir is not None:
+        c = read_config(workdir)
+        if c["task"] != "classifier" or (c["data"]["image_size"], c["data"]["channels"]) != (
+            d.image_size, d.channels):
+          raise ConfigError(
+              f"model.perceptual_net: {workdir} holds a {c['task']} run on "
+              f"{c['data']['image_size']}px, {c['data']['channels']}-channel images; it must be "
+              f"a classifier on {d.image_size}px, {d.channels}-channel images.")
       # Loading runs eagerly even when it first happens while loss_fn is being traced.
       with jax.ensure_compile_time_eval():
-        net = load_feature_net(self.config.data, workdir)
-      c, d = net.task.config, self.config.data
-      if c.task != "classifier" or (c.data.image_size, c.data.channels) != (d.image_size,
-                                                                           d.channels):
-        raise ConfigError(f"model.perceptual_net: {workdir} holds a {c.task} run on "
-                          f"{c.data.image_size}px, {c.data.channels}-channel images; it must "
-                          f"be a classifier on {d.image_size}px, {d.channels}-channel images.")
+        net = load_feature_net(d, workdir)
       self._feature_distance = losses.FeatureDistance.from_feature_net(net)
     return self._feature_distance
 
@@ -228,7 +215,7 @@ class AutoencoderTask(Task):
   def terms(self, params, images, key):
     """Per-image reconstruction loss (nats for the likelihood) and KL (nats), and the decoder
     output, for a batch of uint8 images."""
-    x = pipe.to_unit(images)
+    x = to_unit(images)
     _, kl, out = self._forward(params, x, key)
     return self.reconstruction_loss(params, x, out), kl, out
 
@@ -244,7 +231,7 @@ class AutoencoderTask(Task):
     discriminator's for the discriminator: the alternating updates of taming/LDM, done at once.
     """
     m = self.config.model
-    x = pipe.to_unit(batch["image"])
+    x = to_unit(batch["image"])
     z, kl, out = self._forward(params, x, key)
     dims = math.prod(x.shape[1:])
     feature_distance = self.feature_distance()
@@ -305,109 +292,21 @@ class AutoencoderTask(Task):
                                                                      key)
     return generator + discriminator, (metrics, model_state)
 
-  def estimate_latent_stats(self, params, images, batch_size: int = 256) -> dict:
-    """Mean and variance of the sampled latents z ~ q(z | x) over all latent elements of the
-    given images, exactly: the noise is integrated out (E[z^2] = mean^2 + var), not sampled."""
-    ae = self.autoencoder_params(params)
-    r = map_batches(lambda b, _: _latent_sums(self.model, ae, b["image"]), {"image": images},
-                    min(batch_size, len(images)))
-    n = len(images) * math.prod(self.model.latent_shape)
-    mean = r["s1"].astype(np.float64).sum() / n
-    var = r["s2"].astype(np.float64).sum() / n - mean ** 2
-    return {"mean": np.float32(mean), "var": np.float32(var)}
+  @property
+  def feature_net_data(self):
+    m = self.config.model
+    auto = m.perceptual_net == "auto" and m.perceptual_weight > 0
+    return self.config.data if auto else None
 
   # -- pictures ----------------------------------------------------------------------------
-  def eval_images(self, n: int) -> np.ndarray:
-    if self._eval_data is None:
-      self._eval_data = load_all(load_source(self.config.data, self.config.data.eval_split),
-                                 limit=1024)["image"]
-    return self._eval_data[:n]
-
   def pictures(self, params, model_state, key):
     n = self.config.train.num_samples
     scale = img.display_scale(self.config.data.image_size)
     ae = self.autoencoder_params(params)
-    x = self.eval_images(16)
+    if self._eval_images is None:
+      self._eval_images = heldout_images(self.config.data, 16)
+    x = self._eval_images
     out = {"reconstructions": img.rows(x, pipe.reconstruct(self.model, ae, x), scale=scale)}
     if self.config.model.kind == "vae":
       out["prior_samples"] = img.grid(pipe.sample_prior(self.model, ae, key, n), scale=scale)
-    return out
-
-  def interpolation_strip(self, params, image_a, image_b, num: int = 10) -> np.ndarray:
-    """Row 1: linear, row 2: spherical interpolation of the latents, each framed by the two
-    original images."""
-    ae = self.autoencoder_params(params)
-    ends = pipe.to_unit(np.stack([image_a, image_b]))
-    lin = pipe.interpolate(self.model, ae, image_a, image_b, num, "lerp")
-    sph = pipe.interpolate(self.model, ae, image_a, image_b, num, "slerp")
-    frame = lambda r: np.concatenate([ends[:1], r, ends[1:]])
-    return img.rows(frame(lin), frame(sph), scale=img.display_scale(self.config.data.image_size))
-
-  # -- jaxgen sample -----------------------------------------------------------------------
-  @staticmethod
-  def add_sample_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num", type=int, default=64, help="prior samples in the grid")
-    parser.add_argument("--pairs", type=int, default=4,
-                        help="held-out image pairs to interpolate between")
-    parser.add_argument("--steps", type=int, default=10, help="points per interpolation")
-
-  def sample(self, params, model_state, args, outdir: pathlib.Path):
-    key = jax.random.PRNGKey(args.seed)
-    scale = img.display_scale(self.config.data.image_size)
-    ae = self.autoencoder_params(params)
-    main = pathlib.Path(args.out_file) if args.out_file else None
-    name = lambda default, suffix: (main.with_name(main.stem + suffix + ".png") if main
-                                    else outdir / f"{default}.png")
-    paths = []
-    if self.config.model.kind == "vae":
-      samples = pipe.sample_prior(self.model, ae, key, args.num)
-      paths.append(img.save_png(img.grid(samples, scale=scale), main or name("prior_samples", "")))
-    x = self.eval_images(max(16, 2 * args.pairs))
-    paths.append(img.save_png(img.rows(x[:16], pipe.reconstruct(self.model, ae, x[:16]),
-                                       scale=scale), name("reconstructions", "_reconstructions")))
-    strips = [self.interpolation_strip(params, x[2 * i], x[2 * i + 1], args.steps)
-              for i in range(args.pairs)]
-    paths.append(img.save_png(np.concatenate(strips, axis=0),
-                              name("interpolations", "_interpolations")))
-    return paths
-
-  @staticmethod
-  def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate on the first N held-out images only")
-
-  # -- jaxgen eval -------------------------------------------------------------------------
-  def evaluate(self, params, model_state, key, limit: int | None = None, **unused):
-    d, m = self.config.data, self.config.model
-    data = load_all(load_source(d, d.eval_split), limit=limit)
-    dims = math.prod(data["image"].shape[1:])
-    ae = self.autoencoder_params(params)
-
-    @jax.jit
-    def per_batch(batch, k):
-      rec, kl, _ = self.terms(params, batch["image"], k)
-      x = pipe.to_unit(batch["image"])
-      recon = pipe.reconstruct(self.model, ae, batch["image"])
-      out = dict(rec=rec, kl=kl, psnr=psnr(x, recon))
-      if min(x.shape[1:3]) >= 11:  # SSIM's 11x11 window
-        out["ssim"] = ssim(x, recon)
-      return out
-
-    r = map_batches(per_batch, {"image": data["image"]}, min(d.batch_size, len(data["image"])),
-                    key)
-    out = dict(num_images=len(r["rec"]), psnr=float(r["psnr"].mean()),
-               rec=float(r["rec"].mean()), kl=float(r["kl"].mean()))
-    if "ssim" in r:
-      out["ssim"] = float(r["ssim"].mean())
-    if m.rec_loss == "likelihood":
-      out["nll"] = out["rec"]
-      if m.kind == "vae":
-        neg_elbo = r["rec"] + r["kl"]
-        out["neg_elbo"] = float(neg_elbo.mean())
-        out["neg_elbo_bits_per_dim"] = float(neg_elbo.mean() / (dims * math.log(2.0)))
-    # The held-out images' exact scale next to the running one that latent diffusion uses.
-    held = self.estimate_latent_stats(params, data["image"])
-    out["latent_scale_heldout"] = float(latent_scale({"latent_stats": held}))
-    if isinstance(model_state, dict) and "latent_stats" in model_state:
-      out["latent_scale"] = float(latent_scale(model_state))
     return out

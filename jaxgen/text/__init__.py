@@ -72,3 +72,19 @@ def check_context_length(context_length: int) -> int:
     raise ConfigError(f"context_length must leave room for the start and end tokens, got "
                       f"{context_length}")
   return int(context_length)
+
+
+def from_config(t, captions_fn):
+  """The tokenizer a `model.text` section describes. The word tokenizer's vocabulary is built
+  from the training captions (`captions_fn()`, read only here); BPE reads tokenizer_path. A run
+  stores its tokenizer in its workdir (jaxgen.weights), so loading a run never calls this."""
+  if t.tokenizer == "words":
+    from jaxgen.text.words import WordTokenizer
+    return WordTokenizer.build(captions_fn(), context_length=t.context_length)
+  if t.tokenizer == "bpe":
+    if not t.tokenizer_path:
+      raise ConfigError("model.text.tokenizer=bpe needs model.text.tokenizer_path (a folder "
+                        "with vocab.json and merges.txt, e.g. a Stable Diffusion tokenizer/).")
+    from jaxgen.convert.clip_text import load_tokenizer
+    return load_tokenizer(t.tokenizer_path, context_length=t.context_length)
+  raise ConfigError(f"model.text.tokenizer must be 'words' or 'bpe'; got {t.tokenizer!r}.")

@@ -150,6 +150,16 @@ class Checkpointer:
     earlier = [s for s in self.all_steps() if s < step]
     return f"step {max(earlier)}" if earlier else "no earlier checkpoint: training restarts"
 
+  def restore_weights(self, step: int) -> tuple[dict, dict]:
+    """({'params', 'model_state'}, meta) of `step`, checksums verified, without a target tree
+    (see restore_weights); for inference and for loading pretrained towers."""
+    if not verify_checksums(self._step_dir(step)):
+      log.warning("Checkpoint %s has no checksums (its writer stopped right after saving); "
+                  "restoring it unverified.", self._step_dir(step))
+    meta = self.read_meta(step)
+    item = "weights" if self.has_weights_only(step) else "state"
+    return restore_weights(self._step_dir(step), item), meta
+
   def restore(self, step: int, abstract_state, config_dict: dict, item: str = "state"
               ) -> tuple[Any, dict]:
     """Restores `step` into the structure and shardings of `abstract_state` after checking that
@@ -174,6 +184,28 @@ class Checkpointer:
           f"({type(e).__name__}: {_first_line(e)}). Nothing was deleted. Move that directory "
           f"aside to resume from the previous step ({self._previous(step)}).") from e
     return restored, meta
+
+
+def restore_weights(step_dir: pathlib.Path, item: str) -> dict:
+  """{'params', 'model_state'} of a checkpoint's TrainState ('state': its EMA parameters) or of
+  an inference checkpoint ('weights'), without a target tree: shapes and structure come from the
+  checkpoint's own metadata, and the optimizer state is never read. Arrays land on one device."""
+  path = step_dir / item
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(path)
+    tree = dict(getattr(tree, "tree", tree))
+    names = ("ema_params", "model_state") if item == "state" else ("params", "model_state")
+    sub = {k: tree[k] for k in names if k in tree}
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), sub)
+    out = ocp.Checkpointer(handler).restore(path, args=ocp.args.PyTreeRestore(
+        item=sub, restore_args=restore_args, partial_restore=True))
+  except Exception as e:
+    raise CheckpointError(
+        f"Checkpoint {step_dir} is corrupt or unreadable ({type(e).__name__}: "
+        f"{_first_line(e)}). Nothing was deleted.") from e
+  return {"params": out.get(names[0]), "model_state": out.get("model_state") or {}}
 
 
 def _first_line(e: BaseException) -> str:

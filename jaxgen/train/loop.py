@@ -1,6 +1,7 @@
-"""The one train loop, and restoring a trained run from its workdir.
+"""The one train loop, and restoring a run's whole TrainState for a built task.
 
 WORKDIR/config.json      the resolved config of the latest start
+WORKDIR/tokenizer/       the run's tokenizer (tasks with text), written at the first start
 WORKDIR/checkpoints/N/   orbax checkpoints (TrainState + meta with the data position)
 WORKDIR/metrics.jsonl    metrics; WORKDIR/tb/ TensorBoard events; WORKDIR/samples/ PNG grids
 """
@@ -11,7 +12,6 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgen import config as config_lib
-from jaxgen import images, tasks
+from jaxgen import images
+from jaxgen import weights as weights_lib
 from jaxgen.data import BatchLoader, batch_sharding, load_source
 from jaxgen.errors import CheckpointError, NonFiniteLossError
 from jaxgen.train.checkpoint import Checkpointer, config_differences
@@ -83,16 +84,17 @@ class _Pending:
     return rows
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-          progress: bool = True, until_step: int | None = None, mesh=None) -> TrainState:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final state.
+def train(task, workdir: str | pathlib.Path, *, progress: bool = True,
+          until_step: int | None = None, mesh=None) -> TrainState:
+  """Trains a built task (`jaxgen.app.build_task(config)`) in `workdir`, resuming from its latest
+  checkpoint. Returns the final state.
 
   `until_step` stops early (with a checkpoint) as if the run had been interrupted there.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  config = task.config
   c, t = config, config.train
-  task = tasks.build(config)
   mesh = mesh or make_mesh()
   ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
   latest = ckpt.latest_step()
@@ -105,6 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config_lib.to_json(config))
+    weights_lib.save_tokenizer(workdir, config, getattr(task, "tokenizer", None))
 
   start = 0
   if latest is not None:
@@ -129,6 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   if task.prepare is not None:
     task.prepare(state)
+  loader.cached = task.cached_inputs(state, loader.source)
   train_step = make_train_step(task.loss_fn, ema_decay=c.optim.ema_decay, schedule=schedule,
                                state_sharding=state_sharding,
                                batch_sharding=batch_sharding(mesh),
@@ -202,71 +206,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   return state
 
 
-@dataclasses.dataclass
-class Run:
-  """A trained (or imported) run loaded from its workdir. `params` are the EMA parameters, what
-  sampling and evaluation use; `state` is the whole TrainState, None for an inference-only
-  checkpoint."""
-  workdir: pathlib.Path
-  config: ml_collections.ConfigDict
-  task: Any
-  state: TrainState | None
-  step: int
-  params: Any = None
-  model_state: Any = None
-
-  def __post_init__(self):
-    if self.state is not None:
-      self.params = self.state.ema_params if self.params is None else self.params
-      self.model_state = self.state.model_state if self.model_state is None else self.model_state
-
-
-def restore_run(workdir: str | pathlib.Path, step: int | None = None, mesh=None) -> Run:
-  """Loads WORKDIR/config.json and the latest (or given) checkpoint."""
+def restore_state(task, workdir: str | pathlib.Path, step: int, mesh=None) -> TrainState:
+  """The whole TrainState of checkpoint `step` in WORKDIR, with the task's shapes and the
+  mesh's shardings (what resuming and `app.restore_run` use)."""
   workdir = pathlib.Path(workdir)
-  path = workdir / "config.json"
-  if not path.exists():
-    raise CheckpointError(f"{workdir} has no config.json: is it a jaxgen workdir?")
+  mesh = mesh or make_mesh()
+  init, _ = _state_factory(task, task.config, task.example_batch())
+  abstract = _abstract_state(init, mesh, task.config.train.fsdp)
+  ckpt = Checkpointer(workdir / "checkpoints", keep=task.config.train.keep_checkpoints)
   try:
-    config = config_lib.from_dict(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
-  ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
-    if step not in ckpt.all_steps():
-      raise CheckpointError(f"No checkpoint for step {step}; there are {ckpt.all_steps()}.")
-    task = tasks.build(config)
-    mesh = mesh or make_mesh()
-    init, _ = _state_factory(task, config, task.example_batch())
-    abstract = _abstract_state(init, mesh, config.train.fsdp)
-    if ckpt.has_weights_only(step):
-      weights, _ = ckpt.restore(step, {"params": abstract.params,
-                                       "model_state": abstract.model_state},
-                                config.to_dict(), item="weights")
-      return Run(workdir, config, task, None, step, weights["params"], weights["model_state"])
-    state, _ = ckpt.restore(step, abstract, config.to_dict())
+    state, _ = ckpt.restore(step, abstract, task.config.to_dict())
   finally:
     ckpt.close()
-  return Run(workdir, config, task, state, step)
-
-
-def save_weights(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, params,
-                 model_state, step: int = 0) -> pathlib.Path:
-  """Writes an inference-only run (config.json + a 'weights' checkpoint) that restore_run,
-  `jaxgen sample/generate/eval` read like a trained one: how imported weights become a run."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  if any((workdir / "checkpoints").glob("*")):
-    raise CheckpointError(f"{workdir / 'checkpoints'} is not empty; nothing was overwritten. "
-                          "Choose a new --workdir.")
-  (workdir / "config.json").write_text(config_lib.to_json(config))
-  ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-  try:
-    ckpt.save_weights(step, {"params": params, "model_state": model_state},
-                      {"config": config.to_dict(), "source": "imported"})
-  finally:
-    ckpt.close()
-  return workdir
+  return state

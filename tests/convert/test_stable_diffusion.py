@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from helpers import files_under
-from jaxgen import diffusion, tasks
+from jaxgen import app, diffusion
+from jaxgen.app import restore_run
 from jaxgen.cli import main
 from jaxgen.convert import stable_diffusion as sd_import
 from jaxgen.convert.clip_text import load_tokenizer, text_transformer_from_config
@@ -22,7 +23,6 @@ from jaxgen.convert.diffusers import module_from_config
 from jaxgen.convert.stable_diffusion import read_model_index, scheduler_settings
 from jaxgen.errors import ConfigError
 from jaxgen.text.bpe import bytes_to_unicode, clip_vocab
-from jaxgen.train import restore_run
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -116,7 +116,8 @@ def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
   assert c.model.unet.num_heads_per_level == ((2, 4) if sd2 else ())
   assert c.model.unet.use_linear_projection == sd2 and c.model.text.attention_mask is False
   assert c.model.text.activation == ("gelu" if sd2 else "quick_gelu")
-  assert c.model.text.tokenizer_path == str((wd / "tokenizer").resolve())
+  # The tokenizer lives inside the run, named relative to it: the run can be moved.
+  assert c.model.text.tokenizer_path == "tokenizer" and (wd / "tokenizer" / "vocab.json").exists()
   assert c.data.image_size == 16 and c.ldm.latent_scale == pytest.approx(0.37)
   assert c.diffusion.prediction == ("v" if sd2 else "eps") and c.diffusion.clip_x0 == 0.0
   assert (c.ldm.timestep_spacing, c.ldm.steps_offset) == ("trailing" if sd2 else "leading", 1)
@@ -126,6 +127,12 @@ def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
   hf_ids = pipe.tokenizer([PROMPT, NEGATIVE, ""], padding="max_length", max_length=77).input_ids
   ids = model.tokenize([PROMPT, NEGATIVE, ""])
   np.testing.assert_array_equal(ids["input_ids"], np.array(hf_ids))
+  moved = tmp_path / "moved"
+  wd.rename(moved)
+  np.testing.assert_array_equal(
+      restore_run(moved).task.model.tokenize([PROMPT, NEGATIVE, ""])["input_ids"],
+      np.array(hf_ids))
+  moved.rename(wd)
   pipe.scheduler.set_timesteps(STEPS)
   ts = pipe.scheduler.timesteps.numpy()
   np.testing.assert_array_equal(np.asarray(model.timesteps(STEPS)), ts)
@@ -316,9 +323,9 @@ def test_published_configs_become_ldm_configs_that_build_the_same_modules(name,
   vae = module_from_config(c["vae"])
   text = text_transformer_from_config(c["text"], with_projection=False)
   tok = load_tokenizer(clip_sized_tokenizer)
-  config = sd_import.ldm_config(unet, c["unet"], vae, c["vae"], text, c["text"], tok,
-                                str(clip_sized_tokenizer), scheduler_settings(c["scheduler"]),
-                                dtype="bfloat16")
+  config = app.compose_config("ldm", sd_import.ldm_sections(
+      unet, c["unet"], vae, c["vae"], text, c["text"], tok, str(clip_sized_tokenizer),
+      scheduler_settings(c["scheduler"]), dtype="bfloat16"))
   sd2 = name == "sd21"
   u, t, d = config.model.unet, config.model.text, config.diffusion
   assert u.block_channels == (320, 640, 1280, 1280) and u.attn_levels == (True,) * 3 + (False,)
@@ -332,7 +339,7 @@ def test_published_configs_become_ldm_configs_that_build_the_same_modules(name,
   assert (d.schedule, d.beta_start, d.beta_end) == ("scaled_linear", 0.00085, 0.012)
   assert d.prediction == ("v" if sd2 else "eps") and d.clip_x0 == 0.0
   assert (config.ldm.timestep_spacing, config.ldm.steps_offset) == ("leading", 1)
-  task = tasks.build(config)
+  task = app.build_task(config)
   sd_import.check_task_modules(task, unet, text, vae)
   np.testing.assert_array_equal(np.asarray(task.model.timesteps(50))[[0, 1, -1]], [981, 961, 1])
   # A module the config cannot reproduce is named.

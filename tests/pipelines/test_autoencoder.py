@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from helpers import config
+from jaxgen.commands import evaluate_autoencoder
+from jaxgen.data import heldout_images
 from jaxgen.errors import ShapeError
 from jaxgen.eval.image_metrics import psnr
 from jaxgen.pipelines import autoencoder as pipe
@@ -13,7 +15,7 @@ from jaxgen.tasks.vae import AutoencoderTask
 @pytest.fixture(scope="module")
 def vae():
   task = AutoencoderTask(config("vae"))
-  x = task.eval_images(8)
+  x = heldout_images(task.config.data, 8)
   params, _ = task.init(jax.random.PRNGKey(0), {"image": x})
   return task, params, x
 
@@ -48,8 +50,8 @@ def test_prior_samples_are_images_and_depend_on_the_key(vae):
 
 def test_evaluate_agrees_with_an_independent_recomputation(vae):
   task, params, x = vae
-  metrics = task.evaluate(params, {}, jax.random.PRNGKey(0), limit=20)
-  data = task.eval_images(20)
+  metrics = evaluate_autoencoder(task, params, {}, jax.random.PRNGKey(0), limit=20)
+  data = heldout_images(task.config.data, 20)
   recon = np.asarray(pipe.reconstruct(task.model, params, data))
   ref_psnr = np.mean([10 * np.log10(1 / np.mean((data[i] / 255.0 - recon[i]) ** 2))
                       for i in range(20)])

@@ -10,10 +10,13 @@ import pytest
 
 from helpers import config
 from jaxgen import losses
+from jaxgen.commands import evaluate_autoencoder
+from jaxgen.data import heldout_images
 from jaxgen.errors import ConfigError
 from jaxgen.models.discriminator import PatchDiscriminator
 from jaxgen.pipelines import autoencoder as pipe
-from jaxgen.tasks.vae import AutoencoderTask, latent_scale, latent_stats_for_scale
+from jaxgen.pipelines.autoencoder import latent_scale, latent_stats, latent_stats_for_scale
+from jaxgen.tasks.vae import AutoencoderTask
 
 
 def _leaves(tree):
@@ -125,7 +128,7 @@ TINY = ("model.ch_mult=1,2", "model.mid_attention=False", "model.beta=1e-6")
 def gan():
   task = AutoencoderTask(config("ldm_autoencoder", "model.disc_start=3", *TINY,
                                 arg="smoke,gan"))
-  batch = {"image": task.eval_images(4)}
+  batch = {"image": heldout_images(task.config.data, 4)}
   params, model_state = random_params(task.init, jax.random.PRNGKey(0), batch)
   return task, params, model_state, batch
 
@@ -198,10 +201,11 @@ def test_bad_discriminator_settings_are_refused():
 def feature_distance():
   """A random-weight classifier of the metric's architecture: enough for LPIPS-style
   distances (random conv features already separate blur from noise), no training needed."""
-  from jaxgen import tasks
-  from jaxgen.eval.quality import FeatureNet, classifier_config
-  c = classifier_config(config("ldm_autoencoder", arg="smoke").data, 4)
-  task = tasks.build(c)
+  from jaxgen import app
+  from jaxgen.eval.quality import FeatureNet, fill_classifier_config
+  c = app.base_config("classifier")
+  fill_classifier_config(c, config("ldm_autoencoder", arg="smoke").data, 4)
+  task = app.build_task(c)
   x = np.zeros((1, 32, 32, 3), np.uint8)
   shapes = jax.eval_shape(task.init, jax.random.PRNGKey(0), {"image": x, "label": np.zeros(1)})
   rng = np.random.default_rng(7)
@@ -210,7 +214,8 @@ def feature_distance():
                           if path[-1].key == "kernel" else
                           np.full(leaf.shape, float(path[-1].key == "scale"))).astype(leaf.dtype),
       shapes[0])
-  return losses.FeatureDistance.from_feature_net(FeatureNet(task, params, shapes[1]))
+  return losses.FeatureDistance.from_feature_net(
+      FeatureNet(task.module, {**params, **shapes[1]}, c.data.to_dict()))
 
 
 def _blur(x):
@@ -220,7 +225,7 @@ def _blur(x):
 
 
 def test_perceptual_distance_zero_blur_noise_and_gradient(feature_distance):
-  x = AutoencoderTask(config("ldm_autoencoder", arg="smoke")).eval_images(4) / 255.0
+  x = heldout_images(config("ldm_autoencoder", arg="smoke").data, 4) / 255.0
   noisy = np.clip(x + np.random.default_rng(5).normal(0, 0.02, x.shape), 0, 1)
   ref, other = np.concatenate([x, x, x]), np.concatenate([x, _blur(x), noisy])
   fn = jax.jit(jax.grad(lambda y: (feature_distance(ref, y).sum(), feature_distance(ref, y)),
@@ -235,7 +240,7 @@ def test_perceptual_distance_zero_blur_noise_and_gradient(feature_distance):
 # -- the smoke config through the real loop -------------------------------------------------
 @pytest.fixture(scope="module")
 def gan_run(tmp_path_factory):
-  from jaxgen.train import train
+  from jaxgen.app import train
   c = config("ldm_autoencoder", "train.num_steps=30", "model.disc_start=12",
              "model.latent_stats_momentum=0.8", "train.sample_every=30", "train.ckpt_every=30",
              arg="smoke,gan")
@@ -261,7 +266,7 @@ def test_running_latent_stats_approach_the_exact_ones(gan_run):
   from jaxgen.data import load_all, load_source
   task = AutoencoderTask(c)
   images = load_all(load_source(c.data, c.data.train_split), limit=512)["image"]
-  exact = task.estimate_latent_stats(state.params, images)
+  exact = latent_stats(task.model, task.autoencoder_params(state.params), images)
   running = jax.device_get(state.model_state["latent_stats"])
   assert float(running["var"]) == pytest.approx(float(exact["var"]), rel=0.1)
   assert float(running["mean"]) == pytest.approx(float(exact["mean"]),
@@ -279,14 +284,15 @@ def test_running_latent_stats_approach_the_exact_ones(gan_run):
 
 def test_restored_run_evaluates_with_the_autoencoder_params_only(gan_run):
   c, wd, state = gan_run
-  from jaxgen.train import restore_run
+  from jaxgen.app import restore_run
   run = restore_run(wd)
   assert set(run.params) == {"params", "disc"}
   ae = run.task.autoencoder_params(run.params)
   assert set(ae) == {"params"}
-  x = run.task.eval_images(2)
+  x = heldout_images(run.config.data, 2)
   assert pipe.encode(run.task.model, ae, x)[0].shape == (2, 8, 8, 4)
-  metrics = run.task.evaluate(run.params, run.model_state, jax.random.PRNGKey(0), limit=16)
+  metrics = evaluate_autoencoder(run.task, run.params, run.model_state, jax.random.PRNGKey(0),
+                                 limit=16)
   assert metrics["latent_scale"] == pytest.approx(float(latent_scale(run.model_state)))
   assert {"psnr", "rec", "kl", "nll", "neg_elbo", "latent_scale_heldout"} <= set(metrics)
 

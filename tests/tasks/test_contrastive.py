@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from helpers import config, params_of
+from jaxgen.app import restore_run, train
 from jaxgen.cli import main
 from jaxgen.errors import TokenError
 from jaxgen.pipelines import clip as clip_pipe
-from jaxgen.train import restore_run, train
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from helpers import config, params_of
+from jaxgen.app import restore_run, train
 from jaxgen.cli import main
 from jaxgen.errors import ConfigError, TokenError
 from jaxgen.models.autoencoder import Autoencoder
 from jaxgen.pipelines import text_to_image as t2i
-from jaxgen.train import restore_run, train
 
 pytestmark = pytest.mark.slow
 

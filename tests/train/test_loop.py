@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from helpers import config, files_under, params_of
+from jaxgen.app import restore_run, train
 from jaxgen.errors import CheckpointError, NonFiniteLossError
 from jaxgen.tasks.vae import AutoencoderTask
-from jaxgen.train import restore_run, train
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, config, params_of, run_python
-from jaxgen.train import train
+from jaxgen.app import train
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,8 @@ def test_eight_devices_match_one_device(tmp_path):
       from jaxgen import runtime
       runtime.enable_compilation_cache()
       from helpers import config, params_of
-      from jaxgen.train import make_mesh, train
+      from jaxgen.app import train
+      from jaxgen.train import make_mesh
       assert len(jax.devices()) == 8
       # The VAE, and SimCLR, whose BatchNorm statistics and NT-Xent negatives span the batch.
       for name in ("vae", "simclr"):
@@ -106,7 +107,7 @@ def test_two_processes_train_like_one(tmp_path):
   for i, leaf in enumerate(jax.tree.leaves(params_of(single.params))):
     np.testing.assert_array_equal(parts[0][f"arr_{i}"], parts[1][f"arr_{i}"])
     np.testing.assert_allclose(parts[0][f"arr_{i}"], leaf, rtol=1e-5, atol=1e-6)
-  from jaxgen.train import restore_run
+  from jaxgen.app import restore_run
   assert restore_run(wd).step == 4
 
 
@@ -122,7 +123,8 @@ def test_fsdp_and_gradient_accumulation_match_plain_data_parallel(tmp_path):
       from jaxgen import runtime
       runtime.enable_compilation_cache()
       from helpers import config, params_of
-      from jaxgen.train import make_mesh, train
+      from jaxgen.app import train
+      from jaxgen.train import make_mesh
       base = ["train.num_steps=4", "train.sample_every=0", "train.log_every=1",
               "data.batch_size=16", "model.ch=16", "model.groups=8"]
       runs = {{"one": (base, make_mesh(jax.devices()[:1])),

@@ -1,0 +1,185 @@
+"""The app layer: the task registry, whole configs (the shared sections plus a task's own),
+building a task, training a config, restoring a run and importing weights as a run.
+
+The CLI, the config files and the importers' command use this module. It is the only module that
+knows the tasks by name: nothing below `jaxgen.tasks` imports it or the tasks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import pathlib
+from typing import Any, Sequence
+
+import ml_collections
+
+from jaxgen import config as config_lib
+from jaxgen import weights as weights_lib
+from jaxgen.config import check_arg, parse_arg  # noqa: F401  (config files use them from here)
+from jaxgen.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+TASKS = {
+    "classifier": "jaxgen.tasks.classifier:ClassifierTask",
+    "clip": "jaxgen.tasks.clip:CLIPTask",
+    "ddpm": "jaxgen.tasks.diffusion:DiffusionTask",
+    "ldm": "jaxgen.tasks.ldm:LatentDiffusionTask",
+    "simclr": "jaxgen.tasks.simclr:SimCLRTask",
+    "vae": "jaxgen.tasks.vae:AutoencoderTask",
+}
+
+
+def task_class(name: str):
+  if name not in TASKS:
+    raise ConfigError(f"Unknown task {name!r}; jaxgen has {', '.join(sorted(TASKS))}.")
+  module, _, cls = TASKS[name].partition(":")
+  return getattr(importlib.import_module(module), cls)
+
+
+def task_names() -> list[str]:
+  return sorted(TASKS)
+
+
+# -- configs -------------------------------------------------------------------------------------
+def base_config(task: str) -> ml_collections.ConfigDict:
+  """Every key jaxgen knows for `task` with its default (shared sections + the task's), locked."""
+  return config_lib.compose(task, task_class(task).default_config())
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The shared checks, then the task's own."""
+  config_lib.validate_shared(config)
+  task_class(config.task).validate(config)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads 'path/to/config.py[:arg]' (Python that runs) and applies 'a.b=value' overrides; checks
+  everything before any compute."""
+  config = config_lib.exec_config_file(spec)
+  if not isinstance(config, ml_collections.ConfigDict) or "task" not in config:
+    raise ConfigError(f"Config file {spec.partition(':')[0]}: get_config must return the "
+                      f"ConfigDict of jaxgen.app.base_config(task); got {type(config).__name__}.")
+  config_lib.apply_overrides(config, overrides)
+  validate(config)
+  return config
+
+
+def config_from_dict(d: dict) -> ml_collections.ConfigDict:
+  """Rebuilds a config saved as JSON (in a workdir or checkpoint), checked like an override."""
+  if not isinstance(d, dict) or "task" not in d:
+    raise ConfigError("Saved config has no 'task' key.")
+  config = config_lib.fill(base_config(d["task"]), d)
+  validate(config)
+  return config
+
+
+# -- tasks, training and runs --------------------------------------------------------------------
+def build_task(config: ml_collections.ConfigDict, tokenizer=None):
+  """The task of `config`; `tokenizer` (e.g. a run's saved one) spares rebuilding it."""
+  return task_class(config.task)(config, tokenizer=tokenizer)
+
+
+def train(config_or_task, workdir: str | pathlib.Path, **kwargs):
+  """Trains a config (or a built task) in `workdir`, resuming from its latest checkpoint; the
+  keyword arguments go to `jaxgen.train.train`. A resumed run keeps the tokenizer it saved."""
+  from jaxgen.train import loop
+  task = config_or_task
+  if isinstance(config_or_task, ml_collections.ConfigDict):
+    task = build_task(config_or_task,
+                      weights_lib.load_tokenizer(workdir, config_or_task, missing_ok=True))
+  return loop.train(task, workdir, **kwargs)
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained (or imported) run loaded from its workdir. `params` are the EMA parameters, what
+  sampling and evaluation use; `state` is the whole TrainState (None for an inference-only
+  checkpoint or when loaded with `with_state=False`)."""
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  task: Any
+  state: Any
+  step: int
+  params: Any = None
+  model_state: Any = None
+
+
+def restore_run(workdir: str | pathlib.Path, step: int | None = None, mesh=None, *,
+                with_state: bool = True) -> Run:
+  """The task of WORKDIR's config with the latest (or given) checkpoint. with_state=True
+  restores the whole TrainState (optimizer included) with the task's shardings; False reads only
+  the weights (`jaxgen.weights.load_weights`)."""
+  w = weights_lib.load_weights(workdir, step)
+  config = config_from_dict(w.config)
+  task = build_task(config, w.tokenizer)
+  if not with_state or w.inference_only:
+    return Run(w.workdir, config, task, None, w.step, w.params, w.model_state)
+  from jaxgen.train import loop
+  state = loop.restore_state(task, w.workdir, w.step, mesh)
+  return Run(w.workdir, config, task, state, w.step, state.ema_params, state.model_state)
+
+
+# -- importers -----------------------------------------------------------------------------------
+def import_stable_diffusion(path, workdir, *, dtype: str = "float32",
+                            variant: str | None = None) -> pathlib.Path:
+  """Converts a diffusers Stable Diffusion folder into the ldm run `workdir` (absent or empty):
+  config.json, tokenizer/ and an inference checkpoint, which restore_run and `jaxgen generate`
+  read like a trained run (also after the workdir is moved).
+
+  The converter (jaxgen.convert.stable_diffusion) fills the ldm config's sections from the
+  converted modules; this checks that the ldm task builds exactly those modules and parameter
+  shapes before anything is written. Unsupported settings raise ConfigError naming the key."""
+  import tempfile
+
+  import jax
+
+  from jaxgen.convert import stable_diffusion as sd
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+    raise CheckpointError(f"{workdir} exists and is not empty; nothing was overwritten. Choose a "
+                          f"new --workdir.")
+  with tempfile.TemporaryDirectory(prefix="jaxgen-import-") as scratch:
+    c = sd.convert(path, dtype=dtype, variant=variant,
+                   scratch=pathlib.Path(scratch) / "tokenizer")
+    config = compose_config("ldm", c.sections)
+    task = build_task(config, c.tokenizer)
+    sd.check_task_modules(task, c.unet, c.text, c.vae)
+    want_params, want_state = jax.eval_shape(lambda k: task.init(k, task.example_batch()),
+                                             jax.random.PRNGKey(0))
+    sd.check_same_shapes("params", want_params, c.params)
+    sd.check_same_shapes("model_state", want_state, c.model_state)
+    weights_lib.save_weights(workdir, config, c.params, c.model_state,
+                             tokenizer_from=str(c.tokenizer_dir))
+  log.info("Imported %s as an ldm run in %s.", path, workdir)
+  return workdir
+
+
+def compose_config(task: str, sections: dict) -> ml_collections.ConfigDict:
+  """base_config(task) with `sections` ({section: {key: value}}) set, validated."""
+  config = base_config(task)
+  for section, values in sections.items():
+    config_lib.set_value(config, section, values)
+  validate(config)
+  return config
+
+
+def load_feature_net(data_cfg, workdir=None, *, train_if_missing: bool = True,
+                     progress: bool = True, steps: int = 600):
+  """The offline metric's feature network: the classifier in `workdir`, else the cached one for
+  this data set and size, trained first through the one loop (about a minute on 2 CPU cores)."""
+  from jaxgen.eval import quality
+  if workdir is None:
+    workdir = quality.feature_net_dir(data_cfg)
+    if not (workdir / "checkpoints").exists():
+      if not train_if_missing:
+        raise CheckpointError(f"No feature network in {workdir}.")
+      num_classes = quality.num_classes_of(data_cfg)
+      log.info("Training the metric's feature network in %s (once per data set and size).",
+               workdir)
+      c = base_config("classifier")
+      quality.fill_classifier_config(c, data_cfg, num_classes, steps)
+      validate(c)
+      train(c, workdir, progress=progress)
+  return quality.FeatureNet.from_weights(weights_lib.load_weights(workdir))

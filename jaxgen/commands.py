@@ -1,0 +1,447 @@
+"""The command wiring of `jaxgen sample|generate|eval`: for each task, its command-line options
+and what they run (the pipelines' samplers and writers, the evaluators of jaxgen.eval) on a
+restored run. The CLI looks a workdir's task up here, so `--help` on a workdir shows only the
+options that apply to it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen import app, diffusion
+from jaxgen import images as img
+from jaxgen.data import heldout_images, load_all, load_source
+from jaxgen.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Commands:
+  """A task's `sample` and `eval` commands: options (argparse) and the function that runs each
+  on an `app.Run`. sample(run, args, outdir) -> written paths; evaluate(run, key, args) -> dict."""
+  sample_args: Callable[[argparse.ArgumentParser], None]
+  sample: Callable
+  eval_args: Callable[[argparse.ArgumentParser], None]
+  evaluate: Callable
+
+
+def _out_path(args, default: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(args.out_file) if args.out_file else default
+
+
+# -- autoencoders --------------------------------------------------------------------------------
+def _vae_sample_args(p):
+  p.add_argument("--num", type=int, default=64, help="prior samples in the grid")
+  p.add_argument("--pairs", type=int, default=4,
+                 help="held-out image pairs to interpolate between")
+  p.add_argument("--steps", type=int, default=10, help="points per interpolation")
+
+
+def _vae_sample(run, args, outdir):
+  from jaxgen.pipelines import autoencoder as pipe
+  task = run.task
+  scale = img.display_scale(run.config.data.image_size)
+  ae = task.autoencoder_params(run.params)
+  main = pathlib.Path(args.out_file) if args.out_file else None
+  name = lambda default, suffix: (main.with_name(main.stem + suffix + ".png") if main
+                                  else outdir / f"{default}.png")
+  paths = []
+  if run.config.model.kind == "vae":
+    samples = pipe.sample_prior(task.model, ae, jax.random.PRNGKey(args.seed), args.num)
+    paths.append(img.save_png(img.grid(samples, scale=scale), main or name("prior_samples", "")))
+  x = heldout_images(run.config.data, max(16, 2 * args.pairs))
+  paths.append(img.save_png(img.rows(x[:16], pipe.reconstruct(task.model, ae, x[:16]),
+                                     scale=scale), name("reconstructions", "_reconstructions")))
+  strips = [pipe.interpolation_strip(task.model, ae, x[2 * i], x[2 * i + 1], args.steps)
+            for i in range(args.pairs)]
+  paths.append(img.save_png(np.concatenate(strips, axis=0),
+                            name("interpolations", "_interpolations")))
+  return paths
+
+
+def _limit_arg(p):
+  p.add_argument("--limit", type=int, default=None,
+                 help="evaluate on the first N held-out images only")
+
+
+def evaluate_autoencoder(task, params, model_state, key, limit: int | None = None) -> dict:
+  """Held-out PSNR, SSIM, reconstruction loss, KL (and NLL / negative ELBO), and the latent
+  scale measured exactly on the held-out images beside the running one."""
+  from jaxgen.eval.autoencoder import reconstruction_metrics
+  from jaxgen.pipelines import autoencoder as pipe
+  d, m = task.config.data, task.config.model
+  images = heldout_images(d, limit)
+  ae = task.autoencoder_params(params)
+
+  def predict(x, k):
+    rec, kl, _ = task.terms(params, x, k)
+    return dict(rec=rec, kl=kl, recon=pipe.reconstruct(task.model, ae, x))
+
+  out = reconstruction_metrics(predict, images, d.batch_size, key,
+                               likelihood=m.rec_loss == "likelihood", variational=m.kind == "vae")
+  held = pipe.latent_stats(task.model, ae, images)
+  out["latent_scale_heldout"] = float(pipe.latent_scale({"latent_stats": held}))
+  if isinstance(model_state, dict) and "latent_stats" in model_state:
+    out["latent_scale"] = float(pipe.latent_scale(model_state))
+  return out
+
+
+def _vae_eval(run, key, args):
+  return evaluate_autoencoder(run.task, run.params, run.model_state, key, args.limit)
+
+
+# -- pixel diffusion -----------------------------------------------------------------------------
+def _ddpm_sample_args(p):
+  p.add_argument("--num", type=int, default=64, help="images to draw")
+  p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
+                 help="default: the config's diffusion.sampler")
+  p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the "
+                 "config's diffusion.sample_steps; ddpm usually 1000)")
+  p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic)")
+  p.add_argument("--label", type=int, default=None,
+                 help="class to draw (class-conditional models); default: every class")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="classifier-free guidance scale (default: the config's)")
+  p.add_argument("--trajectory", action="store_true",
+                 help="also write the denoising trajectory of the first images")
+
+
+def _ddpm_sample(run, args, outdir):
+  from jaxgen.pipelines import diffusion as pipe
+  model, d = run.task.model, run.config.diffusion
+  sampler = args.sampler or d.sampler
+  steps = args.steps or (d.num_timesteps if sampler == "ddpm" else d.sample_steps)
+  labels, guidance = None, None
+  if model.num_classes:
+    labels = (jnp.full((args.num,), args.label, jnp.int32) if args.label is not None
+              else pipe.grid_labels(model, args.num))
+    guidance = jnp.float32(d.guidance_scale if args.guidance is None else args.guidance)
+  elif args.label is not None or args.guidance is not None:
+    raise ConfigError("This model is unconditional (model.num_classes=0): --label and "
+                      "--guidance do not apply.")
+  t0 = time.perf_counter()
+  out = pipe.generate(model, run.params, jax.random.PRNGKey(args.seed), num=args.num,
+                      labels=labels, guidance_scale=guidance, sampler=sampler, num_steps=steps,
+                      eta=jnp.float32(args.eta), return_trajectory=args.trajectory)
+  x = jax.block_until_ready(out[0] if args.trajectory else out)
+  log.info("%d images, %s %d steps: %.1f s (compile included)", args.num, sampler, steps,
+           time.perf_counter() - t0)
+  scale = img.display_scale(model.image_shape[0])
+  ncols = model.num_classes if (model.num_classes and args.label is None) else None
+  path = _out_path(args, outdir / f"samples_{sampler}.png")
+  paths = [img.save_png(img.grid(x, ncols=ncols, scale=scale), path)]
+  if args.trajectory:
+    traj = out[1]
+    picks = np.linspace(0, traj.shape[0] - 1, 10).round().astype(int)
+    rows = [img.from_signed(traj[picks, i]) for i in range(min(4, args.num))]
+    paths.append(img.save_png(img.rows(*rows, scale=scale),
+                              path.with_name(path.stem + "_trajectory.png")))
+  return paths
+
+
+def _ddpm_eval_args(p):
+  p.add_argument("--num", type=int, default=1000, help="samples to score")
+  p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None)
+  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--guidance", type=float, default=None)
+  p.add_argument("--batch", type=int, default=250, help="images per sampler call")
+  p.add_argument("--feature-net", dest="feature_net", default=None,
+                 help="classifier workdir for the features (default: train/cache one)")
+  p.add_argument("--inception", default=None,
+                 help="pt_inception-2015-12-05 weights file: also report standard FID")
+  p.add_argument("--baselines", action="store_true",
+                 help="also score held-out images the feature network never saw, training "
+                      "images (which it saw) and uniform noise")
+
+
+def evaluate_diffusion(task, params, key, *, num=1000, sampler=None, steps=None, guidance=None,
+                       batch=250, feature_net=None, inception=None, baselines=False,
+                       progress=True) -> dict:
+  """Frechet distance, precision/recall, density/coverage (and class accuracy) of `num`
+  samples against held-out images, in the offline feature network's space."""
+  from jaxgen.eval import quality
+  from jaxgen.pipelines import diffusion as pipe
+  d = task.config.diffusion
+  sampler = sampler or d.sampler
+  steps = steps or (d.num_timesteps if sampler == "ddpm" else d.sample_steps)
+  guidance = d.guidance_scale if guidance is None else guidance
+  net = app.load_feature_net(task.config.data, feature_net, progress=progress)
+  reference = heldout_images(task.config.data, num)
+  t0 = time.perf_counter()
+  samples, labels = pipe.draw(task.model, params, key, num, sampler=sampler, steps=steps,
+                              guidance=guidance, batch=batch)
+  seconds = time.perf_counter() - t0
+  out = dict(sampler=sampler, steps=steps, sampling_seconds=seconds,
+             **quality.quality(samples, reference, net, labels=labels))
+  if labels is not None:
+    out["guidance_scale"] = guidance
+  if inception:
+    from jaxgen.eval.fid import InceptionFeatures, feature_stats, frechet_distance
+    inc = InceptionFeatures.from_file(inception)
+    real_f = img.map_batches(inc, reference, 100)
+    fake_f = img.map_batches(inc, samples, 100)
+    out["inception_fid"] = frechet_distance(*feature_stats(real_f), *feature_stats(fake_f))
+  if baselines:
+    out["baselines"] = quality.baselines(task.config.data, net, num)
+  return out
+
+
+def _ddpm_eval(run, key, args):
+  return evaluate_diffusion(run.task, run.params, key, num=args.num, sampler=args.sampler,
+                            steps=args.steps, guidance=args.guidance, batch=args.batch,
+                            feature_net=args.feature_net, inception=args.inception,
+                            baselines=args.baselines)
+
+
+# -- latent text to image ------------------------------------------------------------------------
+def _ldm_sample_args(p):
+  p.add_argument("--prompt", action="append", default=None,
+                 help="a prompt (repeat for several); default: held-out captions of a trained "
+                      "run (an imported run needs --prompt)")
+  p.add_argument("--negative", default=None, help="negative prompt (default: empty)")
+  p.add_argument("--num", type=int, default=4, help="images per prompt")
+  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--guidance", type=float, default=None)
+  p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None)
+
+
+def _ldm_sample(run, args, outdir):
+  from jaxgen.pipelines import text_to_image as t2i
+  d = run.config.diffusion
+  if not args.prompt and not run.config.ldm.autoencoder:
+    # Only imported runs (jaxgen import) have no autoencoder run: their data section is a
+    # placeholder, not data to draw held-out captions from.
+    raise ConfigError("This run holds imported weights and no data set: give --prompt.")
+  prompts = args.prompt or run.task.prompts(run.config.data.eval_split, 4)
+  t0 = time.perf_counter()
+  x = t2i.text_to_image(run.task.model, run.params, run.model_state, prompts,
+                        jax.random.PRNGKey(args.seed), steps=args.steps or d.sample_steps,
+                        guidance_scale=d.guidance_scale if args.guidance is None
+                        else args.guidance, negative_prompt=args.negative,
+                        sampler=args.sampler or d.sampler, num_per_prompt=args.num)
+  x = jax.block_until_ready(x)
+  log.info("%d images in %.1f s (compile included)", len(x), time.perf_counter() - t0)
+  for i, p in enumerate(prompts):
+    log.info("row %d: %s", i, p)
+  path = _out_path(args, outdir / "text_to_image.png")
+  return [img.save_png(img.grid(x, ncols=args.num,
+                                scale=img.display_scale(run.config.data.image_size)), path)]
+
+
+def _ldm_eval_args(p):
+  p.add_argument("--num", type=int, default=200, help="held-out prompts to draw")
+  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--guidance", type=float, default=None)
+  p.add_argument("--judge", default=None,
+                 help="clip workdir that scores the images (default: ldm.judge, else "
+                      "model.text.init)")
+
+
+def evaluate_text_to_image(task, params, model_state, key, *, num=200, steps=None,
+                           guidance=None, judge=None) -> dict:
+  """CLIP score and zero-shot prompt-following of images drawn for held-out prompts, beside
+  the same measures for the real held-out images and for unconditional samples."""
+  from jaxgen.eval.prompt_following import prompt_following
+  from jaxgen.pipelines import clip as clip_pipe
+  from jaxgen.pipelines import text_to_image as t2i
+  c = task.config
+  judge = judge or c.ldm.judge or c.model.text.init
+  if not judge:
+    raise ConfigError("Scoring needs a trained clip run: pass --judge WORKDIR or set ldm.judge.")
+  jm, jp, js = clip_pipe.load_dual_encoder(str(judge), "--judge")
+  d = c.diffusion
+  data = load_all(load_source(c.data, c.data.eval_split), limit=num)
+  prompts = task.prompts(c.data.eval_split, num)
+  g = d.guidance_scale if guidance is None else guidance
+  steps = steps or d.sample_steps
+
+  def draw(prompt_list, k):
+    out = []
+    for i in range(0, len(prompt_list), 50):
+      out.append(np.asarray(t2i.text_to_image(
+          task.model, params, model_state, prompt_list[i:i + 50], jax.random.fold_in(k, i),
+          steps=steps, guidance_scale=g, sampler=d.sampler)))
+    return np.concatenate(out)
+
+  t0 = time.perf_counter()
+  generated = draw(prompts, key)
+  seconds = time.perf_counter() - t0
+  # Unconditional: the empty prompt both as condition and as guidance reference.
+  unconditional = draw([""] * len(prompts), jax.random.fold_in(key, 1))
+  class_names = None
+  if "label" in data and not (c.data.source == "embedded" and c.data.name == "shapes"):
+    class_names = load_source(c.data, c.data.train_split).class_names
+  embed_images = lambda x: clip_pipe.embed_images(jm, jp, js, x)
+  embed_texts = lambda t: clip_pipe.embed_texts(jm, jp, t)
+  out = dict(num_prompts=len(prompts), steps=steps, guidance_scale=g, sampling_seconds=seconds)
+  for name, images in (("generated", generated), ("real", data["image"]),
+                       ("unconditional", unconditional)):
+    score = clip_pipe.clip_score(jm, jp, js, images, prompts)["clip_score"]
+    out[name] = dict(clip_score=score, **prompt_following(embed_images, embed_texts, images,
+                                                          data, class_names))
+  return out
+
+
+def _ldm_eval(run, key, args):
+  return evaluate_text_to_image(run.task, run.params, run.model_state, key, num=args.num,
+                                steps=args.steps, guidance=args.guidance, judge=args.judge)
+
+
+# -- contrastive ---------------------------------------------------------------------------------
+def _clip_sample_args(p):
+  p.add_argument("--num", type=int, default=8, help="held-out images to caption")
+
+
+def _clip_sample(run, args, outdir):
+  """Retrieves the best training caption for held-out images; writes the images as a strip and
+  prints image -> caption lines."""
+  from jaxgen.pipelines import clip as pipe
+  d = run.config.data
+  data = load_all(load_source(d, d.eval_split), limit=args.num)
+  gallery = sorted(set(run.task.train_captions().tolist()))
+  best = pipe.nearest_captions(run.task.model, run.params, run.model_state, data["image"],
+                               gallery)
+  for i, caption in enumerate(best):
+    truth = data["caption"][i] if "caption" in data else ""
+    print(f"image {i}: {caption!r}" + (f"   (true: {str(truth)!r})" if truth else ""))
+  path = _out_path(args, outdir / "retrieval_images.png")
+  return [img.save_png(img.grid(data["image"], ncols=args.num,
+                                scale=img.display_scale(d.image_size)), path)]
+
+
+def _clip_eval_args(p):
+  p.add_argument("--limit", type=int, default=None, help="held-out pairs to use")
+
+
+def evaluate_dual_encoder(task, params, model_state, limit=None) -> dict:
+  """Zero-shot accuracy (prompt ensembles) and image<->text retrieval on held-out pairs."""
+  import math
+
+  from jaxgen.data import shapes
+  from jaxgen.data.captions import captions_of
+  from jaxgen.eval.retrieval import dual_encoder_metrics
+  from jaxgen.pipelines import clip as pipe
+  d, m = task.config.data, task.config.model
+  data = load_all(load_source(d, d.eval_split), limit=limit)
+  zero_shot = {}
+  if d.source == "embedded" and d.name == "shapes":
+    for attr, (prompts, names) in shapes.attribute_prompts().items():
+      zero_shot[attr] = (prompts, np.array([list(names).index(v) for v in data[attr]]))
+  else:
+    names = task.train_source().class_names
+    if names:
+      templates = [m.caption_template, "a {}", "a picture of a {}"]
+      zero_shot["class"] = ([[t.format(n) for t in templates] for n in names], data["label"])
+  captions = None
+  if "caption" in data:  # retrieval needs captions that tell the images apart
+    captions = captions_of(data, None)
+  out = dual_encoder_metrics(
+      lambda x: pipe.embed_images(task.model, params, model_state, x),
+      lambda t: pipe.embed_texts(task.model, params, t), data["image"], captions, zero_shot)
+  out["temperature"] = float(math.exp(-min(float(params["params"]["logit_scale"]),
+                                           math.log(100.0))))
+  return out
+
+
+def _clip_eval(run, key, args):
+  return evaluate_dual_encoder(run.task, run.params, run.model_state, args.limit)
+
+
+def _simclr_sample_args(p):
+  p.add_argument("--num", type=int, default=12, help="images whose views to show")
+
+
+def _simclr_sample(run, args, outdir):
+  from jaxgen.pipelines import contrastive as pipe
+  d = run.config.data
+  strip = pipe.view_strip(jax.random.PRNGKey(args.seed), heldout_images(d, args.num),
+                          run.config.model, d.image_size)
+  return [img.save_png(strip, _out_path(args, outdir / "augmented_views.png"))]
+
+
+def _simclr_eval_args(p):
+  p.add_argument("--limit", type=int, default=None, help="training images for the probes")
+  p.add_argument("--baselines", action="store_true",
+                 help="also probe raw pixels and a randomly initialised encoder")
+
+
+def evaluate_representations(task, params, model_state, limit=None, baselines=False) -> dict:
+  """Linear probe and k-NN accuracy on the frozen encoder's features of held-out labels (and,
+  with baselines, on raw pixels and on a randomly initialised encoder)."""
+  from jaxgen.eval.probe import probe_metrics
+  from jaxgen.pipelines.contrastive import features
+  d = task.config.data
+  train = load_all(load_source(d, d.train_split), limit=limit)
+  test = load_all(load_source(d, d.eval_split))
+  k = len(load_source(d, d.train_split).class_names or ()) or int(train["label"].max()) + 1
+  probes = lambda ftr, fte: probe_metrics(ftr, train["label"], fte, test["label"], k)
+  feats = lambda p, s, x: features(task.module, p, s, x)
+  out = probes(feats(params, model_state, train["image"]),
+               feats(params, model_state, test["image"]))
+  if baselines:
+    flat = lambda x: (x.reshape(len(x), -1) / 255.0).astype(np.float32)
+    out["raw_pixels"] = probes(flat(train["image"]), flat(test["image"]))
+    rand, rand_state = jax.jit(task.init)(jax.random.PRNGKey(12345),
+                                          {"image": train["image"][:2]})
+    out["random_encoder"] = probes(feats(rand, rand_state, train["image"]),
+                                   feats(rand, rand_state, test["image"]))
+  out.update(num_train=len(train["image"]), num_test=len(test["image"]))
+  return out
+
+
+def _simclr_eval(run, key, args):
+  return evaluate_representations(run.task, run.params, run.model_state, args.limit,
+                                  args.baselines)
+
+
+# -- classifier ----------------------------------------------------------------------------------
+def _no_sample_args(p):
+  pass
+
+
+def _no_sample(run, args, outdir):
+  raise ConfigError(f"A {run.config.task} run draws no pictures: use jaxgen eval.")
+
+
+def evaluate_classifier(task, params, model_state, limit=None) -> dict:
+  """Held-out accuracy."""
+  from jaxgen.eval.quality import _apply
+  d = task.config.data
+  data = load_all(load_source(d, d.eval_split), limit=limit)
+  if "label" not in data:
+    raise DataError("The eval split has no labels.")
+  variables = {**params, **model_state}
+  fn = lambda b, k: {"correct": _apply(task.module, variables, b["image"])[1].argmax(-1)
+                     == b["label"]}
+  r = img.map_batches(fn, {"image": data["image"], "label": data["label"]},
+                      min(d.batch_size, len(data["image"])))
+  return dict(num_images=int(len(r["correct"])), accuracy=float(r["correct"].mean()))
+
+
+def _classifier_eval(run, key, args):
+  return evaluate_classifier(run.task, run.params, run.model_state, args.limit)
+
+
+COMMANDS = {
+    "vae": Commands(_vae_sample_args, _vae_sample, _limit_arg, _vae_eval),
+    "ddpm": Commands(_ddpm_sample_args, _ddpm_sample, _ddpm_eval_args, _ddpm_eval),
+    "ldm": Commands(_ldm_sample_args, _ldm_sample, _ldm_eval_args, _ldm_eval),
+    "clip": Commands(_clip_sample_args, _clip_sample, _clip_eval_args, _clip_eval),
+    "simclr": Commands(_simclr_sample_args, _simclr_sample, _simclr_eval_args, _simclr_eval),
+    "classifier": Commands(_no_sample_args, _no_sample, _limit_arg, _classifier_eval),
+}
+
+
+def of(task: str) -> Commands:
+  if task not in COMMANDS:
+    raise ConfigError(f"jaxgen has no commands for task {task!r}.")
+  return COMMANDS[task]

@@ -1,0 +1,186 @@
+"""Weights without the loop: (config, params, model state, tokenizer) of a workdir, read without
+building a task or a trainer and without reading any data set; and the writing of an
+inference-only run (how imported weights become a run).
+
+A run's tokenizer lives inside its workdir (WORKDIR/tokenizer/: `words.json` for the word
+tokenizer, CLIP's vocab.json + merges.txt for BPE), so a run loads the same after `mv` or a copy
+to another machine. Pretrained towers, judges, feature networks and pipelines load through here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import shutil
+from typing import Any
+
+import ml_collections
+
+from jaxgen import config as config_lib
+from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.train.checkpoint import Checkpointer, config_differences
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"
+WORDS_FILE = "words.json"
+BPE_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclasses.dataclass
+class Weights:
+  """What inference needs of a run. `params` are the EMA parameters of a trained run (or the
+  imported ones); `config` is the saved config as a dict; `tokenizer` is None for runs without
+  text."""
+  workdir: pathlib.Path
+  config: dict
+  step: int
+  params: Any
+  model_state: Any
+  tokenizer: Any = None
+  inference_only: bool = False
+
+  @property
+  def task(self) -> str:
+    return self.config["task"]
+
+  def section(self, name: str) -> ml_collections.ConfigDict:
+    """A saved config section as a (read-only) ConfigDict, e.g. w.section('model')."""
+    return ml_collections.ConfigDict(self.config[name])
+
+
+def read_config(workdir: str | pathlib.Path) -> dict:
+  """WORKDIR/config.json as a dict, with errors that name the problem."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise CheckpointError(f"{workdir} has no config.json: is it a jaxgen workdir?")
+  try:
+    d = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
+  if not isinstance(d, dict) or "task" not in d:
+    raise CheckpointError(f"{path} is not a jaxgen config (no 'task' key).")
+  return d
+
+
+def load_weights(workdir: str | pathlib.Path, step: int | None = None, *,
+                 expect_task: str | None = None, what: str = "") -> Weights:
+  """The latest (or given) checkpoint's weights of WORKDIR, checksums verified. expect_task
+  raises a ConfigError naming `what` (e.g. 'ldm.autoencoder') when the run is of another task."""
+  workdir = pathlib.Path(workdir)
+  where = f"{what}: " if what else ""
+  config = read_config(workdir)
+  if expect_task is not None and config["task"] != expect_task:
+    raise ConfigError(f"{where}{workdir} holds a {config['task']} run, not a {expect_task} run.")
+  ckpt = Checkpointer(workdir / "checkpoints", keep=10 ** 6)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
+    if step not in ckpt.all_steps():
+      raise CheckpointError(f"No checkpoint for step {step}; there are {ckpt.all_steps()}.")
+    inference_only = ckpt.has_weights_only(step)
+    tree, meta = ckpt.restore_weights(step)
+  finally:
+    ckpt.close()
+  saved = meta.get("config", {})
+  diffs = config_differences(saved, config) if saved else []
+  if diffs:
+    raise CheckpointError(f"Checkpoint {workdir / 'checkpoints' / str(step)} was written by "
+                          f"another model config than {workdir / 'config.json'}:\n  "
+                          + "\n  ".join(diffs) + "\nNothing was deleted.")
+  return Weights(workdir, config, step, tree["params"], tree["model_state"],
+                 load_tokenizer(workdir, config, missing_ok=True), inference_only)
+
+
+# -- tokenizers ----------------------------------------------------------------------------------
+def _text_section(config) -> dict | None:
+  model = config["model"] if isinstance(config, dict) else config.model.to_dict()
+  text = model.get("text") if isinstance(model, dict) else None
+  return text if isinstance(text, dict) and "tokenizer" in text else None
+
+
+def tokenizer_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(workdir) / TOKENIZER_DIR
+
+
+def load_tokenizer(workdir: str | pathlib.Path, config, *, missing_ok: bool = False):
+  """The tokenizer saved in WORKDIR/tokenizer for a config with a `model.text` section; None for
+  a config without text, or (missing_ok) when the workdir holds none yet."""
+  text = _text_section(config)
+  if text is None:
+    return None
+  d = tokenizer_dir(workdir)
+  if text["tokenizer"] == "words":
+    if (d / WORDS_FILE).exists():
+      from jaxgen.text.words import WordTokenizer
+      return WordTokenizer.load(d / WORDS_FILE)
+  elif (d / "vocab.json").exists() or (d / "merges.txt").exists():
+    from jaxgen.convert.clip_text import load_tokenizer as load_bpe
+    return load_bpe(d, context_length=text["context_length"])
+  if missing_ok:
+    return None
+  raise CheckpointError(f"{workdir} holds no tokenizer ({d} is missing or incomplete).")
+
+
+def save_tokenizer(workdir: str | pathlib.Path, config, tokenizer, source: str | None = None
+                   ) -> pathlib.Path | None:
+  """Stores the run's tokenizer in WORKDIR/tokenizer (atomic per file); `source` is the BPE
+  tokenizer folder it was read from (default: the config's model.text.tokenizer_path)."""
+  text = _text_section(config)
+  if text is None or tokenizer is None:
+    return None
+  d = tokenizer_dir(workdir)
+  if text["tokenizer"] == "words":
+    d.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(d / WORDS_FILE)
+    return d
+  src = pathlib.Path(source or text["tokenizer_path"])
+  if src.resolve() == d.resolve():
+    return d
+  d.mkdir(parents=True, exist_ok=True)
+  for name in BPE_FILES:
+    if (src / name).exists():
+      tmp = d / (name + ".tmp")
+      shutil.copyfile(src / name, tmp)
+      tmp.replace(d / name)
+  return d
+
+
+# -- inference-only runs -------------------------------------------------------------------------
+def save_weights(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, params,
+                 model_state, step: int = 0, *, tokenizer_from: str | None = None
+                 ) -> pathlib.Path:
+  """Writes an inference-only run (config.json, tokenizer/ and a 'weights' checkpoint) that
+  load_weights, restore_run and `jaxgen sample/generate/eval` read like a trained one. WORKDIR
+  must be absent or empty; on failure it is left as it was."""
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+    raise CheckpointError(f"{workdir} exists and is not empty; nothing was overwritten. Choose a "
+                          "new --workdir.")
+  created = not workdir.exists()
+  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    if tokenizer_from is not None:
+      save_tokenizer(workdir, config, True, tokenizer_from)
+      with config.unlocked():
+        # The run reads WORKDIR/tokenizer; the config names it relative to the workdir.
+        config.model.text.tokenizer_path = TOKENIZER_DIR
+    (workdir / "config.json").write_text(config_lib.to_json(config))
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    try:
+      ckpt.save_weights(step, {"params": params, "model_state": model_state},
+                        {"config": config.to_dict(), "source": "imported"})
+    finally:
+      ckpt.close()
+  except BaseException:
+    if created:
+      shutil.rmtree(workdir, ignore_errors=True)
+    else:
+      for child in workdir.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    raise
+  return workdir
+
