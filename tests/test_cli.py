@@ -53,6 +53,12 @@ def test_train_sample_eval_from_the_command_line(capsys, tmp_path):
   metrics = json.loads(capsys.readouterr().out)
   assert metrics["step"] == 4 and metrics["num_images"] == 16
   assert metrics == json.loads((wd / "eval_step4.json").read_text())
+  # --help on a workdir lists the options of its task only.
+  code, out, _ = _run(capsys, "sample", "--workdir", str(wd), "--help")
+  assert code == 0 and "options of this workdir's task (vae)" in out and "--pairs" in out
+  assert "--sampler" not in out and "--prompt" not in out
+  code, out, _ = _run(capsys, "eval", "--help", "--workdir", str(wd))
+  assert code == 0 and "--limit" in out and "--baselines" not in out
   before = files_under(wd / "checkpoints")
   code, _, err = _run(capsys, "sample", "--workdir", str(tmp_path / "missing"))
   assert code == 1 and "has no config.json" in err

@@ -114,7 +114,7 @@ def test_dropout_mask_split_over_eight_devices_is_the_same_and_local():
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import NamedSharding, PartitionSpec as P
       from jaxgen.models.ops import dropout_keep_mask
-      mesh = jax.make_mesh((8,), ("data",))
+      mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
       key = jax.random.PRNGKey(1)
       x = jax.device_put(jnp.ones((16, 4, 4, 6)), NamedSharding(mesh, P("data")))
       f = jax.jit(lambda k, x: jnp.where(dropout_keep_mask(k, x.shape, 0.8), x, 0.0),
