@@ -19,13 +19,14 @@ import ml_collections
 
 from jaxgen import config as config_lib
 from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.text.store import TOKENIZER_DIR, load_tokenizer, save_tokenizer
 from jaxgen.train.checkpoint import Checkpointer, config_differences
+
+__all__ = ["TOKENIZER_DIR", "Weights", "load_tokenizer", "load_weights", "read_config",
+           "save_tokenizer", "save_weights"]
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_DIR = "tokenizer"
-WORDS_FILE = "words.json"
-BPE_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclasses.dataclass
@@ -93,60 +94,6 @@ def load_weights(workdir: str | pathlib.Path, step: int | None = None, *,
                           + "\n  ".join(diffs) + "\nNothing was deleted.")
   return Weights(workdir, config, step, tree["params"], tree["model_state"],
                  load_tokenizer(workdir, config, missing_ok=True), inference_only)
-
-
-# -- tokenizers ----------------------------------------------------------------------------------
-def _text_section(config) -> dict | None:
-  model = config["model"] if isinstance(config, dict) else config.model.to_dict()
-  text = model.get("text") if isinstance(model, dict) else None
-  return text if isinstance(text, dict) and "tokenizer" in text else None
-
-
-def tokenizer_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-  return pathlib.Path(workdir) / TOKENIZER_DIR
-
-
-def load_tokenizer(workdir: str | pathlib.Path, config, *, missing_ok: bool = False):
-  """The tokenizer saved in WORKDIR/tokenizer for a config with a `model.text` section; None for
-  a config without text, or (missing_ok) when the workdir holds none yet."""
-  text = _text_section(config)
-  if text is None:
-    return None
-  d = tokenizer_dir(workdir)
-  if text["tokenizer"] == "words":
-    if (d / WORDS_FILE).exists():
-      from jaxgen.text.words import WordTokenizer
-      return WordTokenizer.load(d / WORDS_FILE)
-  elif (d / "vocab.json").exists() or (d / "merges.txt").exists():
-    from jaxgen.convert.clip_text import load_tokenizer as load_bpe
-    return load_bpe(d, context_length=text["context_length"])
-  if missing_ok:
-    return None
-  raise CheckpointError(f"{workdir} holds no tokenizer ({d} is missing or incomplete).")
-
-
-def save_tokenizer(workdir: str | pathlib.Path, config, tokenizer, source: str | None = None
-                   ) -> pathlib.Path | None:
-  """Stores the run's tokenizer in WORKDIR/tokenizer (atomic per file); `source` is the BPE
-  tokenizer folder it was read from (default: the config's model.text.tokenizer_path)."""
-  text = _text_section(config)
-  if text is None or tokenizer is None:
-    return None
-  d = tokenizer_dir(workdir)
-  if text["tokenizer"] == "words":
-    d.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(d / WORDS_FILE)
-    return d
-  src = pathlib.Path(source or text["tokenizer_path"])
-  if src.resolve() == d.resolve():
-    return d
-  d.mkdir(parents=True, exist_ok=True)
-  for name in BPE_FILES:
-    if (src / name).exists():
-      tmp = d / (name + ".tmp")
-      shutil.copyfile(src / name, tmp)
-      tmp.replace(d / name)
-  return d
 
 
 # -- inference-only runs -------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from jaxgen import config as config_lib
 from jaxgen import images
-from jaxgen import weights as weights_lib
 from jaxgen.data import BatchLoader, batch_sharding, load_source
 from jaxgen.errors import CheckpointError, NonFiniteLossError
+from jaxgen.text.store import save_tokenizer
 from jaxgen.train.checkpoint import Checkpointer, config_differences
 from jaxgen.train.mesh import make_mesh, state_shardings
 from jaxgen.train.metrics_writer import MetricWriter
@@ -107,7 +107,7 @@ def train(task, workdir: str | pathlib.Path, *, progress: bool = True,
   state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config_lib.to_json(config))
-    weights_lib.save_tokenizer(workdir, config, getattr(task, "tokenizer", None))
+    save_tokenizer(workdir, config, getattr(task, "tokenizer", None))
 
   start = 0
   if latest is not None:
