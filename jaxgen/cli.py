@@ -21,6 +21,7 @@ commands:
   generate text to image with a latent diffusion workdir (sample with --prompt)
   eval     held-out metrics of a trained workdir, printed and written as JSON
   import   turn a Stable Diffusion checkpoint (diffusers folder) into an ldm workdir
+  verify   check a workdir's checkpoints against their checksums
 
 Examples:
   jaxgen train --config configs/vae.py --workdir runs/vae
@@ -162,7 +163,34 @@ def build_parser(help_for: str | None = None, task: str | None = None
                  help="the U-Net's compute dtype (parameters are stored in float32)")
   p.add_argument("--variant", default=None,
                  help="weights variant to read, e.g. fp16 for *.fp16.safetensors")
+  p = sub.add_parser(
+      "verify", help="check a workdir's checkpoints against their checksums",
+      description="Check every checkpoint in WORKDIR (or --step N) against the SHA-256 "
+                  "checksums written when it was saved. A checkpoint without checksums (its "
+                  "writer stopped right after saving) is restored and checked for NaN/Inf; "
+                  "--accept seals it as it is, so that train, sample and eval take it without "
+                  "asking again.")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--step", type=int, default=None, help="one step (default: all)")
+  p.add_argument("--accept", action="store_true",
+                 help="write checksums for steps that have none, as they are")
   return parser
+
+
+def _cmd_verify(args):
+  from jaxgen.train.checkpoint import verify_steps
+  directory = pathlib.Path(args.workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise ConfigError(f"{args.workdir} has no checkpoints/ folder: is it a jaxgen workdir?")
+  report = verify_steps(directory, None if args.step is None else [args.step],
+                        accept=args.accept)
+  if not report:
+    raise ConfigError(f"{directory} holds no checkpoint.")
+  for step, status in sorted(report.items()):
+    print(f"step {step}: {status}")
+  if any(not s.startswith(("ok", "no checksums")) or "non-finite" in s and not args.accept
+         for s in report.values()):
+    sys.exit(1)
 
 
 def _cmd_train(args, overrides):
@@ -174,10 +202,11 @@ def _cmd_train(args, overrides):
   log.info("Done. Pictures in %s", pathlib.Path(args.workdir) / "samples")
 
 
-def _task_args(run, command: str, args, extra: list[str]) -> argparse.Namespace:
+def _task_args(task: str, command: str, args, extra: list[str]) -> argparse.Namespace:
+  """The workdir's task's options, parsed (and checked) before any weight is loaded."""
   from jaxgen import commands
-  p = argparse.ArgumentParser(prog=f"jaxgen {args.command} (task {run.config.task})")
-  getattr(commands.of(run.config.task), f"{command}_args")(p)
+  p = argparse.ArgumentParser(prog=f"jaxgen {args.command} (task {task})")
+  getattr(commands.of(task), f"{command}_args")(p)
   task_args = p.parse_args(extra)
   for k, v in vars(args).items():
     setattr(task_args, k, v)
@@ -186,11 +215,13 @@ def _task_args(run, command: str, args, extra: list[str]) -> argparse.Namespace:
 
 def _cmd_sample(args, extra):
   from jaxgen import app, commands
-  run = app.restore_run(args.workdir, args.step, with_state=False)
-  if args.command == "generate" and run.config.task != "ldm":
+  from jaxgen.weights import read_config
+  task = read_config(args.workdir)["task"]
+  if args.command == "generate" and task != "ldm":
     raise ConfigError(f"jaxgen generate needs a latent diffusion (ldm) workdir; {args.workdir} "
-                      f"holds a {run.config.task} run: use jaxgen sample.")
-  task_args = _task_args(run, "sample", args, extra)
+                      f"holds a {task} run: use jaxgen sample.")
+  task_args = _task_args(task, "sample", args, extra)
+  run = app.restore_run(args.workdir, args.step, with_state=False)
   out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "samples"
   task_args.out_file = str(out) if out.suffix.lower() == ".png" else None
   outdir = out.parent if task_args.out_file else out
@@ -209,13 +240,15 @@ def _cmd_eval(args, extra):
   import jax
 
   from jaxgen import app, commands
+  from jaxgen.weights import read_config
+  task_args = _task_args(read_config(args.workdir)["task"], "eval", args, extra)
   run = app.restore_run(args.workdir, args.step, with_state=False)
-  task_args = _task_args(run, "eval", args, extra)
   metrics = commands.of(run.config.task).evaluate(run, jax.random.PRNGKey(args.seed), task_args)
   metrics = dict(step=run.step, split=run.config.data.eval_split, **metrics)
   text = json.dumps(metrics, indent=2)
-  (pathlib.Path(args.workdir) / f"eval_step{run.step}.json").write_text(text + "\n")
   print(text)
+  from jaxgen.files import atomic_write_text
+  atomic_write_text(pathlib.Path(args.workdir) / f"eval_step{run.step}.json", text + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,6 +278,13 @@ def main(argv: list[str] | None = None) -> None:
       _cmd_eval(args, extra)
     elif args.command == "import":
       _cmd_import(args)
+    elif args.command == "verify":
+      _cmd_verify(args)
   except JaxgenError as e:
     print(f"jaxgen: error: {e}", file=sys.stderr)
     sys.exit(2 if isinstance(e, ConfigError) else 1)
+  except OSError as e:  # a file the command could not read or write: name it, no traceback
+    from jaxgen.files import describe
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"jaxgen: error: {where}{describe(e)} ({type(e).__name__}: {e})", file=sys.stderr)
+    sys.exit(1)

@@ -34,16 +34,28 @@ class Commands:
   evaluate: Callable
 
 
+def positive_int(text: str) -> int:
+  """argparse type of counts (--num, --steps, --limit, ...): 0 or less is an error, never a
+  silent default."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
 def _out_path(args, default: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(args.out_file) if args.out_file else default
 
 
 # -- autoencoders --------------------------------------------------------------------------------
 def _vae_sample_args(p):
-  p.add_argument("--num", type=int, default=64, help="prior samples in the grid")
-  p.add_argument("--pairs", type=int, default=4,
+  p.add_argument("--num", type=positive_int, default=64, help="prior samples in the grid")
+  p.add_argument("--pairs", type=positive_int, default=4,
                  help="held-out image pairs to interpolate between")
-  p.add_argument("--steps", type=int, default=10, help="points per interpolation")
+  p.add_argument("--steps", type=positive_int, default=10, help="points per interpolation")
 
 
 def _vae_sample(run, args, outdir):
@@ -69,7 +81,7 @@ def _vae_sample(run, args, outdir):
 
 
 def _limit_arg(p):
-  p.add_argument("--limit", type=int, default=None,
+  p.add_argument("--limit", type=positive_int, default=None,
                  help="evaluate on the first N held-out images only")
 
 
@@ -101,10 +113,10 @@ def _vae_eval(run, key, args):
 
 # -- pixel diffusion -----------------------------------------------------------------------------
 def _ddpm_sample_args(p):
-  p.add_argument("--num", type=int, default=64, help="images to draw")
+  p.add_argument("--num", type=positive_int, default=64, help="images to draw")
   p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
                  help="default: the config's diffusion.sampler")
-  p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the "
+  p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the "
                  "config's diffusion.sample_steps; ddpm usually 1000)")
   p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic)")
   p.add_argument("--label", type=int, default=None,
@@ -149,11 +161,11 @@ def _ddpm_sample(run, args, outdir):
 
 
 def _ddpm_eval_args(p):
-  p.add_argument("--num", type=int, default=1000, help="samples to score")
+  p.add_argument("--num", type=positive_int, default=1000, help="samples to score")
   p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None)
-  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--steps", type=positive_int, default=None)
   p.add_argument("--guidance", type=float, default=None)
-  p.add_argument("--batch", type=int, default=250, help="images per sampler call")
+  p.add_argument("--batch", type=positive_int, default=250, help="images per sampler call")
   p.add_argument("--feature-net", dest="feature_net", default=None,
                  help="classifier workdir for the features (default: train/cache one)")
   p.add_argument("--inception", default=None,
@@ -208,10 +220,13 @@ def _ldm_sample_args(p):
                  help="a prompt (repeat for several); default: held-out captions of a trained "
                       "run (an imported run needs --prompt)")
   p.add_argument("--negative", default=None, help="negative prompt (default: empty)")
-  p.add_argument("--num", type=int, default=4, help="images per prompt")
-  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--num", type=positive_int, default=4, help="images per prompt")
+  p.add_argument("--steps", type=positive_int, default=None)
   p.add_argument("--guidance", type=float, default=None)
   p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None)
+  p.add_argument("--truncate", action="store_true",
+                 help="cut prompts longer than the text encoder's context (with a warning) "
+                      "instead of stopping")
 
 
 def _ldm_sample(run, args, outdir):
@@ -227,7 +242,8 @@ def _ldm_sample(run, args, outdir):
                         jax.random.PRNGKey(args.seed), steps=args.steps or d.sample_steps,
                         guidance_scale=d.guidance_scale if args.guidance is None
                         else args.guidance, negative_prompt=args.negative,
-                        sampler=args.sampler or d.sampler, num_per_prompt=args.num)
+                        sampler=args.sampler or d.sampler, num_per_prompt=args.num,
+                        truncate=args.truncate)
   x = jax.block_until_ready(x)
   log.info("%d images in %.1f s (compile included)", len(x), time.perf_counter() - t0)
   for i, p in enumerate(prompts):
@@ -238,8 +254,8 @@ def _ldm_sample(run, args, outdir):
 
 
 def _ldm_eval_args(p):
-  p.add_argument("--num", type=int, default=200, help="held-out prompts to draw")
-  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--num", type=positive_int, default=200, help="held-out prompts to draw")
+  p.add_argument("--steps", type=positive_int, default=None)
   p.add_argument("--guidance", type=float, default=None)
   p.add_argument("--judge", default=None,
                  help="clip workdir that scores the images (default: ldm.judge, else "
@@ -298,7 +314,7 @@ def _ldm_eval(run, key, args):
 
 # -- contrastive ---------------------------------------------------------------------------------
 def _clip_sample_args(p):
-  p.add_argument("--num", type=int, default=8, help="held-out images to caption")
+  p.add_argument("--num", type=positive_int, default=8, help="held-out images to caption")
 
 
 def _clip_sample(run, args, outdir):
@@ -319,7 +335,7 @@ def _clip_sample(run, args, outdir):
 
 
 def _clip_eval_args(p):
-  p.add_argument("--limit", type=int, default=None, help="held-out pairs to use")
+  p.add_argument("--limit", type=positive_int, default=None, help="held-out pairs to use")
 
 
 def evaluate_dual_encoder(task, params, model_state, limit=None) -> dict:
@@ -357,7 +373,7 @@ def _clip_eval(run, key, args):
 
 
 def _simclr_sample_args(p):
-  p.add_argument("--num", type=int, default=12, help="images whose views to show")
+  p.add_argument("--num", type=positive_int, default=12, help="images whose views to show")
 
 
 def _simclr_sample(run, args, outdir):
@@ -369,7 +385,7 @@ def _simclr_sample(run, args, outdir):
 
 
 def _simclr_eval_args(p):
-  p.add_argument("--limit", type=int, default=None, help="training images for the probes")
+  p.add_argument("--limit", type=positive_int, default=None, help="training images for the probes")
   p.add_argument("--baselines", action="store_true",
                  help="also probe raw pixels and a randomly initialised encoder")
 
@@ -388,7 +404,7 @@ def evaluate_representations(task, params, model_state, limit=None, baselines=Fa
   out = probes(feats(params, model_state, train["image"]),
                feats(params, model_state, test["image"]))
   if baselines:
-    flat = lambda x: (x.reshape(len(x), -1) / 255.0).astype(np.float32)
+    flat = lambda x: np.asarray(img.to_unit(x)).reshape(len(x), -1)
     out["raw_pixels"] = probes(flat(train["image"]), flat(test["image"]))
     rand, rand_state = jax.jit(task.init)(jax.random.PRNGKey(12345),
                                           {"image": train["image"][:2]})

@@ -103,15 +103,33 @@ def exec_config_file(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-  except (AttributeError, KeyError, TypeError) as e:
-    # A locked ConfigDict raises these for a misspelt key or a wrong type inside the file.
-    raise ConfigError(f"Error in config file {path_str}: {e}") from e
-  if not hasattr(module, "get_config"):
+  except SyntaxError as e:
+    raise ConfigError(f"Config file {path_str} is not valid Python: {e.msg} (line "
+                      f"{e.lineno}).") from e
+  except ConfigError:
+    raise
+  except Exception as e:
+    # A locked ConfigDict raises AttributeError/KeyError/TypeError for a misspelt key or a
+    # wrong type inside the file; an ImportError names a module the file could not import.
+    raise ConfigError(f"Error in config file {path_str}: {type(e).__name__}: {e}"
+                      f"{_where(e, path)}") from e
+  if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"Config file {path_str} defines no get_config(arg).")
   try:
     return module.get_config(arg or None)
-  except (AttributeError, KeyError, TypeError) as e:
-    raise ConfigError(f"Error in config file {path_str} (arg {arg!r}): {e}") from e
+  except ConfigError:
+    raise
+  except Exception as e:
+    raise ConfigError(f"Error in config file {path_str} (arg {arg!r}): {type(e).__name__}: "
+                      f"{e}{_where(e, path)}") from e
+
+
+def _where(e: BaseException, path: pathlib.Path) -> str:
+  """' (line N)' of the config file's frame in the traceback, if any."""
+  import traceback
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+           if pathlib.Path(f.filename).resolve() == path.resolve()]
+  return f" (line {lines[-1]})" if lines else ""
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:

@@ -27,3 +27,11 @@ class NonFiniteLossError(JaxgenError, FloatingPointError):
 
 class TokenError(JaxgenError, ValueError):
   """A prompt longer than the tokenizer's context, or token ids outside a model's vocabulary."""
+
+
+class WriteError(JaxgenError, OSError):
+  """A file could not be written (full disk, read-only folder, permission); names the path."""
+
+
+class WorkdirBusyError(JaxgenError):
+  """Another process is training in the same workdir."""

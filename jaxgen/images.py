@@ -110,10 +110,16 @@ def display_scale(size: int) -> int:
 
 
 def save_png(picture: np.ndarray, path: str | pathlib.Path) -> pathlib.Path:
+  """Writes a uint8 (or [0, 1]) picture as PNG, atomically; a write failure is a WriteError
+  naming the path."""
+  import io
+
+  from jaxgen.files import atomic_write_bytes, make_dir
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  make_dir(path.parent, "picture folder")
   picture = to_uint8(picture)
   if picture.ndim == 3 and picture.shape[-1] == 1:
     picture = picture[..., 0]
-  Image.fromarray(picture).save(path)
-  return path
+  buf = io.BytesIO()
+  Image.fromarray(picture).save(buf, format="PNG")
+  return atomic_write_bytes(path, buf.getvalue())

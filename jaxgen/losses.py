@@ -10,6 +10,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxgen.images import to_signed
+
 
 def _per_image_sum(v) -> jax.Array:
   return v.reshape(v.shape[0], -1).sum(-1)
@@ -106,7 +108,7 @@ class FeatureDistance:
 
   def features(self, images) -> list[jax.Array]:
     keep = lambda mdl, method: method == "__call__" and mdl.name in self.stages
-    _, state = self.module.apply(self.variables, 2.0 * images - 1.0, capture_intermediates=keep,
+    _, state = self.module.apply(self.variables, to_signed(images), capture_intermediates=keep,
                                  mutable=["intermediates"], **self.apply_kwargs)
     found = {}
     for path, value in jax.tree_util.tree_flatten_with_path(

@@ -9,7 +9,6 @@ to another machine. Pretrained towers, judges, feature networks and pipelines lo
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import shutil
@@ -19,8 +18,10 @@ import ml_collections
 
 from jaxgen import config as config_lib
 from jaxgen.errors import CheckpointError, ConfigError
+from jaxgen.files import atomic_write_text, make_dir
 from jaxgen.text.store import TOKENIZER_DIR, load_tokenizer, save_tokenizer
 from jaxgen.train.checkpoint import Checkpointer, config_differences
+from jaxgen.train.workdir import read_config
 
 __all__ = ["TOKENIZER_DIR", "Weights", "load_tokenizer", "load_weights", "read_config",
            "save_tokenizer", "save_weights"]
@@ -49,21 +50,6 @@ class Weights:
   def section(self, name: str) -> ml_collections.ConfigDict:
     """A saved config section as a (read-only) ConfigDict, e.g. w.section('model')."""
     return ml_collections.ConfigDict(self.config[name])
-
-
-def read_config(workdir: str | pathlib.Path) -> dict:
-  """WORKDIR/config.json as a dict, with errors that name the problem."""
-  workdir = pathlib.Path(workdir)
-  path = workdir / "config.json"
-  if not path.is_file():
-    raise CheckpointError(f"{workdir} has no config.json: is it a jaxgen workdir?")
-  try:
-    d = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
-  if not isinstance(d, dict) or "task" not in d:
-    raise CheckpointError(f"{path} is not a jaxgen config (no 'task' key).")
-  return d
 
 
 def load_weights(workdir: str | pathlib.Path, step: int | None = None, *,
@@ -108,14 +94,14 @@ def save_weights(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
     raise CheckpointError(f"{workdir} exists and is not empty; nothing was overwritten. Choose a "
                           "new --workdir.")
   created = not workdir.exists()
-  workdir.mkdir(parents=True, exist_ok=True)
+  make_dir(workdir)
   try:
     if tokenizer_from is not None:
       save_tokenizer(workdir, config, True, tokenizer_from)
       with config.unlocked():
         # The run reads WORKDIR/tokenizer; the config names it relative to the workdir.
         config.model.text.tokenizer_path = TOKENIZER_DIR
-    (workdir / "config.json").write_text(config_lib.to_json(config))
+    atomic_write_text(workdir / "config.json", config_lib.to_json(config))
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     try:
       ckpt.save_weights(step, {"params": params, "model_state": model_state},

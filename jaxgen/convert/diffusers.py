@@ -367,6 +367,9 @@ def from_diffusers(config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
 # files
 
 
+_MAX_HEADER = 100 * 2 ** 20  # safetensors' own limit on the JSON header
+
+
 def read_safetensors(path) -> dict[str, np.ndarray]:
   """A .safetensors file as name -> read-only numpy arrays memory-mapped from disk.
 
@@ -379,17 +382,39 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
             "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
             "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
   path = pathlib.Path(path)
+  size = path.stat().st_size
+  bad = lambda why: CheckpointError(f"{path} is not a valid .safetensors file: {why}.")
   with open(path, "rb") as f:
+    if size < 8:
+      raise bad(f"{size} bytes, shorter than its 8-byte header length")
     n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
+    if n > min(size - 8, _MAX_HEADER):  # checked before reading: a garbage length is no alloc
+      raise bad(f"its header length {n} exceeds the file ({size} bytes)")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, ValueError) as e:
+      raise bad(f"its header is not JSON ({e})") from e
+  if not isinstance(header, dict):
+    raise bad("its header is not a JSON object")
   header.pop("__metadata__", None)
+  data_size = size - 8 - n
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if header else None
   out = {}
   for name, info in header.items():
-    if info["dtype"] not in dtypes:
-      raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2):
+      raise bad(f"tensor {name!r} lacks its dtype, shape or data_offsets")
+    if info.get("dtype") not in dtypes:
+      raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
     start, end = info["data_offsets"]
-    out[name] = data[start:end].view(dtypes[info["dtype"]]).reshape(info["shape"])
+    shape = info["shape"]
+    if not all(isinstance(v, int) and v >= 0 for v in [start, end, *shape]):
+      raise bad(f"tensor {name!r} has a negative or non-integer offset or dimension")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtypes[info["dtype"]]).itemsize
+    if not start <= end <= data_size or end - start != nbytes:
+      raise bad(f"tensor {name!r} spans bytes [{start}, {end}) of {data_size}, but its shape "
+                f"{shape} needs {nbytes}")
+    out[name] = data[start:end].view(dtypes[info["dtype"]]).reshape(shape)
   return out
 
 

@@ -24,6 +24,9 @@ _STORAGE_DTYPES = {
 }
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
 class _StorageType:
   def __init__(self, name: str):
     self.name = name
@@ -41,6 +44,21 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
 
 def _rebuild_parameter(data, *unused):
   return data
+
+
+class _PlainUnpickler(pickle.Unpickler):
+  """Plain data only (numbers, strings, bytes, lists, tuples, dicts): no class is ever looked
+  up, so nothing in the stream can run code. For the legacy format's header records."""
+
+  def find_class(self, module, name):
+    raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a weights file")
+
+  def persistent_load(self, pid):
+    raise pickle.UnpicklingError("unexpected persistent id in a weights file header")
+
+
+def _plain_load(f):
+  return _PlainUnpickler(f).load()
 
 
 class _Unpickler(pickle.Unpickler):
@@ -90,9 +108,11 @@ def _load_zip(path: pathlib.Path):
 def _load_legacy(path: pathlib.Path):
   """The pre-1.6 stream: magic, protocol, sys info, object, storage keys, raw storages."""
   with path.open("rb") as f:
-    pickle.load(f)  # magic number
-    pickle.load(f)  # protocol version
-    pickle.load(f)  # sys info
+    magic = _plain_load(f)  # never pickle.load: a hostile file would run code
+    if magic != _LEGACY_MAGIC:
+      raise pickle.UnpicklingError("not a PyTorch file (no legacy magic number)")
+    _plain_load(f)  # protocol version
+    _plain_load(f)  # sys info
     pending: dict[str, tuple] = {}
     placeholders: dict[str, np.ndarray] = {}
 
@@ -114,7 +134,9 @@ def _load_legacy(path: pathlib.Path):
                             rebuild if (module, name) == ("torch._utils", "_rebuild_tensor_v2")
                             else _orig(module, name))
     obj = unpickler.load()
-    keys = pickle.load(f)
+    keys = _plain_load(f)
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k in pending for k in keys):
+      raise pickle.UnpicklingError("storage keys do not match the tensors")
     for key in keys:
       (size,) = struct.unpack("<q", f.read(8))
       dtype, numel = pending[key]
@@ -130,7 +152,8 @@ def load_torch_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"Weights file not found: {path}")
   try:
     obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
-  except (pickle.UnpicklingError, EOFError, KeyError, ValueError, struct.error) as e:
+  except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError,
+          StopIteration, struct.error, zipfile.BadZipFile, MemoryError, OverflowError) as e:
     raise CheckpointError(f"Could not read {path} as a PyTorch state dict: {e}") from e
   if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
     obj = obj["state_dict"]

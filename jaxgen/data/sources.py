@@ -77,6 +77,10 @@ def fit_images(images: np.ndarray, size: int, channels: int, what: str) -> np.nd
     raise DataError(f"{what}: expected images [N, H, W] or [N, H, W, C], got {images.shape}.")
   if images.dtype != np.uint8:
     if np.issubdtype(images.dtype, np.floating):
+      bad = int(np.size(images) - np.count_nonzero(np.isfinite(images)))
+      if bad:
+        raise DataError(f"{what}: {bad} pixel values are NaN or infinite; float images must be "
+                        "finite and lie in [0, 1].")
       lo, hi = float(images.min()), float(images.max())
       if lo < 0.0 or hi > 1.0:
         raise DataError(f"{what}: float images must lie in [0, 1]; found [{lo:.3g}, {hi:.3g}].")
@@ -159,29 +163,70 @@ def load_npz(path: str, split: str, size: int, channels: int, holdout: float) ->
     npz = np.load(p, allow_pickle=False)
   except (OSError, ValueError) as e:
     raise DataError(f"Could not read {path} as .npz: {e}") from e
-  with npz:
-    keys = set(npz.files)
-    if f"{split}_images" in keys:
-      images = npz[f"{split}_images"]
-      labels = npz[f"{split}_labels"] if f"{split}_labels" in keys else None
-      captions = npz[f"{split}_captions"] if f"{split}_captions" in keys else None
-    elif "images" in keys:
-      idx = _holdout(len(npz["images"]), holdout, split)
-      images = npz["images"][idx]
-      labels = npz["labels"][idx] if "labels" in keys else None
-      captions = npz["captions"][idx] if "captions" in keys else None
-    else:
-      raise DataError(f"{path} needs an 'images' array (optionally 'labels', 'captions'), or "
-                      f"'{split}_images'; it has {sorted(keys)}.")
+  try:
+    with npz:
+      keys = set(npz.files)
+      if f"{split}_images" in keys:
+        images = npz[f"{split}_images"]
+        labels = npz[f"{split}_labels"] if f"{split}_labels" in keys else None
+        captions = npz[f"{split}_captions"] if f"{split}_captions" in keys else None
+      elif "images" in keys:
+        n = len(npz["images"])
+        for name in ("labels", "captions"):
+          if name in keys and len(npz[name]) != n:
+            raise DataError(f"{path}: '{name}' has {len(npz[name])} rows but 'images' has {n}; "
+                            "give one per image.")
+        idx = _holdout(n, holdout, split)
+        if not len(idx):
+          raise DataError(f"{path}: {n} images leave none for the '{split}' split "
+                          f"(data.holdout_fraction={holdout}); give more images.")
+        images = npz["images"][idx]
+        labels = npz["labels"][idx] if "labels" in keys else None
+        captions = npz["captions"][idx] if "captions" in keys else None
+      else:
+        raise DataError(f"{path} needs an 'images' array (optionally 'labels', 'captions'), or "
+                        f"'{split}_images'; it has {sorted(keys)}.")
+  except DataError:
+    raise
+  except ValueError as e:  # object arrays: np.load refuses to unpickle them (allow_pickle=False)
+    raise DataError(f"Could not read {path}: {e}. jaxgen reads plain numeric and string arrays "
+                    "only, never pickled objects.") from e
   images = fit_images(images, size, channels, path)
   if labels is not None:
-    labels = np.asarray(labels).astype(np.int32).reshape(-1)
+    labels = _check_labels(labels, len(images), path)
   extra = {}
   if captions is not None:
     if captions.dtype.kind not in "US":
       raise DataError(f"{path}: captions must be an array of strings, got {captions.dtype}.")
     extra["caption"] = captions.astype(str)
   return ArraySource(images, labels, extra=extra)
+
+
+def _check_labels(labels, n: int, what: str) -> np.ndarray:
+  """int32 [n] labels, or a DataError saying what is wrong with them."""
+  labels = np.asarray(labels)
+  if labels.dtype.kind not in "iub":
+    raise DataError(f"{what}: labels must be integers (class indices), got {labels.dtype}"
+                    + (": map class names to indices first" if labels.dtype.kind in "USO"
+                       else "") + ".")
+  labels = labels.reshape(-1)
+  if len(labels) != n:
+    raise DataError(f"{what}: {len(labels)} labels for {n} images; give one per image.")
+  if len(labels) and labels.min() < 0:
+    raise DataError(f"{what}: labels must be >= 0; found {int(labels.min())}.")
+  return labels.astype(np.int32)
+
+
+def _read_image(f: pathlib.Path, mode: str) -> np.ndarray:
+  """An image file as uint8 in `mode` (L or RGB). 16-bit greyscale is scaled to 8 bits rather
+  than clipped (PIL's convert would saturate it to white)."""
+  with Image.open(f) as im:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+      wide = np.asarray(im, dtype=np.float64)
+      top = 65535.0 if im.mode.startswith("I;16") or wide.max() > 255 else 255.0
+      grey = np.round(np.clip(wide, 0, top) / top * 255.0).astype(np.uint8)
+      im = Image.fromarray(grey, "L")
+    return np.asarray(im.convert(mode))
 
 
 def load_folder(path: str, split: str, size: int, channels: int, holdout: float) -> ArraySource:
@@ -206,15 +251,18 @@ def load_folder(path: str, split: str, size: int, channels: int, holdout: float)
     raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {root}.")
   if use_holdout:
     idx = _holdout(len(files), holdout, split)
+    if not len(idx):
+      raise DataError(f"{root} has {len(files)} image(s): none is left for the '{split}' split "
+                      f"(data.holdout_fraction={holdout}). Give more images, or train/ and "
+                      "test/ sub-folders.")
     files = [files[i] for i in idx]
     labels = [labels[i] for i in idx] if labels else []
   mode = "L" if channels == 1 else "RGB"
   images = []
   for f in files:
     try:
-      with Image.open(f) as im:
-        images.append(fit_image(np.asarray(im.convert(mode)), size, channels, str(f)))
-    except OSError as e:
+      images.append(fit_image(_read_image(f, mode), size, channels, str(f)))
+    except (OSError, ValueError) as e:
       raise DataError(f"Could not read image {f}: {e}") from e
   names = tuple(d.name for d in class_dirs) if class_dirs else None
   extra = {}

@@ -185,7 +185,8 @@ def _generate(model: LatentDiffusionModel, params, model_state, ids, mask, neg_i
   return model.decode_latents(model_state, z, batch_size=decode_batch, tile=tile)
 
 
-def _tokens(model: LatentDiffusionModel, prompts: Sequence[str], negative_prompt, n: int):
+def _tokens(model: LatentDiffusionModel, prompts: Sequence[str], negative_prompt, n: int,
+            truncate: bool = False):
   if model.tokenize is None:
     raise ConfigError("This model has no tokenizer; pass token ids to the jitted functions.")
   if isinstance(prompts, str):
@@ -193,12 +194,12 @@ def _tokens(model: LatentDiffusionModel, prompts: Sequence[str], negative_prompt
   prompts = list(prompts)
   if not prompts:
     raise ConfigError("No prompts given.")
-  tok = model.tokenize(prompts)
+  tok = model.tokenize(prompts, truncate=truncate)
   negative = negative_prompt if negative_prompt is not None else ""
   negs = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
   if len(negs) != len(prompts):
     raise ConfigError(f"{len(negs)} negative prompts for {len(prompts)} prompts.")
-  neg = model.tokenize(negs)
+  neg = model.tokenize(negs, truncate=truncate)
   rep = lambda a: np.repeat(a, n, axis=0)
   return (rep(tok["input_ids"]), rep(tok["attention_mask"]), rep(neg["input_ids"]),
           rep(neg["attention_mask"]))
@@ -208,14 +209,16 @@ def text_to_image(model: LatentDiffusionModel, params, model_state, prompts: Seq
                   *, steps: int = 50, guidance_scale=5.0, negative_prompt=None,
                   sampler: str = "ddim", num_per_prompt: int = 1, eta=0.0,
                   spacing: str | None = None, decode_batch: int | None = None,
-                  tile: int | None = None):
+                  tile: int | None = None, truncate: bool = False):
   """Images [len(prompts) * num_per_prompt, H, W, C] in [0, 1], prompt-major.
 
   The empty prompt is the unconditional embedding; `negative_prompt` (one string or one per
   prompt) replaces it in classifier-free guidance. An over-long prompt is a TokenError.
-  spacing=None samples on the model's timestep grid (its spacing and steps_offset).
+  spacing=None samples on the model's timestep grid (its spacing and steps_offset). truncate
+  cuts over-long prompts to the context (with a warning) instead of raising.
   """
-  ids, mask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, num_per_prompt)
+  ids, mask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, num_per_prompt,
+                                         truncate)
   return _generate(model, params, model_state, ids, mask, neg_ids, neg_mask, key,
                    guidance_scale, eta, sampler=sampler, num_steps=steps, spacing=spacing,
                    decode_batch=decode_batch, tile=tile)

@@ -200,12 +200,12 @@ class AutoencoderTask(Task):
       return -self.log_likelihood(params, x, out)
     pixel_loss = losses.l1_loss if kind == "l1" else losses.l2_loss
     # In [-1, 1] units, the LDM autoencoder's, so that its loss weights carry over.
-    return pixel_loss(2.0 * x - 1.0, 2.0 * self.output_images(out) - 1.0)
+    return pixel_loss(to_signed(x), to_signed(self.output_images(out)))
 
   def _forward(self, params, x, key):
     """Images in [0, 1] -> (sampled latents z, KL per image [B], decoder output)."""
     ae = self.autoencoder_params(params)
-    mean, logvar = self.module.apply(ae, 2.0 * x - 1.0, method=Autoencoder.encode)
+    mean, logvar = self.module.apply(ae, to_signed(x), method=Autoencoder.encode)
     if logvar is None:
       z, kl = mean, jnp.zeros(mean.shape[0])
     else:
@@ -263,7 +263,7 @@ class AutoencoderTask(Task):
     if self.disc is not None:
       # Both GAN terms are off (weight 0) before disc_start, as taming's adopt_weight does.
       on = jnp.where(step >= m.disc_start, 1.0, 0.0)
-      to_disc = lambda o: 2.0 * self.output_images(o) - 1.0
+      to_disc = lambda o: to_signed(self.output_images(o))
       fixed_disc = {"params": jax.lax.stop_gradient(params["disc"])}
       g_fn = lambda o: losses.hinge_g_loss(self.disc.apply(fixed_disc, to_disc(o)))
       g_loss, g_vjp = jax.vjp(g_fn, out)
@@ -274,7 +274,7 @@ class AutoencoderTask(Task):
         one = jnp.ones((), jnp.float32)
         weight = weight * losses.adaptive_weight(rec_vjp(one), g_vjp(one))
       generator = generator + on * weight * g_loss
-      real_fake = jax.lax.stop_gradient(jnp.concatenate([2.0 * x - 1.0, to_disc(out)]))
+      real_fake = jax.lax.stop_gradient(jnp.concatenate([to_signed(x), to_disc(out)]))
       logits_real, logits_fake = jnp.split(
           self.disc.apply({"params": params["disc"]}, real_fake), 2)
       d_loss = losses.hinge_d_loss(logits_real, logits_fake)

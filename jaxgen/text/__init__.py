@@ -53,8 +53,9 @@ def pack(token_lists: Sequence[Sequence[int]], texts: Sequence[str], *, bos_id: 
       if not truncate:
         raise TokenError(
             f"prompt {i} ({_preview(texts[i])}) has {len(seq)} tokens, counting the start and end "
-            f"tokens, but the context length is {context_length}: shorten it, or tokenize with "
-            f"truncate=True to keep its first {context_length - 2} tokens")
+            f"tokens, but the context length is {context_length}: shorten it, or keep its first "
+            f"{context_length - 2} tokens with truncate=True (Python) or --truncate (jaxgen "
+            f"generate)")
       cut.append(len(seq))
       # the end token must survive: CLIP pools there, and the U-Net saw it in every training prompt
       seq = seq[:context_length - 1] + [eos_id]

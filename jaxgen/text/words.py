@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import pathlib
 import re
@@ -13,6 +14,8 @@ import numpy as np
 
 from jaxgen.errors import DataError
 from jaxgen.text import as_batch, check_context_length, pack
+
+log = logging.getLogger(__name__)
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 SPECIALS = (PAD, UNK, START, END)
@@ -46,6 +49,7 @@ class WordTokenizer:
     self.ids = {w: i for i, w in enumerate(self.tokens)}
     self.context_length = check_context_length(context_length)
     self.truncate = truncate
+    self._warned: set[str] = set()
 
   @classmethod
   def build(cls, captions: Iterable[str], *, context_length: int = 16, min_count: int = 1,
@@ -74,6 +78,14 @@ class WordTokenizer:
   def __call__(self, texts: str | Sequence[str], *, truncate: bool | None = None
                ) -> dict[str, np.ndarray]:
     texts = as_batch(texts)
+    unknown = sorted({w for t in texts for w in split_words(t) if w not in self.ids}
+                     - self._warned)
+    if unknown:
+      # Once per word: a prompt whose words the model never saw is silently another prompt.
+      self._warned.update(unknown)
+      log.warning("%d word(s) are not in the vocabulary of %d words and become <unk>: %s",
+                  len(unknown), len(self.words), ", ".join(repr(w) for w in unknown[:20])
+                  + (" ..." if len(unknown) > 20 else ""))
     return pack([self.encode(t) for t in texts], texts, bos_id=self.bos_id, eos_id=self.eos_id,
                 pad_id=self.pad_id, context_length=self.context_length,
                 truncate=self.truncate if truncate is None else truncate)

@@ -8,7 +8,6 @@ WORKDIR/metrics.jsonl    metrics; WORKDIR/tb/ TensorBoard events; WORKDIR/sample
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import time
@@ -22,14 +21,17 @@ from tqdm.auto import tqdm
 from jaxgen import config as config_lib
 from jaxgen import images
 from jaxgen.data import BatchLoader, batch_sharding, load_source
-from jaxgen.errors import CheckpointError, NonFiniteLossError
+from jaxgen.errors import CheckpointError, ConfigError, NonFiniteLossError
+from jaxgen.files import atomic_write_text, check_writable, make_dir, writing
 from jaxgen.text.store import save_tokenizer
 from jaxgen.train.checkpoint import Checkpointer, config_differences
+from jaxgen.train.lock import WorkdirLock
 from jaxgen.train.mesh import make_mesh, state_shardings
 from jaxgen.train.metrics_writer import MetricWriter
 from jaxgen.train.optim import make_optimizer
 from jaxgen.train.state import TrainState
 from jaxgen.train.step import make_train_step
+from jaxgen.train.workdir import read_config
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,8 @@ def _abstract_state(init, mesh, fsdp: bool = False):
 
 
 def _check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, has_ckpt: bool):
-  path = workdir / "config.json"
-  if has_ckpt and path.exists():
-    try:
-      saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{path} is not valid JSON ({e}). Nothing was deleted.") from e
+  if has_ckpt and (workdir / "config.json").exists():
+    saved = read_config(workdir)  # a damaged config.json: the checkpoint's config
     diffs = config_differences(saved, config.to_dict())
     if diffs:
       raise CheckpointError(
@@ -89,25 +87,39 @@ def train(task, workdir: str | pathlib.Path, *, progress: bool = True,
   """Trains a built task (`jaxgen.app.build_task(config)`) in `workdir`, resuming from its latest
   checkpoint. Returns the final state.
 
-  `until_step` stops early (with a checkpoint) as if the run had been interrupted there.
+  `until_step` stops early (with a checkpoint) as if the run had been interrupted there. One
+  training per workdir: process 0 holds WORKDIR/jaxgen.lock while it runs.
   """
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  if not str(workdir).strip():
+    raise ConfigError("--workdir is empty: name the folder for this run's checkpoints and logs.")
+  workdir = make_dir(workdir)
+  check_writable(workdir)
+  if jax.process_index() != 0:
+    return _train(task, workdir, progress, until_step, mesh)
+  with WorkdirLock(workdir):
+    return _train(task, workdir, progress, until_step, mesh)
+
+
+def _train(task, workdir: pathlib.Path, progress: bool, until_step: int | None, mesh
+           ) -> TrainState:
   config = task.config
   c, t = config, config.train
   mesh = mesh or make_mesh()
+  loader = BatchLoader(load_source(c.data, c.data.train_split), c.data.batch_size, c.seed,
+                       c.data.shuffle, preprocess=task.preprocess)
+  # The held-out split is read now, so that a bad file there stops the run before any step,
+  # not at the first picture (whose checkpoint would then never be written).
+  load_source(c.data, c.data.eval_split)
   ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
   latest = ckpt.latest_step()
   _check_workdir(workdir, config, latest is not None)
-
-  loader = BatchLoader(load_source(c.data, c.data.train_split), c.data.batch_size, c.seed,
-                       c.data.shuffle, preprocess=task.preprocess)
   init, schedule = _state_factory(task, config, loader.get(0))
   abstract = _abstract_state(init, mesh, t.fsdp)
   state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config_lib.to_json(config))
-    save_tokenizer(workdir, config, getattr(task, "tokenizer", None))
+    atomic_write_text(workdir / "config.json", config_lib.to_json(config))
+    with writing(workdir / "tokenizer"):
+      save_tokenizer(workdir, config, getattr(task, "tokenizer", None))
 
   start = 0
   if latest is not None:
@@ -138,7 +150,7 @@ def train(task, workdir: str | pathlib.Path, *, progress: bool = True,
                                batch_sharding=batch_sharding(mesh),
                                accum_steps=c.optim.grad_accum_steps)
   end = t.num_steps if until_step is None else min(until_step, t.num_steps)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=start)
   pending = _Pending()
   last_saved = latest
   bar = tqdm(total=t.num_steps, initial=start, unit="step", dynamic_ncols=True,
@@ -148,8 +160,18 @@ def train(task, workdir: str | pathlib.Path, *, progress: bool = True,
   def check_finite():
     for s, m in pending.fetch():
       if not bool(m["finite"]):
-        where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}"
-                 if last_saved is not None else "no checkpoint had been written yet")
+        how = ckpt.verified.get(last_saved)
+        if last_saved is None:
+          where = "no checkpoint had been written yet"
+        elif how == "checksums":
+          where = f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}"
+        elif how == "finite":
+          where = (f"the last checkpoint (step {last_saved}) is kept in {ckpt.directory}; it "
+                   "had no checksums when it was restored (only its values were checked), so "
+                   "it may itself be damaged")
+        else:
+          where = (f"the last checkpoint (step {last_saved}) is kept in {ckpt.directory}, not "
+                   "yet verified")
         raise NonFiniteLossError(
             f"Loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step {s}. "
             f"Training stopped; {where}. Lower optim.lr, keep optim.grad_clip on, or check "
