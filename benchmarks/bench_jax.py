@@ -247,7 +247,7 @@ def run_row(name: str, quick: bool) -> dict:
   row = ROWS[name]
   bs = row.train_batch(quick)
   config = app.load_config(row.config_spec(),
-                                  list(row.overrides) + [f"data.batch_size={bs}"])
+                           list(row.overrides) + [f"data.batch_size={bs}"])
   task = app.build_task(config)
   out = dict(row=name, what=row.what, framework="jaxgen")
   train, state, _ = bench_train(task, config, bs, row.quick_repeats if quick else row.repeats)

@@ -99,7 +99,7 @@ def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
   row = ROWS[name]
   bs = row.train_batch(quick)
   config = app.load_config(row.config_spec(),
-                                  list(row.overrides) + [f"data.batch_size={bs}"])
+                           list(row.overrides) + [f"data.batch_size={bs}"])
   torch.manual_seed(0)
   conditional = row.torch == "unet2d_condition"
   if conditional:

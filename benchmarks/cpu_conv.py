@@ -244,7 +244,7 @@ def _ddpm_step(overrides=()):
   from jaxgen.train.step import make_train_step
   row = ROWS[ROW]
   config = app.load_config(row.config_spec(),
-                                  [f"data.batch_size={row.batch}", *overrides])
+                           [f"data.batch_size={row.batch}", *overrides])
   task = app.build_task(config)
   tx, schedule = make_optimizer(config.optim, config.train.num_steps, task.frozen)
   example = {k: np.asarray(v)[:1] for k, v in task.example_batch().items()

@@ -14,6 +14,7 @@ guidance.
 from __future__ import annotations
 
 import logging
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -101,9 +102,12 @@ class LatentDiffusionTask(Task):
     m, d = config.model, config.data
     self._train_source = None
     t, v = m.text, m.vae
-    if self.tokenizer is None and t.init:
-      # The text tower comes from a clip run: so do the ids it was trained on.
-      self.tokenizer = weights_lib.load_tokenizer(t.init, weights_lib.read_config(t.init))
+    if self.tokenizer is None and t.init and (pathlib.Path(t.init) / "config.json").is_file():
+      # The text tower comes from a clip run: so do the ids it was trained on. (Without the run,
+      # e.g. to benchmark the step, the tokenizer is built from the captions; training from it
+      # then stops in `pretrained`, which needs the run.)
+      self.tokenizer = weights_lib.load_tokenizer(t.init, weights_lib.read_config(t.init),
+                                                  missing_ok=True)
     if self.tokenizer is None:
       self.tokenizer = text_lib.from_config(t, self._train_captions)
     self.text = build.text_tower(t, self.tokenizer)
