@@ -120,14 +120,13 @@ def _init_state(task, example, tx, key) -> TrainState:
   return TrainState.create(params, tx, k_rng, model_state)
 
 
-def bench_train(task, config, batch_size: int, repeats: int) -> tuple[dict, TrainState, dict]:
-  """The loop's step on all devices of this process: batch split over the mesh's 'data' axis,
-  the state replicated or (train.fsdp) split, micro-batches when optim.grad_accum_steps > 1."""
+def train_setup(task, config, batch_size: int):
+  """(state, batch, step): the loop's jitted step, a random-weight state placed on all devices
+  of this process (replicated, or split with train.fsdp) and one batch split over 'data'."""
   tx, schedule = make_optimizer(config.optim, config.train.num_steps, task.frozen)
   key = jax.random.PRNGKey(0)
   example = {k: np.asarray(v)[:1] for k, v in task.example_batch().items()
              if np.asarray(v).dtype.kind not in "USO"}
-
   mesh = make_mesh()
   state = _init_state(task, example, tx, key)
   shardings = state_shardings(state, mesh, config.train.fsdp)
@@ -136,6 +135,13 @@ def bench_train(task, config, batch_size: int, repeats: int) -> tuple[dict, Trai
   step = make_train_step(task.loss_fn, ema_decay=config.optim.ema_decay, schedule=schedule,
                          state_sharding=shardings, batch_sharding=batch_sharding(mesh),
                          accum_steps=config.optim.grad_accum_steps)
+  return state, batch, step
+
+
+def bench_train(task, config, batch_size: int, repeats: int) -> tuple[dict, TrainState, dict]:
+  """The loop's step on all devices of this process: batch split over the mesh's 'data' axis,
+  the state replicated or (train.fsdp) split, micro-batches when optim.grad_accum_steps > 1."""
+  state, batch, step = train_setup(task, config, batch_size)
   t0 = time.perf_counter()
   lowered = step.lower(state, batch)
   t1 = time.perf_counter()

@@ -18,15 +18,11 @@ import time
 
 import jax
 import numpy as np
-from bench_jax import _batch, _init_state
+from bench_jax import train_setup
 from rows import ROWS
 
 from jaxgen import app, runtime
-from jaxgen.data import batch_sharding
 from jaxgen.train.checkpoint import Checkpointer, write_checksums
-from jaxgen.train.mesh import make_mesh, state_shardings
-from jaxgen.train.optim import make_optimizer
-from jaxgen.train.step import make_train_step
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -51,17 +47,7 @@ def run(mode: str, row_name: str, steps: int, every: int) -> dict:
   config = app.load_config(row.config_spec(), list(row.overrides)
                            + [f"data.batch_size={row.batch}"])
   task = app.build_task(config)
-  tx, schedule = make_optimizer(config.optim, config.train.num_steps, task.frozen)
-  key = jax.random.PRNGKey(0)
-  example = {k: np.asarray(v)[:1] for k, v in task.example_batch().items()
-             if np.asarray(v).dtype.kind not in "USO"}
-  mesh = make_mesh()
-  state = _init_state(task, example, tx, key)
-  shardings = state_shardings(state, mesh)
-  state = jax.device_put(state, shardings)
-  batch = jax.device_put(_batch(task, config, row.batch, key), batch_sharding(mesh))
-  step_fn = make_train_step(task.loss_fn, ema_decay=config.optim.ema_decay, schedule=schedule,
-                            state_sharding=shardings, batch_sharding=batch_sharding(mesh))
+  state, batch, step_fn = train_setup(task, config, row.batch)
   state, m = step_fn(state, batch)  # compile
   jax.block_until_ready(m)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))

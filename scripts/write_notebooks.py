@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from IPython.display import display
 from PIL import Image
-from jaxgen import app, commands, images, runtime
+from jaxgen import app, images, runtime
 runtime.enable_compilation_cache()
 runtime.setup_logging()
 REPO = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
@@ -46,8 +46,9 @@ show(images.grid(ae.sample_prior(task.model, params, jax.random.PRNGKey(0), 36),
                       "interpolation of the latent means, framed by the originals:"),
     new_code_cell("show(ae.interpolation_strip(task.model, params, x[0], x[1], num=8))"),
     new_markdown_cell("Held-out reconstruction PSNR/SSIM and negative ELBO (nats per image):"),
-    new_code_cell(
-        "commands.evaluate_autoencoder(task, params, {}, jax.random.PRNGKey(0), limit=256)"),
+    new_code_cell("from jaxgen import commands\n"
+                  "commands.evaluate_autoencoder(task, params, {}, jax.random.PRNGKey(0), "
+                  "limit=256)"),
 ]
 
 
@@ -145,7 +146,8 @@ txt_emb = cp.embed_texts(model, params, captions)
 for i in range(6):
     best = np.argsort(-(txt_emb @ img_emb[i]))[:3]
     print(f"{held_out['caption'][i]!r:55} -> {[captions[j] for j in best]}")'''),
-    new_code_cell("commands.evaluate_dual_encoder(run.task, params, state, limit=500)"),
+    new_code_cell("from jaxgen import commands\n"
+                  "commands.evaluate_dual_encoder(run.task, params, state, limit=500)"),
 ]
 
 
