@@ -211,3 +211,22 @@ def test_killed_training_leaves_restorable_sealed_checkpoints(tmp_path):
   assert r.returncode == -9
   state = app.restore_run(tmp_path / "run")
   assert state.step == 2
+
+
+def test_a_failure_in_the_background_commit_is_a_write_error(tmp_path, monkeypatch):
+  import errno
+  ckpt = Checkpointer(tmp_path / "checkpoints")
+  import threading
+  real = ckpt._mngr.wait_until_finished
+
+  def failing():
+    real()
+    if threading.current_thread().name.startswith("jaxgen-seal"):  # orbax's writer failed
+      raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(ckpt._mngr, "wait_until_finished", failing)
+  ckpt.save_weights(1, {"params": {"w": np.ones(3, np.float32)}, "model_state": {}},
+                    {"config": {}})
+  with pytest.raises(WriteError, match="Saving a checkpoint in .* failed: the disk is full"):
+    ckpt.wait()
+  ckpt.wait()  # reported once
+  ckpt.close()
