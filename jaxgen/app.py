@@ -89,6 +89,8 @@ def train(config_or_task, workdir: str | pathlib.Path, **kwargs):
   if isinstance(config_or_task, ml_collections.ConfigDict):
     task = build_task(config_or_task,
                       weights_lib.load_tokenizer(workdir, config_or_task, missing_ok=True))
+  if task.feature_net_data is not None:  # a perceptual loss on the metric's feature network
+    load_feature_net(task.feature_net_data, progress=kwargs.get("progress", True))
   return loop.train(task, workdir, **kwargs)
 
 

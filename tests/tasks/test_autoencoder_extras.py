@@ -321,3 +321,21 @@ def test_perceptual_loss_in_the_task_is_frozen(gan, feature_distance):
   assert float(loss) == pytest.approx(float(metrics["rec"]) + 1e-6 * float(metrics["kl"])
                                       + 0.5 * dims * float(metrics["perceptual"]), rel=1e-5)
   assert set(ae) == {"params"}  # the feature network is no parameter of the model
+
+
+@pytest.mark.slow
+def test_perceptual_auto_trains_the_metric_network_first(tmp_path, monkeypatch):
+  """perceptual_net=auto: the app layer trains (once) and caches the metric's classifier before
+  the autoencoder's loss needs it."""
+  import functools
+
+  from jaxgen import app
+  from jaxgen.eval import quality
+  monkeypatch.setenv("JAXGEN_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr(app, "load_feature_net",
+                      functools.partial(app.load_feature_net, steps=2))
+  c = config("ldm_autoencoder", "train.num_steps=2", "train.sample_every=0",
+             arg="smoke,perceptual")
+  state = app.train(c, tmp_path / "run", progress=False)
+  assert int(state.step) == 2
+  assert (quality.feature_net_dir(c.data) / "checkpoints").is_dir()
