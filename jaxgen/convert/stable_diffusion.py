@@ -54,6 +54,7 @@ _SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_schedule="linear", bet
 _LEADING_BY_DEFAULT = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
 _CLIPS_BY_DEFAULT = ("DDIMScheduler", "DDPMScheduler")
 _SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
+_FINAL_ALPHA_ZERO_BY_DEFAULT = ("PNDMScheduler",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,12 +129,9 @@ def scheduler_settings(config: Mapping[str, Any]) -> dict:
   if (cls == "DPMSolverMultistepScheduler" and c.get("algorithm_type", "dpmsolver++") ==
       "dpmsolver++" and c.get("solver_order", 2) == 2):
     sampler = "dpmpp_2m"
-  if clip:
-    log.info("scheduler: clip_sample=True: x0 is clipped to +-%s and eps recomputed from it "
-             "(diffusers' use_clipped_model_output=True)", c["clip_sample_range"])
-  if c.get("set_alpha_to_one") is False:
-    log.info("scheduler: set_alpha_to_one=False: jaxgen's last step goes to the clean latents "
-             "(abar = 1) rather than to abar[0]; every earlier step is the same")
+  # DDIM's last step goes to abar[0] when set_alpha_to_one is False (SD's configs; PNDM's
+  # default); diffusers' pipelines never re-derive eps from a clipped x0.
+  set_alpha_to_one = bool(c.get("set_alpha_to_one", cls not in _FINAL_ALPHA_ZERO_BY_DEFAULT))
   return {
       "diffusion": dict(
           schedule=schedule, num_timesteps=int(c["num_train_timesteps"]),
@@ -141,6 +139,7 @@ def scheduler_settings(config: Mapping[str, Any]) -> dict:
           beta_end=float(c["beta_end"]) if linear else 0.0,
           prediction=_PREDICTIONS[c["prediction_type"]],
           clip_x0=float(c["clip_sample_range"]) if clip else 0.0,
+          set_alpha_to_one=set_alpha_to_one, use_clipped_model_output=False,
           sampler=sampler, sample_steps=50, guidance_scale=7.5),
       "ldm": dict(timestep_spacing=spacing, steps_offset=steps_offset),
   }

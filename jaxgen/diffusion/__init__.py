@@ -22,6 +22,7 @@ from jaxgen.diffusion.samplers import (
                                       make_step,
                                       make_timesteps,
                                       sample,
+                                      sampling_options,
                                       step_inputs,
 )
 from jaxgen.diffusion.schedules import SCHEDULES, Schedule, make_schedule
@@ -30,6 +31,6 @@ __all__ = [
     "PREDICTIONS", "SAMPLERS", "SCHEDULES", "SPACINGS", "WEIGHTINGS", "SamplerState", "Schedule",
     "ddim_invert", "ddim_update", "ddpm_update", "diffusion_loss", "dpmpp_2m_update",
     "eps_from_x0", "guided_denoiser", "img2img", "inpaint", "interpolate", "loss_weight",
-    "make_schedule", "make_step", "make_timesteps", "q_sample", "sample", "snr", "step_inputs",
-    "target", "to_x0_eps",
+    "make_schedule", "make_step", "make_timesteps", "q_sample", "sample", "sampling_options",
+    "snr", "step_inputs", "target", "to_x0_eps",
 ]

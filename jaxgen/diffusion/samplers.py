@@ -69,10 +69,18 @@ def ddpm_update(schedule: Schedule, x_t, x0, t, t_prev, noise) -> jax.Array:
   return mean + _sqrt0(var) * noise
 
 
-def ddim_update(schedule: Schedule, x_t, x0, eps, t, t_prev, eta, noise) -> jax.Array:
-  """Song et al. 2021, eq. 12: eta = 0 is the deterministic DDIM, eta = 1 equals DDPM."""
+def ddim_update(schedule: Schedule, x_t, x0, eps, t, t_prev, eta, noise,
+                final_abar=None) -> jax.Array:
+  """Song et al. 2021, eq. 12: eta = 0 is the deterministic DDIM, eta = 1 equals DDPM.
+
+  final_abar: abar of the step after the last (t_prev = -1); None is 1, the clean data.
+  diffusers' DDIMScheduler with set_alpha_to_one=False (Stable Diffusion's scheduler configs)
+  uses abar[0] there, so its last step stops a little short of the data."""
   abar_t = expand(schedule.abar_at(t), x_t)
-  abar_s = expand(schedule.abar_at(t_prev), x_t)
+  abar_s = schedule.abar_at(t_prev)
+  if final_abar is not None:
+    abar_s = jnp.where(t_prev >= 0, abar_s, jnp.asarray(final_abar, jnp.float32))
+  abar_s = expand(abar_s, x_t)
   sigma = eta * _sqrt0((1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s))
   # Rounding can push 1 - abar_s - sigma^2 a hair below 0 when eta = 1 at the last step.
   dir_coef = _sqrt0(1.0 - abar_s - jnp.square(sigma))
@@ -122,15 +130,22 @@ def _is_static_zero(v) -> bool:
 
 def make_step(denoise: Callable, schedule: Schedule, *, sampler: str = "ddim",
               prediction: str = "eps", eta=0.0, clip_x0: float | None = None,
-              constraint: Callable | None = None) -> Callable:
+              constraint: Callable | None = None, final_abar=None,
+              use_clipped_model_output: bool = True) -> Callable:
   """One sampler step: step(state, (t, t_prev, key)) -> (state, x_prev), t/t_prev int32 scalars.
 
   `sample` scans it; the same function can be called in a Python loop. denoise(x_t, t[B]) returns
   a model output of type `prediction`; constraint(x_prev, t_prev[B], key) runs after each step.
+  With clip_x0, eps is re-derived from the clipped x0 when use_clipped_model_output (GLIDE's
+  rule, jaxgen's default), else kept as predicted (what diffusers' pipelines do).
+  final_abar (DDIM only): see ddim_update.
   """
   if sampler not in SAMPLERS:
     raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
   check_prediction(prediction)
+  if final_abar is not None and sampler != "ddim":
+    raise ConfigError(f"final_abar (set_alpha_to_one=False) applies to the ddim sampler only, "
+                      f"not {sampler!r}")
   # A literal eta = 0 makes DDIM deterministic: skip drawing noise that would be multiplied by 0.
   stochastic = sampler == "ddpm" or (sampler == "ddim" and not _is_static_zero(eta))
 
@@ -145,14 +160,15 @@ def make_step(denoise: Callable, schedule: Schedule, *, sampler: str = "ddim",
     x0, eps = to_x0_eps(out, x, t_b, schedule, prediction)
     if clip_x0 is not None:
       x0 = jnp.clip(x0, -clip_x0, clip_x0)
-      eps = eps_from_x0(x0, x, t_b, schedule)  # keep eps consistent with the clipped x0
+      if use_clipped_model_output:
+        eps = eps_from_x0(x0, x, t_b, schedule)  # keep eps consistent with the clipped x0
     noise = jax.random.normal(key_noise, x.shape, jnp.float32) if stochastic else None
     h = state.h_last
     if sampler == "ddpm":
       x_prev = ddpm_update(schedule, x, x0, t_b, t_prev_b, noise)
     elif sampler == "ddim":
       x_prev = ddim_update(schedule, x, x0, eps, t_b, t_prev_b, jnp.asarray(eta, jnp.float32),
-                           0.0 if noise is None else noise)
+                           0.0 if noise is None else noise, final_abar)
     else:
       x_prev, h = dpmpp_2m_update(schedule, x, x0, state.x0_last, t_b, t_prev_b, state.h_last,
                                   state.step > 0)
@@ -188,13 +204,16 @@ def check_timesteps(timesteps, num_timesteps: int) -> None:
 def sample(denoise: Callable, schedule: Schedule, key, shape, *, sampler: str = "ddim",
            num_steps: int = 50, prediction: str = "eps", eta=0.0, timesteps=None,
            spacing: str = "trailing", x_T=None, return_trajectory: bool = False,
-           clip_x0: float | None = None, constraint: Callable | None = None):
+           clip_x0: float | None = None, constraint: Callable | None = None,
+           final_abar=None, use_clipped_model_output: bool = True):
   """Draws x_0 [shape] from noise with 'ddpm', 'ddim' or 'dpmpp_2m'; pure and jittable.
 
   `key` is split into the key of x_T and the per-step keys (noise, then `constraint`).
   `timesteps` (int [N], descending, may be traced) replaces the num_steps/spacing grid; `x_T`
   replaces the starting noise (then `shape` may be None). eta is DDIM's noise scale (traced).
   With return_trajectory, returns (x_0, xs) where xs [N + 1, *shape] starts with x_T.
+  final_abar and use_clipped_model_output: see make_step (diffusers' set_alpha_to_one=False is
+  final_abar=schedule.abar[0]; its pipelines use use_clipped_model_output=False).
   """
   if sampler not in SAMPLERS:
     raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
@@ -210,11 +229,23 @@ def sample(denoise: Callable, schedule: Schedule, key, shape, *, sampler: str = 
   elif shape is not None and tuple(shape) != tuple(x_T.shape):
     raise ShapeError(f"x_T has shape {tuple(x_T.shape)} but shape {tuple(shape)} was asked for")
   step = make_step(denoise, schedule, sampler=sampler, prediction=prediction, eta=eta,
-                   clip_x0=clip_x0, constraint=constraint)
+                   clip_x0=clip_x0, constraint=constraint, final_abar=final_abar,
+                   use_clipped_model_output=use_clipped_model_output)
   state, xs = jax.lax.scan(step, SamplerState.create(x_T), step_inputs(timesteps, key_steps))
   if return_trajectory:
     return state.x, jnp.concatenate([jnp.asarray(x_T, jnp.float32)[None], xs])
   return state.x
+
+
+def sampling_options(schedule: Schedule, sampler: str, *, clip_x0: float | None = None,
+                     set_alpha_to_one: bool = True, use_clipped_model_output: bool = True
+                     ) -> dict:
+  """The keyword arguments of `sample` that follow a diffusers scheduler config: clip_sample
+  (clip_x0), set_alpha_to_one (DDIM's last step to abar = 1, or to abar[0] when False; the other
+  samplers always end at the data) and use_clipped_model_output."""
+  final = None if set_alpha_to_one or sampler != "ddim" else schedule.abar[0]
+  return dict(clip_x0=clip_x0, final_abar=final,
+              use_clipped_model_output=use_clipped_model_output)
 
 
 def guided_denoiser(model_fn: Callable, cond, null_cond, guidance_scale) -> Callable:

@@ -32,10 +32,19 @@ class DiffusionModel:
   beta_end: float | None = None
   prediction: str = "eps"
   clip_x0: float | None = 1.0
+  set_alpha_to_one: bool = True           # False: DDIM's last step ends at abar[0] (diffusers)
+  use_clipped_model_output: bool = True   # re-derive eps from a clipped x0
 
   @property
   def num_classes(self) -> int:
     return self.unet.num_classes
+
+  def sampling_options(self, sampler: str) -> dict:
+    """clip_x0, final_abar and use_clipped_model_output for diffusion.sample."""
+    return diffusion.sampling_options(
+        self.make_schedule(), sampler, clip_x0=self.clip_x0,
+        set_alpha_to_one=self.set_alpha_to_one,
+        use_clipped_model_output=self.use_clipped_model_output)
 
   def make_schedule(self) -> diffusion.Schedule:
     return diffusion.make_schedule(self.schedule, self.num_timesteps, self.beta_start,
@@ -110,7 +119,8 @@ def generate(model: DiffusionModel, params, key, *, num: int, labels=None, guida
   den = denoiser(model, params, num, labels, guidance_scale)
   out = diffusion.sample(den, model.make_schedule(), key, (num, *model.image_shape),
                          sampler=sampler, num_steps=num_steps, prediction=model.prediction,
-                         eta=eta, timesteps=timesteps, spacing=spacing, clip_x0=model.clip_x0,
+                         eta=eta, timesteps=timesteps, spacing=spacing,
+                         **model.sampling_options(sampler),
                          return_trajectory=return_trajectory)
   if return_trajectory:
     return from_signed(out[0]), out[1]
@@ -130,7 +140,7 @@ def inpaint(model: DiffusionModel, params, key, images, mask, *, num: int, label
   den = denoiser(model, params, num, labels, guidance_scale)
   out = diffusion.inpaint(den, model.make_schedule(), key, to_signed(images), mask,
                           sampler=sampler, num_steps=num_steps, prediction=model.prediction,
-                          eta=eta, spacing=spacing, clip_x0=model.clip_x0)
+                          eta=eta, spacing=spacing, **model.sampling_options(sampler))
   return from_signed(out)
 
 
@@ -144,7 +154,7 @@ def img2img(model: DiffusionModel, params, key, images, *, strength: float, num:
   den = denoiser(model, params, num, labels, guidance_scale)
   out = diffusion.img2img(den, model.make_schedule(), key, to_signed(images), strength,
                           sampler=sampler, num_steps=num_steps, prediction=model.prediction,
-                          eta=eta, spacing=spacing, clip_x0=model.clip_x0)
+                          eta=eta, spacing=spacing, **model.sampling_options(sampler))
   return from_signed(out)
 
 

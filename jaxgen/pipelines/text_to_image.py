@@ -48,13 +48,15 @@ class LatentDiffusionModel:
                                          # Diffusion), sigmoid logits, or unit [0, 1] values
   spacing: str = "trailing"              # the samplers' default timestep spacing
   steps_offset: int = 0                  # added to 'leading' timesteps (Stable Diffusion: 1)
+  set_alpha_to_one: bool = True          # False: DDIM's last step ends at abar[0] (SD's configs)
+  use_clipped_model_output: bool = True  # re-derive eps from a clipped x0 (diffusers: False)
   tokenize: Callable = dataclasses.field(default=None, compare=False, hash=False)
 
   def __hash__(self):
     return hash((self.unet, self.text, self.vae, self.image_shape, self.schedule,
                  self.num_timesteps, self.beta_start, self.beta_end, self.prediction,
                  self.clip_x0, self.text_layer, self.text_mask, self.vae_output, self.spacing,
-                 self.steps_offset))
+                 self.steps_offset, self.set_alpha_to_one, self.use_clipped_model_output))
 
   @property
   def latent_shape(self) -> tuple[int, int, int]:
@@ -63,6 +65,13 @@ class LatentDiffusionModel:
   def make_schedule(self) -> diffusion.Schedule:
     return diffusion.make_schedule(self.schedule, self.num_timesteps, self.beta_start,
                                    self.beta_end)
+
+  def sampling_options(self, sampler: str) -> dict:
+    """clip_x0, final_abar and use_clipped_model_output for diffusion.sample."""
+    return diffusion.sampling_options(
+        self.make_schedule(), sampler, clip_x0=self.clip_x0,
+        set_alpha_to_one=self.set_alpha_to_one,
+        use_clipped_model_output=self.use_clipped_model_output)
 
   def timesteps(self, num_steps: int, spacing: str | None = None) -> jax.Array:
     """The descending timesteps a sampler visits: `spacing` (None: the model's) and, for
@@ -173,16 +182,19 @@ def _context(model, params, ids, mask, neg_ids, neg_mask):
   return model.encode_text(params, ids, mask), model.encode_text(params, neg_ids, neg_mask)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("decode_batch", "tile"))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("decode_batch", "tile", "return_latents"))
 def _generate(model: LatentDiffusionModel, params, model_state, ids, mask, neg_ids, neg_mask,
-              key, guidance_scale, eta, *, sampler, num_steps, spacing, decode_batch, tile):
+              key, guidance_scale, eta, latents=None, *, sampler, num_steps, spacing,
+              decode_batch, tile, return_latents=False):
   cond, uncond = _context(model, params, ids, mask, neg_ids, neg_mask)
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
-  z = diffusion.sample(den, model.make_schedule(), key, (ids.shape[0], *model.latent_shape),
+  shape = None if latents is not None else (ids.shape[0], *model.latent_shape)
+  z = diffusion.sample(den, model.make_schedule(), key, shape, x_T=latents,
                        sampler=sampler, num_steps=num_steps, prediction=model.prediction,
                        eta=eta, timesteps=model.timesteps(num_steps, spacing),
-                       clip_x0=model.clip_x0)
-  return model.decode_latents(model_state, z, batch_size=decode_batch, tile=tile)
+                       **model.sampling_options(sampler))
+  images = model.decode_latents(model_state, z, batch_size=decode_batch, tile=tile)
+  return (images, z) if return_latents else images
 
 
 def _tokens(model: LatentDiffusionModel, prompts: Sequence[str], negative_prompt, n: int,
@@ -209,19 +221,29 @@ def text_to_image(model: LatentDiffusionModel, params, model_state, prompts: Seq
                   *, steps: int = 50, guidance_scale=5.0, negative_prompt=None,
                   sampler: str = "ddim", num_per_prompt: int = 1, eta=0.0,
                   spacing: str | None = None, decode_batch: int | None = None,
-                  tile: int | None = None, truncate: bool = False):
+                  tile: int | None = None, truncate: bool = False, latents=None,
+                  return_latents: bool = False):
   """Images [len(prompts) * num_per_prompt, H, W, C] in [0, 1], prompt-major.
 
   The empty prompt is the unconditional embedding; `negative_prompt` (one string or one per
   prompt) replaces it in classifier-free guidance. An over-long prompt is a TokenError.
   spacing=None samples on the model's timestep grid (its spacing and steps_offset). truncate
-  cuts over-long prompts to the context (with a warning) instead of raising.
+  cuts over-long prompts to the context (with a warning) instead of raising. `latents` [N, h, w,
+  c] are the starting noise (diffusers' `latents` argument; a seed's latents reused), else drawn
+  from `key`; return_latents also returns the final latents (scaled, before decoding).
   """
   ids, mask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, num_per_prompt,
                                          truncate)
+  if latents is not None:
+    latents = jnp.asarray(latents, jnp.float32)
+    want = (ids.shape[0], *model.latent_shape)
+    if tuple(latents.shape) != want:
+      raise ShapeError(f"latents: expected shape {list(want)} (one per image: prompts x "
+                       f"num_per_prompt), got {list(latents.shape)}.")
   return _generate(model, params, model_state, ids, mask, neg_ids, neg_mask, key,
-                   guidance_scale, eta, sampler=sampler, num_steps=steps, spacing=spacing,
-                   decode_batch=decode_batch, tile=tile)
+                   guidance_scale, eta, latents, sampler=sampler, num_steps=steps,
+                   spacing=spacing, decode_batch=decode_batch, tile=tile,
+                   return_latents=return_latents)
 
 
 text_to_image.jitted = _generate
@@ -236,7 +258,8 @@ def _img2img(model, params, model_state, images, ids, mask, neg_ids, neg_mask, k
   z0 = model.encode_images(model_state, images)
   z = diffusion.img2img(den, model.make_schedule(), k_run, z0, strength, num_steps=num_steps,
                         sampler=sampler, prediction=model.prediction, eta=eta,
-                        timesteps=model.timesteps(num_steps, spacing), clip_x0=model.clip_x0)
+                        timesteps=model.timesteps(num_steps, spacing),
+                        **model.sampling_options(sampler))
   return model.decode_latents(model_state, z)
 
 
@@ -266,7 +289,8 @@ def _inpaint(model, params, model_state, images, mask_px, ids, mask, neg_ids, ne
   known = mask_px.reshape(b, h // f, f, w // f, f, 1).min(axis=(2, 4))
   z = diffusion.inpaint(den, model.make_schedule(), key, z0, known, sampler=sampler,
                         num_steps=num_steps, prediction=model.prediction, eta=eta,
-                        timesteps=model.timesteps(num_steps, spacing), clip_x0=model.clip_x0)
+                        timesteps=model.timesteps(num_steps, spacing),
+                        **model.sampling_options(sampler))
   out = model.decode_latents(model_state, z)
   return mask_px * to_unit(images) + (1.0 - mask_px) * out  # known pixels exactly as given
 

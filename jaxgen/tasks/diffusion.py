@@ -34,6 +34,9 @@ def diffusion_section() -> dict:
       weighting="uniform",        # uniform | min_snr
       min_snr_gamma=5.0,
       clip_x0=1.0,                # clip predicted x0 to [-c, c] while sampling; 0: off
+      use_clipped_model_output=True,  # with clip_x0: eps re-derived from the clipped x0
+      set_alpha_to_one=True,      # False: DDIM's last step ends at abar[0], as diffusers' DDIM
+                                  # with set_alpha_to_one=False (Stable Diffusion's configs)
       sampler="ddim",             # pictures during training and the default of `jaxgen sample`
       sample_steps=50,
       guidance_scale=3.0,         # classifier-free guidance for conditional pictures
@@ -54,7 +57,9 @@ def validate_diffusion(config) -> None:
 def schedule_kwargs(d) -> dict:
   return dict(schedule=d.schedule, num_timesteps=d.num_timesteps,
               beta_start=d.beta_start or None, beta_end=d.beta_end or None,
-              prediction=d.prediction, clip_x0=d.clip_x0 or None)
+              prediction=d.prediction, clip_x0=d.clip_x0 or None,
+              set_alpha_to_one=d.set_alpha_to_one,
+              use_clipped_model_output=d.use_clipped_model_output)
 
 
 class DiffusionTask(Task):

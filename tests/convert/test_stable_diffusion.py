@@ -22,6 +22,7 @@ from jaxgen.convert.clip_text import load_tokenizer, text_transformer_from_confi
 from jaxgen.convert.diffusers import module_from_config
 from jaxgen.convert.stable_diffusion import read_model_index, scheduler_settings
 from jaxgen.errors import ConfigError
+from jaxgen.pipelines import text_to_image as t2i
 from jaxgen.text.bpe import bytes_to_unicode, clip_vocab
 
 torch = pytest.importorskip("torch")
@@ -190,7 +191,22 @@ def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
     e = err(final, nhwc(final_ref))
     log.info("sd2: 4-step sample, max |jaxgen - diffusers| %.2e", e)
     assert e <= 1e-4 * max(1.0, float(final_ref.abs().max()))
-  else:  # the end-to-end path: jaxgen generate on the imported run
+  # The whole guided text_to_image from the same starting latents against diffusers' pipeline:
+  # SD1-like has set_alpha_to_one=False, so its last DDIM step ends at abar[0], not the data.
+  with torch.no_grad():
+    kw = dict(negative_prompt=[NEGATIVE], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+              latents=torch.from_numpy(z[:1]))
+    latents_ref = pipe([PROMPT], output_type="latent", **kw).images
+    image_ref = pipe([PROMPT], output_type="np", **kw).images
+  image, latents = t2i.text_to_image(model, run.params, run.model_state, [PROMPT],
+                                     jax.random.PRNGKey(0), steps=STEPS, guidance_scale=GUIDANCE,
+                                     negative_prompt=NEGATIVE, latents=nhwc(z[:1]),
+                                     return_latents=True)
+  e_lat, e_img = err(latents, nhwc(latents_ref)), err(image, image_ref)
+  log.info("sd2=%s: whole text_to_image, max |jaxgen - diffusers| latents %.2e, image %.2e", sd2,
+           e_lat, e_img)
+  assert e_lat <= 1e-4 * max(1.0, float(latents_ref.abs().max())) and e_img <= 1e-4
+  if not sd2:  # the end-to-end path: jaxgen generate on the imported run
     out = tmp_path / "gen.png"
     main(["generate", "--workdir", str(wd), "--prompt", PROMPT, "--negative", NEGATIVE,
           "--steps", "2", "--num", "2", "--out", str(out)])

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from helpers import config, params_of
+from jaxgen import diffusion
 from jaxgen.app import restore_run, train
 from jaxgen.cli import main
-from jaxgen.errors import ConfigError, TokenError
+from jaxgen.errors import ConfigError, ShapeError, TokenError
 from jaxgen.models.autoencoder import Autoencoder
 from jaxgen.pipelines import text_to_image as t2i
 
@@ -84,6 +85,31 @@ def test_vmap_over_seeds_equals_separate_calls(ldm_run):
   both = jax.vmap(f)(keys)
   for i in range(3):
     np.testing.assert_allclose(both[i], f(keys[i]), atol=1e-5)
+
+
+def test_starting_latents_in_and_final_latents_out(ldm_run):
+  """Given starting latents, text_to_image ignores the key and equals a plain guided DDIM run
+  from them (the reference), decoded; the final latents come back on request."""
+  run = restore_run(ldm_run)
+  model, params, state = run.task.model, run.params, run.model_state
+  z_T = jax.random.normal(jax.random.PRNGKey(3), (2, *model.latent_shape))
+  prompts = ["a large red circle", "a small blue square"]
+  a, z = t2i.text_to_image(model, params, state, prompts, jax.random.PRNGKey(0), steps=3,
+                           guidance_scale=4.0, latents=z_T, return_latents=True)
+  b = t2i.text_to_image(model, params, state, prompts, jax.random.PRNGKey(9), steps=3,
+                        guidance_scale=4.0, latents=z_T)
+  np.testing.assert_array_equal(a, b)
+  ids, mask, nids, nmask = t2i._tokens(model, prompts, None, 1)
+  den = diffusion.guided_denoiser(model.denoise_fn(params), model.encode_text(params, ids, mask),
+                                  model.encode_text(params, nids, nmask), 4.0)
+  ref = diffusion.sample(den, model.make_schedule(), jax.random.PRNGKey(0), None, x_T=z_T,
+                         timesteps=model.timesteps(3), prediction=model.prediction,
+                         **model.sampling_options("ddim"))
+  np.testing.assert_allclose(z, ref, atol=1e-4)
+  np.testing.assert_allclose(a, model.decode_latents(state, ref), atol=1e-4)
+  with pytest.raises(ShapeError, match=r"latents: expected shape \[2, 8, 8, 4\]"):
+    t2i.text_to_image(model, params, state, prompts, jax.random.PRNGKey(0), steps=3,
+                      latents=z_T[:1])
 
 
 def test_img2img_and_inpainting_in_latent_space(ldm_run):
