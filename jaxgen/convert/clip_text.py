@@ -21,7 +21,7 @@ from flax import traverse_util
 from jaxgen.convert.common import check_complete
 from jaxgen.errors import CheckpointError, ConfigError, DataError
 from jaxgen.models.text import ACTIVATIONS, TextTransformer
-from jaxgen.text.bpe import BPETokenizer
+from jaxgen.text.bpe import CLIP_MERGES_FILE, CLIP_NUM_MERGES, BPETokenizer
 
 PREFIX = "text_model."
 IGNORED = frozenset({"embeddings.position_ids"})  # a buffer (arange), not a weight
@@ -161,10 +161,14 @@ def load_tokenizer(path, **overrides) -> BPETokenizer:
   BPETokenizer (e.g. truncate=True, html_unescape=False for transformers' fast tokenizer).
   """
   path = pathlib.Path(path)
+  clip_merges = path / CLIP_MERGES_FILE
+  if not (path / "vocab.json").exists() and clip_merges.exists():
+    # OpenAI's merges file alone: CLIP's vocabulary is derived from its first merges.
+    return BPETokenizer.from_clip_merges(clip_merges, CLIP_NUM_MERGES, **overrides)
   for name in ("vocab.json", "merges.txt"):
     if not (path / name).exists():
       raise DataError(f"{path}: no {name} (expected a CLIP tokenizer folder such as "
-                      f"<model>/tokenizer)")
+                      f"<model>/tokenizer, or one holding CLIP's {CLIP_MERGES_FILE})")
   settings: dict[str, Any] = {}
   for name in ("tokenizer_config.json", "special_tokens_map.json"):
     if (path / name).exists():

@@ -226,7 +226,10 @@ def text_section(text: TextTransformer, text_config: Mapping[str, Any], tokenize
               context_length=int(text.max_positions), width=int(text.hidden_size),
               layers=int(text.num_layers), heads=int(text.num_heads), mlp_ratio=float(ratio),
               activation=text.activation, init="", freeze=True, layer=0,
-              attention_mask=bool(text_config.get("use_attention_mask", False)))
+              attention_mask=bool(text_config.get("use_attention_mask", False)),
+              # diffusers' pipelines tokenize with transformers' CLIPTokenizer, which keeps HTML
+              # entities as typed
+              html_unescape=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,6 +142,8 @@ def text_section(**overrides) -> dict:
       heads=4,
       mlp_ratio=4.0,
       activation="quick_gelu",
+      html_unescape=True,         # bpe: CLIP's text cleaning un-escapes HTML ("&amp;" -> "&");
+                                  # transformers' CLIPTokenizer (diffusers pipelines) does not
   )
   d.update(overrides)
   return d

@@ -87,5 +87,6 @@ def from_config(t, captions_fn):
       raise ConfigError("model.text.tokenizer=bpe needs model.text.tokenizer_path (a folder "
                         "with vocab.json and merges.txt, e.g. a Stable Diffusion tokenizer/).")
     from jaxgen.convert.clip_text import load_tokenizer
-    return load_tokenizer(t.tokenizer_path, context_length=t.context_length)
+    return load_tokenizer(t.tokenizer_path, context_length=t.context_length,
+                          html_unescape=t.html_unescape)
   raise ConfigError(f"model.text.tokenizer must be 'words' or 'bpe'; got {t.tokenizer!r}.")

@@ -18,6 +18,7 @@ from jaxgen.text import as_batch, check_context_length, pack
 # OpenAI's merges file lists more merges than CLIP uses; its 49,408-token vocabulary is 256 byte
 # characters, the same with '</w>', these many merges, and the two special tokens.
 CLIP_NUM_MERGES = 49152 - 256 - 2
+CLIP_MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI's merges-only file
 END_OF_WORD = "</w>"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -10,7 +10,8 @@ from jaxgen.errors import CheckpointError
 
 TOKENIZER_DIR = "tokenizer"
 WORDS_FILE = "words.json"
-BPE_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+BPE_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+             "bpe_simple_vocab_16e6.txt.gz")
 
 
 def _text_section(config) -> dict | None:
@@ -34,9 +35,10 @@ def load_tokenizer(workdir: str | pathlib.Path, config, *, missing_ok: bool = Fa
     if (d / WORDS_FILE).exists():
       from jaxgen.text.words import WordTokenizer
       return WordTokenizer.load(d / WORDS_FILE)
-  elif (d / "vocab.json").exists() or (d / "merges.txt").exists():
+  elif any((d / name).exists() for name in BPE_FILES):
     from jaxgen.convert.clip_text import load_tokenizer as load_bpe
-    return load_bpe(d, context_length=text["context_length"])
+    return load_bpe(d, context_length=text["context_length"],
+                    html_unescape=text.get("html_unescape", True))
   if missing_ok:
     return None
   raise CheckpointError(f"{workdir} holds no tokenizer ({d} is missing or incomplete).")

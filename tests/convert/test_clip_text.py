@@ -148,3 +148,29 @@ def test_tokenizer_folder(tmp_path):
   (tmp_path / "merges.txt").unlink()
   with pytest.raises(DataError, match="no merges.txt"):
     load_tokenizer(tmp_path)
+
+
+def test_tokenizer_folder_with_clips_merges_file_alone(tmp_path):
+  """A folder holding OpenAI's bpe_simple_vocab_16e6.txt.gz only gives the tokenizer that
+  vocab.json + merges.txt of the same merges give (the vocabulary is derived from them)."""
+  import gzip
+  merges = [("l", "o"), ("lo", "w</w>"), ("e", "r</w>")]
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "vocab.json").write_text(json.dumps(clip_vocab(merges)))
+  (hf / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  only = tmp_path / "clip"
+  only.mkdir()
+  with gzip.open(only / "bpe_simple_vocab_16e6.txt.gz", "wt", encoding="utf-8") as f:
+    f.write("\"bpe_simple_vocab_16e6.txt#version: 0.2\n"
+            + "".join(f"{a} {b}\n" for a, b in merges))
+  texts = ["low lower", "a newer lowest"]
+  np.testing.assert_array_equal(load_tokenizer(only)(texts)["input_ids"],
+                                load_tokenizer(hf)(texts)["input_ids"])
+  # stored in a run's workdir and read back from there
+  from jaxgen.text.store import load_tokenizer as from_workdir
+  from jaxgen.text.store import save_tokenizer
+  text = dict(tokenizer="bpe", tokenizer_path=str(only), context_length=77, html_unescape=True)
+  save_tokenizer(tmp_path / "run", {"model": {"text": text}}, True)
+  again = from_workdir(tmp_path / "run", {"model": {"text": text}})
+  np.testing.assert_array_equal(again(texts)["input_ids"], load_tokenizer(hf)(texts)["input_ids"])

@@ -128,6 +128,10 @@ def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
   hf_ids = pipe.tokenizer([PROMPT, NEGATIVE, ""], padding="max_length", max_length=77).input_ids
   ids = model.tokenize([PROMPT, NEGATIVE, ""])
   np.testing.assert_array_equal(ids["input_ids"], np.array(hf_ids))
+  html = ["fish &amp; chips", "a &lt;cat&gt;"]  # kept as typed, as diffusers' tokenizer does
+  np.testing.assert_array_equal(
+      model.tokenize(html)["input_ids"],
+      np.array(pipe.tokenizer(html, padding="max_length", max_length=77).input_ids))
   moved = tmp_path / "moved"
   wd.rename(moved)
   np.testing.assert_array_equal(
