@@ -224,6 +224,10 @@ def _ldm_sample_args(p):
   p.add_argument("--steps", type=positive_int, default=None)
   p.add_argument("--guidance", type=float, default=None)
   p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None)
+  p.add_argument("--height", type=positive_int, default=None,
+                 help="image height in pixels (default: the trained size)")
+  p.add_argument("--width", type=positive_int, default=None,
+                 help="image width in pixels (default: the trained size)")
   p.add_argument("--truncate", action="store_true",
                  help="cut prompts longer than the text encoder's context (with a warning) "
                       "instead of stopping")
@@ -243,14 +247,14 @@ def _ldm_sample(run, args, outdir):
                         guidance_scale=d.guidance_scale if args.guidance is None
                         else args.guidance, negative_prompt=args.negative,
                         sampler=args.sampler or d.sampler, num_per_prompt=args.num,
-                        truncate=args.truncate)
+                        truncate=args.truncate, height=args.height, width=args.width)
   x = jax.block_until_ready(x)
   log.info("%d images in %.1f s (compile included)", len(x), time.perf_counter() - t0)
   for i, p in enumerate(prompts):
     log.info("row %d: %s", i, p)
   path = _out_path(args, outdir / "text_to_image.png")
   return [img.save_png(img.grid(x, ncols=args.num,
-                                scale=img.display_scale(run.config.data.image_size)), path)]
+                                scale=img.display_scale(min(x.shape[1:3]))), path)]
 
 
 def _ldm_eval_args(p):

@@ -66,6 +66,20 @@ class LatentDiffusionModel:
     return diffusion.make_schedule(self.schedule, self.num_timesteps, self.beta_start,
                                    self.beta_end)
 
+  def latent_shape_for(self, height: int | None = None, width: int | None = None
+                       ) -> tuple[int, int, int]:
+    """Latent shape of images `height` x `width` (default: the trained size). The networks are
+    convolutional, so any size works whose latents the U-Net can halve at each level."""
+    h = self.image_shape[0] if height is None else int(height)
+    w = self.image_shape[1] if width is None else int(width)
+    f = self.vae.downsample_factor
+    unit = f * 2 ** (self.unet.levels - 1)
+    if h <= 0 or w <= 0 or h % unit or w % unit:
+      raise ShapeError(f"height and width must be positive multiples of {unit} (the autoencoder "
+                       f"downsamples {f}x and the U-Net halves its latents "
+                       f"{self.unet.levels - 1} times); got {h} x {w}.")
+    return (h // f, w // f, self.vae.z_channels)
+
   def sampling_options(self, sampler: str) -> dict:
     """clip_x0, final_abar and use_clipped_model_output for diffusion.sample."""
     return diffusion.sampling_options(
@@ -117,7 +131,8 @@ class LatentDiffusionModel:
       if z.shape[0] % batch_size:
         raise ShapeError(f"decode batch_size {batch_size} must divide the {z.shape[0]} latents")
       chunks = z.reshape(-1, batch_size, *z.shape[1:])
-      x = jax.lax.map(dec, chunks).reshape(z.shape[0], *self.image_shape)
+      x = jax.lax.map(dec, chunks)
+      x = x.reshape(z.shape[0], *x.shape[2:])
     else:
       x = dec(z)
     if self.vae_output == "sigmoid":
@@ -182,13 +197,15 @@ def _context(model, params, ids, mask, neg_ids, neg_mask):
   return model.encode_text(params, ids, mask), model.encode_text(params, neg_ids, neg_mask)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("decode_batch", "tile", "return_latents"))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("decode_batch", "tile", "return_latents",
+                                                      "latent_shape"))
 def _generate(model: LatentDiffusionModel, params, model_state, ids, mask, neg_ids, neg_mask,
               key, guidance_scale, eta, latents=None, *, sampler, num_steps, spacing,
-              decode_batch, tile, return_latents=False):
+              decode_batch, tile, return_latents=False, latent_shape=None):
   cond, uncond = _context(model, params, ids, mask, neg_ids, neg_mask)
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
-  shape = None if latents is not None else (ids.shape[0], *model.latent_shape)
+  shape = None if latents is not None else (ids.shape[0],
+                                            *(latent_shape or model.latent_shape))
   z = diffusion.sample(den, model.make_schedule(), key, shape, x_T=latents,
                        sampler=sampler, num_steps=num_steps, prediction=model.prediction,
                        eta=eta, timesteps=model.timesteps(num_steps, spacing),
@@ -222,7 +239,8 @@ def text_to_image(model: LatentDiffusionModel, params, model_state, prompts: Seq
                   sampler: str = "ddim", num_per_prompt: int = 1, eta=0.0,
                   spacing: str | None = None, decode_batch: int | None = None,
                   tile: int | None = None, truncate: bool = False, latents=None,
-                  return_latents: bool = False):
+                  return_latents: bool = False, height: int | None = None,
+                  width: int | None = None):
   """Images [len(prompts) * num_per_prompt, H, W, C] in [0, 1], prompt-major.
 
   The empty prompt is the unconditional embedding; `negative_prompt` (one string or one per
@@ -231,19 +249,21 @@ def text_to_image(model: LatentDiffusionModel, params, model_state, prompts: Seq
   cuts over-long prompts to the context (with a warning) instead of raising. `latents` [N, h, w,
   c] are the starting noise (diffusers' `latents` argument; a seed's latents reused), else drawn
   from `key`; return_latents also returns the final latents (scaled, before decoding).
+  height, width: the images' size (default the trained one; one compile per size).
   """
   ids, mask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, num_per_prompt,
                                          truncate)
+  latent_shape = model.latent_shape_for(height, width)
   if latents is not None:
     latents = jnp.asarray(latents, jnp.float32)
-    want = (ids.shape[0], *model.latent_shape)
+    want = (ids.shape[0], *latent_shape)
     if tuple(latents.shape) != want:
       raise ShapeError(f"latents: expected shape {list(want)} (one per image: prompts x "
                        f"num_per_prompt), got {list(latents.shape)}.")
   return _generate(model, params, model_state, ids, mask, neg_ids, neg_mask, key,
                    guidance_scale, eta, latents, sampler=sampler, num_steps=steps,
                    spacing=spacing, decode_batch=decode_batch, tile=tile,
-                   return_latents=return_latents)
+                   return_latents=return_latents, latent_shape=tuple(latent_shape))
 
 
 text_to_image.jitted = _generate

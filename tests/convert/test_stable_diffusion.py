@@ -210,6 +210,15 @@ def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
   log.info("sd2=%s: whole text_to_image, max |jaxgen - diffusers| latents %.2e, image %.2e", sd2,
            e_lat, e_img)
   assert e_lat <= 1e-4 * max(1.0, float(latents_ref.abs().max())) and e_img <= 1e-4
+  if sd2:  # another size than the trained 16 x 16, from the same latents
+    z_wide = np.random.RandomState(5).randn(1, 4, 12, 16).astype(np.float32)
+    with torch.no_grad():
+      wide_ref = pipe([PROMPT], output_type="np", height=24, width=32,
+                      **dict(kw, latents=torch.from_numpy(z_wide))).images
+    wide = t2i.text_to_image(model, run.params, run.model_state, [PROMPT], jax.random.PRNGKey(0),
+                             steps=STEPS, guidance_scale=GUIDANCE, negative_prompt=NEGATIVE,
+                             latents=nhwc(z_wide), height=24, width=32)
+    assert wide.shape == (1, 24, 32, 3) and err(wide, wide_ref) <= 1e-4
   if not sd2:  # the end-to-end path: jaxgen generate on the imported run
     out = tmp_path / "gen.png"
     main(["generate", "--workdir", str(wd), "--prompt", PROMPT, "--negative", NEGATIVE,

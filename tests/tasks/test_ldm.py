@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import config, params_of
 from jaxgen import diffusion
@@ -110,6 +111,13 @@ def test_starting_latents_in_and_final_latents_out(ldm_run):
   with pytest.raises(ShapeError, match=r"latents: expected shape \[2, 8, 8, 4\]"):
     t2i.text_to_image(model, params, state, prompts, jax.random.PRNGKey(0), steps=3,
                       latents=z_T[:1])
+  # Another size than the trained one: the same function, latents of that size.
+  wide, z_wide = t2i.text_to_image(model, params, state, prompts[:1], jax.random.PRNGKey(0),
+                                   steps=2, height=48, width=32, return_latents=True)
+  assert wide.shape == (1, 48, 32, 3) and z_wide.shape == (1, 12, 8, 4)
+  with pytest.raises(ShapeError, match="height and width must be positive multiples of 8"):
+    t2i.text_to_image(model, params, state, prompts[:1], jax.random.PRNGKey(0), steps=2,
+                      height=36)
 
 
 def test_img2img_and_inpainting_in_latent_space(ldm_run):
@@ -149,6 +157,11 @@ def test_generate_and_eval_from_the_command_line(ldm_run, stages, capsys, tmp_pa
         "--prompt", "a small cyan square", "--num", "2", "--steps", "2",
         "--out", str(tmp_path / "t2i.png")])
   assert capsys.readouterr().out.split() == [str(tmp_path / "t2i.png")]
+  main(["generate", "--workdir", str(ldm_run), "--prompt", "a large yellow circle", "--num", "1",
+        "--steps", "2", "--height", "48", "--out", str(tmp_path / "tall.png")])
+  capsys.readouterr()
+  with Image.open(tmp_path / "tall.png") as im:  # 48 x 32 images, shown at twice their size
+    assert im.size == (2 * (32 + 4), 2 * (48 + 4))
   main(["eval", "--workdir", str(ldm_run), "--num", "10", "--steps", "2"])
   m = json.loads(capsys.readouterr().out)
   for part in ("generated", "real", "unconditional"):
