@@ -434,13 +434,13 @@ def _no_sample(run, args, outdir):
 
 def evaluate_classifier(task, params, model_state, limit=None) -> dict:
   """Held-out accuracy."""
-  from jaxgen.eval.quality import _apply
+  from jaxgen.eval.quality import classify
   d = task.config.data
   data = load_all(load_source(d, d.eval_split), limit=limit)
   if "label" not in data:
     raise DataError("The eval split has no labels.")
   variables = {**params, **model_state}
-  fn = lambda b, k: {"correct": _apply(task.module, variables, b["image"])[1].argmax(-1)
+  fn = lambda b, k: {"correct": classify(task.module, variables, b["image"])[1].argmax(-1)
                      == b["label"]}
   r = img.map_batches(fn, {"image": data["image"], "label": data["label"]},
                       min(d.batch_size, len(data["image"])))

@@ -97,7 +97,7 @@ def save_weights(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
   make_dir(workdir)
   try:
     if tokenizer_from is not None:
-      save_tokenizer(workdir, config, True, tokenizer_from)
+      save_tokenizer(workdir, config, None, tokenizer_from)
       with config.unlocked():
         # The run reads WORKDIR/tokenizer; the config names it relative to the workdir.
         config.model.text.tokenizer_path = TOKENIZER_DIR

@@ -35,7 +35,8 @@ def cache_root() -> pathlib.Path:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(module: ImageClassifier, variables, images):
+def classify(module: ImageClassifier, variables, images):
+  """(features, logits) of uint8 or [0, 1] images, in eval mode."""
   return module.apply(variables, to_signed(images), train=False)
 
 
@@ -62,7 +63,7 @@ class FeatureNet:
 
   def __call__(self, images: np.ndarray, batch_size: int = 256):
     out = map_batches(lambda x: np.concatenate(
-        [np.asarray(a) for a in _apply(self.module, self.variables, x)], -1), images, batch_size)
+        [np.asarray(a) for a in classify(self.module, self.variables, x)], -1), images, batch_size)
     k = self.num_classes
     return out[:, :-k], out[:, -k:]
 

@@ -205,12 +205,13 @@ class LatentDiffusionTask(Task):
     vae = state.model_state["vae"]
 
     @jax.jit
-    def enc(batch, _):
-      mean, logvar = self.vae.apply(vae, to_signed(batch["image"]), method=Autoencoder.encode)
+    def enc(images):
+      mean, logvar = self.vae.apply(vae, to_signed(images), method=Autoencoder.encode)
       return {"latent_mean": mean, "latent_std": jnp.exp(0.5 * logvar)}
 
-    images = source.get(np.arange(len(source)))["image"]
-    return map_batches(enc, {"image": images}, min(256, len(images)))
+    # Images are read batch by batch (a TFDS set need not fit in memory; its latents do).
+    return map_batches(lambda b, _: enc(source.get(b["index"])["image"]),
+                       {"index": np.arange(len(source))}, min(256, len(source)))
 
   def loss_fn(self, params, model_state, batch, key):
     m, d = self.config.model, self.config.diffusion

@@ -46,10 +46,11 @@ def load_tokenizer(workdir: str | pathlib.Path, config, *, missing_ok: bool = Fa
 
 def save_tokenizer(workdir: str | pathlib.Path, config, tokenizer, source: str | None = None
                    ) -> pathlib.Path | None:
-  """Stores the run's tokenizer in WORKDIR/tokenizer (atomic per file); `source` is the BPE
-  tokenizer folder it was read from (default: the config's model.text.tokenizer_path)."""
+  """Stores the run's tokenizer in WORKDIR/tokenizer (atomic per file). A word tokenizer is
+  saved from `tokenizer`; a BPE one is copied from `source`, the folder it was read from (default:
+  the config's model.text.tokenizer_path), so `tokenizer` may be None when `source` is given."""
   text = _text_section(config)
-  if text is None or tokenizer is None:
+  if text is None or (tokenizer is None and source is None):
     return None
   d = tokenizer_dir(workdir)
   if text["tokenizer"] == "words":

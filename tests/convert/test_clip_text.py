@@ -171,6 +171,6 @@ def test_tokenizer_folder_with_clips_merges_file_alone(tmp_path):
   from jaxgen.text.store import load_tokenizer as from_workdir
   from jaxgen.text.store import save_tokenizer
   text = dict(tokenizer="bpe", tokenizer_path=str(only), context_length=77, html_unescape=True)
-  save_tokenizer(tmp_path / "run", {"model": {"text": text}}, True)
+  save_tokenizer(tmp_path / "run", {"model": {"text": text}}, None, str(only))
   again = from_workdir(tmp_path / "run", {"model": {"text": text}})
   np.testing.assert_array_equal(again(texts)["input_ids"], load_tokenizer(hf)(texts)["input_ids"])
