@@ -116,6 +116,7 @@ def _ddpm_sample_args(p):
   p.add_argument("--num", type=positive_int, default=64, help="images to draw")
   p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
                  help="default: the config's diffusion.sampler")
+  _karras_arg(p)
   p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the "
                  "config's diffusion.sample_steps; ddpm usually 1000)")
   p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic)")
@@ -127,9 +128,22 @@ def _ddpm_sample_args(p):
                  help="also write the denoising trajectory of the first images")
 
 
+def _karras_arg(p):
+  p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                 help=f"Karras sigmas for the {' and '.join(diffusion.KARRAS_SAMPLERS)} samplers "
+                      f"(default: the config's diffusion.karras)")
+
+
+def _scheduler_flags(model, args):
+  """The run's model with the scheduler settings given on the command line."""
+  if args.karras is None:
+    return model
+  return dataclasses.replace(model, karras=args.karras)
+
+
 def _ddpm_sample(run, args, outdir):
   from jaxgen.pipelines import diffusion as pipe
-  model, d = run.task.model, run.config.diffusion
+  model, d = _scheduler_flags(run.task.model, args), run.config.diffusion
   sampler = args.sampler or d.sampler
   steps = args.steps or (d.num_timesteps if sampler == "ddpm" else d.sample_steps)
   labels, guidance = None, None
@@ -223,7 +237,12 @@ def _ldm_sample_args(p):
   p.add_argument("--num", type=positive_int, default=4, help="images per prompt")
   p.add_argument("--steps", type=positive_int, default=None)
   p.add_argument("--guidance", type=float, default=None)
-  p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None)
+  p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
+                 help="default: the config's diffusion.sampler (an imported run: the one its "
+                      "scheduler config names)")
+  _karras_arg(p)
+  p.add_argument("--spacing", choices=diffusion.SPACINGS, default=None,
+                 help="timestep spacing (default: the config's ldm.timestep_spacing)")
   p.add_argument("--height", type=positive_int, default=None,
                  help="image height in pixels (default: the trained size)")
   p.add_argument("--width", type=positive_int, default=None,
@@ -242,12 +261,14 @@ def _ldm_sample(run, args, outdir):
     raise ConfigError("This run holds imported weights and no data set: give --prompt.")
   prompts = args.prompt or run.task.prompts(run.config.data.eval_split, 4)
   t0 = time.perf_counter()
-  x = t2i.text_to_image(run.task.model, run.params, run.model_state, prompts,
+  x = t2i.text_to_image(_scheduler_flags(run.task.model, args), run.params, run.model_state,
+                        prompts,
                         jax.random.PRNGKey(args.seed), steps=args.steps or d.sample_steps,
                         guidance_scale=d.guidance_scale if args.guidance is None
                         else args.guidance, negative_prompt=args.negative,
                         sampler=args.sampler or d.sampler, num_per_prompt=args.num,
-                        truncate=args.truncate, height=args.height, width=args.width)
+                        truncate=args.truncate, height=args.height, width=args.width,
+                        spacing=args.spacing)
   x = jax.block_until_ready(x)
   log.info("%d images in %.1f s (compile included)", len(x), time.perf_counter() - t0)
   for i, p in enumerate(prompts):

@@ -53,7 +53,8 @@ _SCHEDULER_DEFAULTS = dict(num_train_timesteps=1000, beta_schedule="linear", bet
                            clip_sample_range=1.0)
 _LEADING_BY_DEFAULT = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
 _CLIPS_BY_DEFAULT = ("DDIMScheduler", "DDPMScheduler")
-_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
+_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "plms",
+             "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a"}
 _FINAL_ALPHA_ZERO_BY_DEFAULT = ("PNDMScheduler",)
 
 
@@ -99,16 +100,17 @@ def scheduler_settings(config: Mapping[str, Any]) -> dict:
   """A diffusers scheduler config -> {"diffusion": {...}, "ldm": {...}} keys of an ldm config:
   the noise schedule, the prediction type, x0 clipping, the timestep grid and a sampler.
 
-  Only the schedule is the model's; jaxgen samples with its own DDIM/DDPM/DPM-Solver++ steps
-  (DDIM for schedulers jaxgen has no counterpart of, e.g. PNDM or Euler)."""
+  The scheduler's class sets the default sampler (PNDM: plms, Euler, Euler ancestral,
+  DPM-Solver++(2M), DDIM, DDPM; ddim for the others) and its keys the settings every sampler
+  follows: timestep_spacing and steps_offset, set_alpha_to_one, clip_sample or thresholding,
+  use_karras_sigmas, final_sigmas_type."""
   cls = config.get("_class_name", "scheduler")
   c = {**_SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
   if config.get("trained_betas") is not None:
     raise ConfigError(f"scheduler: trained_betas is not supported (only beta_schedule "
                       f"{', '.join(_BETA_SCHEDULES)})")
-  for key in ("rescale_betas_zero_snr", "thresholding"):
-    if c.get(key):
-      raise ConfigError(f"scheduler: {key}=True is not supported")
+  if c.get("rescale_betas_zero_snr"):
+    raise ConfigError("scheduler: rescale_betas_zero_snr=True is not supported")
   if c["beta_schedule"] not in _BETA_SCHEDULES:
     raise ConfigError(f"scheduler: beta_schedule={c['beta_schedule']!r} is not supported "
                       f"(supported: {', '.join(_BETA_SCHEDULES)})")
@@ -125,10 +127,20 @@ def scheduler_settings(config: Mapping[str, Any]) -> dict:
   schedule = _BETA_SCHEDULES[c["beta_schedule"]]
   linear = schedule != "cosine"
   clip = c.get("clip_sample", cls in _CLIPS_BY_DEFAULT)
-  sampler = _SAMPLERS.get(cls, "ddim")
+  sampler = _SAMPLERS.get(cls)
   if (cls == "DPMSolverMultistepScheduler" and c.get("algorithm_type", "dpmsolver++") ==
       "dpmsolver++" and c.get("solver_order", 2) == 2):
     sampler = "dpmpp_2m"
+  if cls == "PNDMScheduler" and not c.get("skip_prk_steps", False):
+    log.warning("scheduler: PNDM's Runge-Kutta warm-up (skip_prk_steps=False) is not "
+                "implemented; sampling with PLMS, which is how Stable Diffusion configures it")
+  if sampler is None:
+    log.warning("scheduler: %s has no jaxgen counterpart; the default sampler is ddim (choose "
+                "another with --sampler)", cls)
+    sampler = "ddim"
+  threshold = float(c.get("dynamic_thresholding_ratio", 0.995)) if c.get("thresholding") else 0.0
+  if threshold:
+    clip = False  # diffusers: thresholding replaces clip_sample
   # DDIM's last step goes to abar[0] when set_alpha_to_one is False (SD's configs; PNDM's
   # default); diffusers' pipelines never re-derive eps from a clipped x0.
   set_alpha_to_one = bool(c.get("set_alpha_to_one", cls not in _FINAL_ALPHA_ZERO_BY_DEFAULT))
@@ -140,6 +152,9 @@ def scheduler_settings(config: Mapping[str, Any]) -> dict:
           prediction=_PREDICTIONS[c["prediction_type"]],
           clip_x0=float(c["clip_sample_range"]) if clip else 0.0,
           set_alpha_to_one=set_alpha_to_one, use_clipped_model_output=False,
+          threshold=threshold, sample_max_value=float(c.get("sample_max_value", 1.0)),
+          karras=bool(c.get("use_karras_sigmas", False)),
+          final_sigmas=c.get("final_sigmas_type", "zero"),
           sampler=sampler, sample_steps=50, guidance_scale=7.5),
       "ldm": dict(timestep_spacing=spacing, steps_offset=steps_offset),
   }

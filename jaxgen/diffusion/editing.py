@@ -7,8 +7,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxgen.diffusion.process import check_prediction, expand, q_sample, to_x0_eps
-from jaxgen.diffusion.samplers import check_timesteps, make_timesteps, sample
+from jaxgen.diffusion.process import check_prediction, expand, to_x0_eps
+from jaxgen.diffusion.samplers import (
+  GRID_OPTIONS,
+  check_timesteps,
+  make_grid,
+  make_timesteps,
+  sample,
+)
 from jaxgen.diffusion.schedules import Schedule
 from jaxgen.distributions import slerp
 from jaxgen.errors import ConfigError
@@ -25,36 +31,45 @@ def inpaint(denoise: Callable, schedule: Schedule, key, x_known, mask, **sample_
   mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), x_known.shape)
   user_constraint = sample_kwargs.pop("constraint", None)
 
-  def constraint(x_prev, t_prev, key):
+  def constraint(x_prev, abar_prev, key):
     key_noise, key_user = jax.random.split(key)
     if user_constraint is not None:
-      x_prev = user_constraint(x_prev, t_prev, key_user)
-    # At t_prev = -1, q_sample is 1 * x_known + 0 * noise: the known pixels come back bit-exact.
-    known = q_sample(schedule, x_known, t_prev, jax.random.normal(key_noise, x_known.shape))
+      x_prev = user_constraint(x_prev, abar_prev, key_user)
+    # At the data (abar = 1) this is 1 * x_known + 0 * noise: the known pixels come back exact.
+    a = expand(abar_prev, x_known)
+    known = (jnp.sqrt(a) * x_known
+             + jnp.sqrt(1.0 - a) * jax.random.normal(key_noise, x_known.shape))
     return mask * known + (1.0 - mask) * x_prev
 
   return sample(denoise, schedule, key, x_known.shape, constraint=constraint, **sample_kwargs)
 
 
 def img2img(denoise: Callable, schedule: Schedule, key, x0, strength: float, *,
-            num_steps: int = 50, spacing: str = "trailing", timesteps=None, **sample_kwargs):
-  """SDEdit (Meng et al. 2022): noise x0 to the step at fraction `strength` of the timestep grid,
-  then run only the remaining steps. strength is a Python float in (0, 1] (it sets the number of
-  steps, so it is static); small values stay close to x0, 1 ignores it."""
+            sampler: str = "ddim", num_steps: int = 50, timesteps=None, **sample_kwargs):
+  """SDEdit (Meng et al. 2022): noise x0 to the level of the sampler's grid at fraction
+  `strength` of its steps, then run only the remaining steps. strength is a Python float in
+  (0, 1] (it sets the number of steps, so it is static); small values stay close to x0, 1
+  ignores it. Grid options (spacing, offset, karras, final_abar, ...) and the other keyword
+  arguments of `sample` pass through."""
   if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
     raise ConfigError(f"img2img strength must be a number in (0, 1], got {strength!r}")
-  if timesteps is None:
-    timesteps = make_timesteps(schedule.num_timesteps, num_steps, spacing)
-  check_timesteps(timesteps, schedule.num_timesteps)
-  n = timesteps.shape[0]
+  grid_options = {k: sample_kwargs.pop(k) for k in GRID_OPTIONS if k in sample_kwargs}
+  if timesteps is not None:
+    check_timesteps(timesteps, schedule.num_timesteps)
+    n = timesteps.shape[0]
+  else:
+    n = num_steps
   # At least one step, so that strength -> 0 still denoises the lightly noised image.
   n_run = max(1, min(n, math.floor(n * strength + 1e-9)))
-  timesteps = timesteps[n - n_run:]
+  grid = make_grid(schedule, sampler, num_steps=num_steps, timesteps=timesteps,
+                   skip=n - n_run, **grid_options)
+  # The noised image is the start itself: no init_scale (diffusers' add_noise, likewise).
+  grid = grid.replace(init_scale=jnp.float32(1.0))
   x0 = jnp.asarray(x0, jnp.float32)
   key_noise, key_sample = jax.random.split(key)
-  t_start = jnp.full(x0.shape[:1], timesteps[0], jnp.int32)
-  x_t = q_sample(schedule, x0, t_start, jax.random.normal(key_noise, x0.shape))
-  return sample(denoise, schedule, key_sample, x0.shape, timesteps=timesteps, x_T=x_t,
+  a = grid.abar_from[0]
+  x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * jax.random.normal(key_noise, x0.shape)
+  return sample(denoise, schedule, key_sample, x0.shape, sampler=sampler, grid=grid, x_T=x_t,
                 **sample_kwargs)
 
 

@@ -25,7 +25,11 @@ def expand(a, x) -> jax.Array:
 
 
 def _coefs(schedule: Schedule, t, x):
-  abar = expand(schedule.abar_at(t), x)
+  return _coefs_at(schedule.abar_at(t), x)
+
+
+def _coefs_at(abar, x):
+  abar = expand(jnp.asarray(abar, jnp.float32), x)
   return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
 
 
@@ -44,9 +48,14 @@ def snr(schedule: Schedule, t) -> jax.Array:
 
 def to_x0_eps(pred, x_t, t, schedule: Schedule, prediction: str):
   """The model output of type `prediction` at (x_t, t) -> (x0, eps), both float32."""
+  return to_x0_eps_at(pred, x_t, schedule.abar_at(t), prediction)
+
+
+def to_x0_eps_at(pred, x_t, abar, prediction: str):
+  """to_x0_eps at noise level abar [B] (alpha-bar, float) instead of an integer timestep."""
   check_prediction(prediction)
   pred, x_t = jnp.asarray(pred, jnp.float32), jnp.asarray(x_t, jnp.float32)
-  sa, so = _coefs(schedule, t, x_t)
+  sa, so = _coefs_at(abar, x_t)
   if prediction == "eps":
     return (x_t - so * pred) / sa, pred
   if prediction == "x0":
@@ -57,7 +66,12 @@ def to_x0_eps(pred, x_t, t, schedule: Schedule, prediction: str):
 
 def eps_from_x0(x0, x_t, t, schedule: Schedule) -> jax.Array:
   """The noise that takes x0 to x_t at step t (t >= 0)."""
-  sa, so = _coefs(schedule, t, x_t)
+  return eps_from_x0_at(x0, x_t, schedule.abar_at(t))
+
+
+def eps_from_x0_at(x0, x_t, abar) -> jax.Array:
+  """The noise that takes x0 to x_t at noise level abar [B] < 1."""
+  sa, so = _coefs_at(abar, x_t)
   return (x_t - sa * x0) / so
 
 

@@ -1,5 +1,11 @@
-"""DDPM, DDIM and DPM-Solver++(2M) as pure steps run by one lax.scan, and classifier-free guidance.
-Only shapes, sampler name and step count are static, so a jitted wrapper compiles once."""
+"""The samplers Stable Diffusion users pick (DDPM, DDIM, PLMS, Euler, Euler ancestral,
+DPM-Solver++(2M), optionally on Karras sigmas) as pure steps run by one lax.scan, each step
+following the matching diffusers scheduler, and classifier-free guidance.
+
+A sampler is a grid (`make_grid`: one row per model call with the model's timestep and the noise
+levels the update goes from and to) and a step (`make_step`). Only shapes, the sampler name and
+the step count are static, so a jitted wrapper compiles once per sampler and size.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -9,12 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxgen.diffusion.process import check_prediction, eps_from_x0, expand, to_x0_eps
+from jaxgen.diffusion.process import check_prediction, eps_from_x0_at, expand, to_x0_eps_at
 from jaxgen.diffusion.schedules import Schedule
 from jaxgen.errors import ConfigError, ShapeError
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLERS = ("ddpm", "ddim", "plms", "euler", "euler_a", "dpmpp_2m")
+KARRAS_SAMPLERS = ("euler", "dpmpp_2m")  # the samplers that take Karras et al.'s sigmas
 SPACINGS = ("trailing", "leading", "linspace")
+# The keyword arguments of `sample` that shape the grid (make_grid's, besides num_steps).
+GRID_OPTIONS = ("timesteps", "spacing", "offset", "karras", "final_abar", "lower_order_final")
 
 
 def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing",
@@ -27,11 +36,15 @@ def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing"
     `offset` (Stable Diffusion uses 1); it usually stops short of T-1, the noisiest step.
   - 'linspace': num_steps points spread evenly over [0, T-1], both ends included, rounded.
   """
+  return jnp.asarray(_timesteps_np(num_timesteps, num_steps, spacing, offset))
+
+
+def _timesteps_np(num_timesteps: int, num_steps: int, spacing: str = "trailing",
+                  offset: int = 0) -> np.ndarray:
+  """make_timesteps as NumPy (host) values."""
   if spacing not in SPACINGS:
     raise ConfigError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
-  if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
-    raise ConfigError(f"num_steps must be an int in [1, {num_timesteps}] (the schedule's "
-                      f"num_timesteps), got {num_steps!r}")
+  _check_steps(num_timesteps, num_steps)
   if spacing == "trailing":
     ts = np.round(num_timesteps - np.arange(num_steps) * (num_timesteps / num_steps)) - 1
   elif spacing == "leading":
@@ -41,7 +54,219 @@ def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing"
                         f"[0, {num_timesteps - 1}]")
   else:
     ts = np.round(np.linspace(num_timesteps - 1, 0, num_steps))
-  return jnp.asarray(ts.astype(np.int32))
+  return ts.astype(np.int32)
+
+
+def _check_steps(num_timesteps: int, num_steps) -> None:
+  if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
+    raise ConfigError(f"num_steps must be an int in [1, {num_timesteps}] (the schedule's "
+                      f"num_timesteps), got {num_steps!r}")
+
+
+def _dpm_timesteps(num_timesteps: int, num_steps: int, spacing: str, offset: int) -> np.ndarray:
+  """DPMSolverMultistepScheduler's grid: linspace and leading place num_steps + 1 points and
+  drop the last (t = 0), so they differ from make_timesteps; trailing is the same."""
+  _check_steps(num_timesteps, num_steps)
+  if spacing == "linspace":
+    return np.linspace(0, num_timesteps - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+  if spacing == "leading":
+    ratio = num_timesteps // (num_steps + 1)
+    return (np.arange(num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + offset
+  return _timesteps_np(num_timesteps, num_steps, spacing, offset).astype(np.int64)
+
+
+def _euler_timesteps(num_timesteps: int, num_steps: int, spacing: str, offset: int) -> np.ndarray:
+  """EulerDiscreteScheduler's grid, float32: 'linspace' is not rounded (fractional timesteps,
+  at which the sigmas are interpolated)."""
+  if spacing == "linspace":
+    _check_steps(num_timesteps, num_steps)
+    return np.linspace(0, num_timesteps - 1, num_steps, dtype=np.float32)[::-1].copy()
+  return _timesteps_np(num_timesteps, num_steps, spacing, offset).astype(np.float32)
+
+
+def _karras(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> np.ndarray:
+  """Karras et al. 2022, eq. 5: n sigmas from sigma_max to sigma_min, even in sigma^(1/rho)."""
+  ramp = np.linspace(0, 1, n)
+  hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+  return (hi + ramp * (lo - hi)) ** rho
+
+
+def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+  """The fractional timestep whose sigma is `sigma`, interpolating log sigma linearly between
+  the schedule's integer steps (as diffusers and k-diffusion do)."""
+  log_sigma = np.log(np.maximum(sigma, 1e-10))
+  dists = log_sigma - log_sigmas[:, None]
+  low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+  w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+  return (1 - w) * low + w * (low + 1)
+
+
+class Grid(struct.PyTreeNode):
+  """What a sampler visits: one row per model call, arrays [N].
+
+  The model sees the sample at noise level `abar` (alpha-bar) with timestep input `t` (int32;
+  float32 for the Euler samplers, whose grids fall between integer steps). The update goes
+  from level `abar_from` (equal to abar except in PLMS's second row, which restarts from the
+  first sample) to `abar_to` (1 is the data). `low_order` marks the rows where DPM-Solver++
+  takes a first-order step. The starting noise is multiplied by `init_scale` (a scalar).
+  """
+  t: jax.Array
+  abar: jax.Array
+  abar_from: jax.Array
+  abar_to: jax.Array
+  low_order: jax.Array
+  init_scale: jax.Array
+
+  @property
+  def num_rows(self) -> int:
+    return self.t.shape[0]
+
+  def rows(self) -> dict:
+    return dict(t=self.t, abar=self.abar, abar_from=self.abar_from, abar_to=self.abar_to,
+                low_order=self.low_order)
+
+
+def _concrete(schedule: Schedule, sampler: str) -> np.ndarray:
+  if schedule.host_abar:
+    return np.asarray(schedule.host_abar, np.float32)
+  try:
+    return np.asarray(schedule.abar)
+  except jax.errors.TracerArrayConversionError:
+    raise ConfigError(f"the {sampler} grid is computed on the host from the schedule's "
+                      f"host_abar, which this schedule lacks: build it with make_schedule"
+                      ) from None
+
+
+def _sigma_grid(schedule: Schedule, sampler: str, num_steps: int, timesteps, spacing: str,
+                offset: int, karras: bool, final_abar) -> tuple[np.ndarray, np.ndarray]:
+  """(model timesteps [N], sigmas [N + 1]) of diffusers' Euler and (Karras) DPM schedulers,
+  sigma = sqrt((1 - abar) / abar), ending at 0 or at the final level."""
+  abar = _concrete(schedule, sampler)
+  sigmas_all = np.sqrt((1 - abar) / abar)  # float32, as diffusers computes them
+  log_sigmas = np.log(sigmas_all)
+  T = abar.shape[0]
+  if sampler == "dpmpp_2m":  # only with karras here
+    _check_steps(T, num_steps)
+    sig = _karras(float(sigmas_all[-1]), float(sigmas_all[0]), num_steps)
+    ts = np.round(_sigma_to_t(sig, log_sigmas)).astype(np.int32)
+  else:
+    if timesteps is not None:
+      ts = np.asarray(timesteps, np.float32)
+    else:
+      ts = _euler_timesteps(T, num_steps, spacing, offset)
+    sig = np.interp(ts, np.arange(T), sigmas_all)
+    if karras:
+      sig = _karras(float(sig[0]), float(sig[-1]), ts.shape[0])
+      ts = _sigma_to_t(sig, log_sigmas).astype(np.float32)
+  last = 0.0 if final_abar is None else float(np.sqrt((1 - final_abar) / final_abar))
+  return ts, np.concatenate([sig, [last]]).astype(np.float32)
+
+
+def make_grid(schedule: Schedule, sampler: str = "ddim", *, num_steps: int = 50,
+              timesteps=None, spacing: str = "trailing", offset: int = 0, karras: bool = False,
+              final_abar=None, lower_order_final: bool = True, skip: int = 0) -> Grid:
+  """The grid of `sampler` as diffusers' matching scheduler builds it.
+
+  num_steps and spacing ('trailing', 'leading' + offset, 'linspace') give the timesteps, each
+  sampler's own way (DPM-Solver++ and Euler differ from DDIM on 'linspace' and 'leading');
+  `timesteps` (int [N], descending, may be traced for ddpm/ddim/plms/dpmpp_2m) replaces them.
+  karras: Karras et al.'s sigmas (euler, dpmpp_2m). final_abar: the level after the last step
+  (None: the data; schedule.abar[0] is diffusers' set_alpha_to_one=False for ddim/plms and
+  final_sigmas_type='sigma_min' for euler/dpmpp_2m). lower_order_final: DPM-Solver++'s last
+  step is first order when it ends at the data, or with this flag under 15 steps. skip: leave
+  out the first `skip` timesteps (img2img); PLMS then warms up again from the first one left.
+  """
+  if sampler not in SAMPLERS:
+    raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+  if spacing not in SPACINGS:
+    raise ConfigError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+  if karras and sampler not in KARRAS_SAMPLERS:
+    raise ConfigError(f"Karras sigmas apply to the {' and '.join(KARRAS_SAMPLERS)} samplers, "
+                      f"not {sampler!r}")
+  if final_abar is not None and sampler == "ddpm":
+    raise ConfigError("final_abar (set_alpha_to_one=False) does not apply to the ddpm sampler: "
+                      "its last step always ends at the data")
+  if karras and timesteps is not None:
+    raise ConfigError("custom timesteps cannot be combined with Karras sigmas")
+  T = schedule.num_timesteps
+  fin = jnp.float32(1.0) if final_abar is None else jnp.asarray(final_abar, jnp.float32)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+
+  if sampler == "euler" or sampler == "euler_a" or karras:
+    ts, sig = _sigma_grid(schedule, sampler, num_steps, timesteps, spacing, offset, karras,
+                          final_abar)
+    levels = 1.0 / (1.0 + np.square(sig.astype(np.float64)))
+    abar, abar_to = f32(levels[:-1]), f32(levels[1:])
+    t = jnp.asarray(ts)
+    init = 1.0
+    if sampler != "dpmpp_2m" and spacing != "leading":
+      # diffusers' Euler multiplies the noise by sigma_max, not sqrt(sigma_max^2 + 1): in the
+      # variance-preserving space jaxgen samples in, that is sqrt(1 - abar) of the first row.
+      init = float(np.sqrt(1.0 - levels[0]))
+    grid = Grid(t=t, abar=abar, abar_from=abar, abar_to=abar_to,
+                low_order=_low_order(t.shape[0], final_abar, lower_order_final),
+                init_scale=jnp.float32(init))
+    return _drop_rows(grid, skip)
+
+  from_spacing = timesteps is None
+  if from_spacing:
+    if sampler == "dpmpp_2m":
+      timesteps = _dpm_timesteps(T, num_steps, spacing, offset)
+    else:
+      timesteps = _timesteps_np(T, num_steps, spacing, offset)
+  check_timesteps(timesteps, T)
+  ts = jnp.asarray(timesteps, jnp.int32)
+  if sampler == "plms":
+    return _plms_grid(schedule, ts[skip:], T // ts.shape[0], fin)
+  abar = schedule.abar_at(ts)
+  if sampler == "ddim" and from_spacing:
+    # DDIMScheduler steps from t to t - T // num_steps, which is the next timestep only where
+    # num_steps divides T or the spacing is 'leading'; elsewhere the model then sees a sample a
+    # little off its timestep. Given timesteps are followed one to the next.
+    t_to = ts - T // ts.shape[0]
+    abar_to = jnp.where(t_to >= 0, schedule.abar_at(jnp.maximum(t_to, 0)), fin)
+  else:
+    abar_to = jnp.concatenate([abar[1:], fin[None]])
+  grid = Grid(t=ts, abar=abar, abar_from=abar, abar_to=abar_to,
+              low_order=_low_order(ts.shape[0], final_abar, lower_order_final),
+              init_scale=jnp.float32(1.0))
+  return _drop_rows(grid, skip)
+
+
+def _low_order(n: int, final_abar, lower_order_final: bool) -> jax.Array:
+  """DPM-Solver++(2M)'s first-order rows: the first, and the last when it ends at the data (or
+  with lower_order_final under 15 steps), as DPMSolverMultistepScheduler decides."""
+  low = np.zeros(n, bool)
+  low[0] = True
+  if final_abar is None or (lower_order_final and n < 15):
+    low[-1] = True
+  return jnp.asarray(low)
+
+
+def _drop_rows(grid: Grid, skip: int) -> Grid:
+  if not skip:
+    return grid
+  if not 0 <= skip < grid.num_rows:
+    raise ConfigError(f"skip={skip} leaves no step of a {grid.num_rows}-step grid")
+  cut = jax.tree.map(lambda a: a[skip:], grid.rows())
+  return Grid(**cut, init_scale=grid.init_scale).replace(
+      low_order=cut["low_order"].at[0].set(True))
+
+
+def _plms_grid(schedule: Schedule, ts, ratio: int, fin) -> Grid:
+  """PNDMScheduler with skip_prk_steps: timesteps [t0, t1, t1, t2, ..., t_{N-1}] (one model call
+  more than steps). Each row steps from t to t - ratio (T // num_steps, whatever the spacing),
+  except the second, which restarts from the first sample at t + ratio and goes to t."""
+  n = ts.shape[0]
+  if n == 0:
+    raise ConfigError("PLMS needs at least one timestep")
+  t = ts if n == 1 else jnp.concatenate([ts[:2], ts[1:]])
+  second = jnp.arange(t.shape[0]) == 1
+  t_from = jnp.where(second, t + ratio, t)
+  t_to = jnp.where(second, t, t - ratio)
+  abar_to = jnp.where(t_to >= 0, schedule.abar_at(jnp.maximum(t_to, 0)), fin)
+  return Grid(t=t, abar=schedule.abar_at(t), abar_from=schedule.abar_at(t_from), abar_to=abar_to,
+              low_order=jnp.zeros(t.shape, bool), init_scale=jnp.float32(1.0))
 
 
 def _sqrt0(u):
@@ -51,17 +276,16 @@ def _sqrt0(u):
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, u, 1.0)), 0.0)
 
 
-# The three updates take the float32 predictions (x0, eps) at the current step t and return the
-# sample at the next, less noisy step t_prev (-1: the data). Pure, shapes [B, ...], t/t_prev [B].
+# The updates take the float32 predictions (x0, eps) of the sample x_t at level abar_t and return
+# the sample at level abar_s (1: the data). Pure; shapes [B, ...], levels [B].
 
-def ddpm_update(schedule: Schedule, x_t, x0, t, t_prev, noise) -> jax.Array:
-  """Ancestral step (Ho et al. 2020): a draw from the posterior q(x_{t_prev} | x_t, x0).
+def ddpm_update(x_t, x0, abar_t, abar_s, noise) -> jax.Array:
+  """Ancestral step (Ho et al. 2020): a draw from the posterior q(x_s | x_t, x0).
 
   Between strided timesteps the posterior is that of the two-step chain with
-  alpha = abar_t / abar_prev; its variance is beta-tilde, zero at t_prev = -1.
+  alpha = abar_t / abar_s; its variance is beta-tilde, zero at the data.
   """
-  abar_t = expand(schedule.abar_at(t), x_t)
-  abar_s = expand(schedule.abar_at(t_prev), x_t)
+  abar_t, abar_s = expand(abar_t, x_t), expand(abar_s, x_t)
   alpha = abar_t / abar_s
   beta = 1.0 - alpha
   mean = (jnp.sqrt(abar_s) * beta * x0 + jnp.sqrt(alpha) * (1.0 - abar_s) * x_t) / (1.0 - abar_t)
@@ -69,40 +293,41 @@ def ddpm_update(schedule: Schedule, x_t, x0, t, t_prev, noise) -> jax.Array:
   return mean + _sqrt0(var) * noise
 
 
-def ddim_update(schedule: Schedule, x_t, x0, eps, t, t_prev, eta, noise,
-                final_abar=None) -> jax.Array:
-  """Song et al. 2021, eq. 12: eta = 0 is the deterministic DDIM, eta = 1 equals DDPM.
-
-  final_abar: abar of the step after the last (t_prev = -1); None is 1, the clean data.
-  diffusers' DDIMScheduler with set_alpha_to_one=False (Stable Diffusion's scheduler configs)
-  uses abar[0] there, so its last step stops a little short of the data."""
-  abar_t = expand(schedule.abar_at(t), x_t)
-  abar_s = schedule.abar_at(t_prev)
-  if final_abar is not None:
-    abar_s = jnp.where(t_prev >= 0, abar_s, jnp.asarray(final_abar, jnp.float32))
-  abar_s = expand(abar_s, x_t)
+def ddim_update(x_t, x0, eps, abar_t, abar_s, eta, noise) -> jax.Array:
+  """Song et al. 2021, eq. 12: eta = 0 is the deterministic DDIM, eta = 1 equals DDPM. With
+  eta = 0 it is also PLMS's update (with PLMS's combined eps) and Euler's."""
+  abar_t, abar_s = expand(abar_t, x_t), expand(abar_s, x_t)
   sigma = eta * _sqrt0((1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s))
   # Rounding can push 1 - abar_s - sigma^2 a hair below 0 when eta = 1 at the last step.
   dir_coef = _sqrt0(1.0 - abar_s - jnp.square(sigma))
   return jnp.sqrt(abar_s) * x0 + dir_coef * eps + sigma * noise
 
 
-def dpmpp_2m_update(schedule: Schedule, x_t, x0, x0_last, t, t_prev, h_last, second_order):
-  """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) in data prediction, from t to t_prev.
+def euler_ancestral_update(x_t, x0, eps, abar_t, abar_s, noise) -> jax.Array:
+  """Euler ancestral (k-diffusion, diffusers' EulerAncestralDiscreteScheduler): an Euler step of
+  the probability-flow ODE down to sigma_down, then fresh noise of scale sigma_up, in the
+  variance-exploding sigmas sigma^2 = (1 - abar) / abar; sigma_up^2 + sigma_down^2 = sigma_s^2."""
+  abar_t, abar_s = expand(abar_t, x_t), expand(abar_s, x_t)
+  var_t, var_s = (1.0 - abar_t) / abar_t, (1.0 - abar_s) / abar_s
+  var_up = var_s * (var_t - var_s) / var_t
+  up, down = _sqrt0(var_up), _sqrt0(var_s - var_up)
+  return jnp.sqrt(abar_s) * (x0 + down * eps + up * noise)
 
-  h = lambda(t_prev) - lambda(t) with lambda = log(alpha / sigma). `x0_last` is the previous
+
+def dpmpp_2m_update(x_t, x0, x0_last, abar_t, abar_s, h_last, second_order):
+  """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) in data prediction, from abar_t to abar_s.
+
+  h = lambda(s) - lambda(t) with lambda = log(alpha / sigma). `x0_last` is the previous
   step's x0 and h_last its step; where `second_order` is False this is the first-order update,
   which equals DDIM with eta = 0. Returns (x_prev, h).
   """
-  abar_t = schedule.abar_at(t)
-  abar_s = schedule.abar_at(t_prev)
   a_t, s_t = jnp.sqrt(abar_t), jnp.sqrt(1.0 - abar_t)
   a_s, s_s = jnp.sqrt(abar_s), jnp.sqrt(1.0 - abar_s)
-  # exp(-h) written without lambda: lambda is +inf at t_prev = -1 (sigma = 0), exp(-h) is 0.
+  # exp(-h) written without lambda: lambda is +inf at the data (sigma = 0), exp(-h) is 0.
   emh = s_s * a_t / (a_s * s_t)
-  # The last step (to t_prev = -1) is always first order; a finite stand-in for its infinite h
-  # keeps inf/nan out of both branches of the where, and so out of gradients.
-  finite = t_prev >= 0
+  # A step to the data is always first order; a finite stand-in for its infinite h keeps
+  # inf/nan out of both branches of the where, and so out of gradients.
+  finite = abar_s < 1.0
   h = -jnp.log(jnp.where(finite, emh, 0.5))
   c = expand(jnp.where(jnp.asarray(second_order) & finite, 0.5 * h / h_last, 0.0), x0)  # 1/(2r)
   d = (1.0 + c) * x0 - c * x0_last
@@ -110,81 +335,124 @@ def dpmpp_2m_update(schedule: Schedule, x_t, x0, x0_last, t, t_prev, h_last, sec
   return x_prev, h
 
 
+# PLMS's linear multistep weights on the last 1..4 model outputs, newest first (PNDMScheduler).
+_PLMS_WEIGHTS = np.array([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.5, -0.5, 0.0, 0.0],
+                          [23.0, -16.0, 5.0, 0.0], [55.0, -59.0, 37.0, -9.0]]) / np.array(
+                              [[1.0], [1.0], [1.0], [12.0], [24.0]])
+
+
+def threshold_x0(x0, ratio: float, max_value: float = 1.0) -> jax.Array:
+  """Dynamic thresholding (Saharia et al. 2022, diffusers' `thresholding`): per example, s is the
+  `ratio` quantile of |x0| clipped to [1, max_value]; x0 is clipped to [-s, s] and divided by s."""
+  flat = x0.reshape(x0.shape[0], -1)
+  s = jnp.clip(jnp.quantile(jnp.abs(flat), ratio, axis=1), 1.0, max_value)
+  s = expand(s, x0)
+  return jnp.clip(x0, -s, s) / s
+
+
 class SamplerState(struct.PyTreeNode):
-  """The scan carry: the sample and, for the multistep solver, the previous step's x0 and h."""
+  """The scan carry: the sample, the multistep samplers' history (DPM-Solver++: the previous
+  x0; PLMS: the last four model outputs, newest last; empty for the others), PLMS's first
+  sample, DPM-Solver++'s previous step h, and the number of steps taken."""
   x: jax.Array  # [B, ...] float32
-  x0_last: jax.Array  # [B, ...]
+  history: jax.Array  # [K, B, ...]
+  x_first: jax.Array  # [B, ...] for PLMS, else [0]
   h_last: jax.Array  # [B]
-  step: jax.Array  # int32 scalar: steps taken
+  step: jax.Array  # int32 scalar
 
   @classmethod
-  def create(cls, x_T) -> SamplerState:
+  def create(cls, x_T, sampler: str = "ddim") -> SamplerState:
     x = jnp.asarray(x_T, jnp.float32)
-    return cls(x=x, x0_last=jnp.zeros_like(x), h_last=jnp.ones(x.shape[:1], jnp.float32),
-               step=jnp.zeros((), jnp.int32))
+    k = {"dpmpp_2m": 1, "plms": 4}.get(sampler, 0)
+    return cls(x=x, history=jnp.zeros((k, *x.shape), jnp.float32),
+               x_first=jnp.zeros_like(x) if sampler == "plms" else jnp.zeros((0,), jnp.float32),
+               h_last=jnp.ones(x.shape[:1], jnp.float32), step=jnp.zeros((), jnp.int32))
 
 
 def _is_static_zero(v) -> bool:
   return isinstance(v, (int, float)) and v == 0
 
 
-def make_step(denoise: Callable, schedule: Schedule, *, sampler: str = "ddim",
-              prediction: str = "eps", eta=0.0, clip_x0: float | None = None,
-              constraint: Callable | None = None, final_abar=None,
+def make_step(denoise: Callable, *, sampler: str = "ddim", prediction: str = "eps", eta=0.0,
+              clip_x0: float | None = None, threshold: tuple[float, float] | None = None,
+              constraint: Callable | None = None,
               use_clipped_model_output: bool = True) -> Callable:
-  """One sampler step: step(state, (t, t_prev, key)) -> (state, x_prev), t/t_prev int32 scalars.
+  """One sampler step: step(state, (row, key)) -> (state, x_prev), row a dict of one grid row's
+  scalars (see Grid.rows). `sample` scans it; the same function can run in a Python loop.
 
-  `sample` scans it; the same function can be called in a Python loop. denoise(x_t, t[B]) returns
-  a model output of type `prediction`; constraint(x_prev, t_prev[B], key) runs after each step.
-  With clip_x0, eps is re-derived from the clipped x0 when use_clipped_model_output (GLIDE's
-  rule, jaxgen's default), else kept as predicted (what diffusers' pipelines do).
-  final_abar (DDIM only): see ddim_update.
+  denoise(x_t, t[B]) returns a model output of type `prediction`; constraint(x_prev,
+  abar_prev[B], key) runs after each step. clip_x0 clips the predicted x0 to [-c, c];
+  threshold=(ratio, max_value) applies dynamic thresholding instead (not in PLMS, which works on
+  model outputs, as in diffusers). With either, DDIM re-derives eps from the processed x0 when
+  use_clipped_model_output (GLIDE's rule, jaxgen's default; diffusers' pipelines do not); the
+  Euler samplers always do (their ODE direction is x_t - x0).
   """
   if sampler not in SAMPLERS:
     raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
   check_prediction(prediction)
-  if final_abar is not None and sampler != "ddim":
-    raise ConfigError(f"final_abar (set_alpha_to_one=False) applies to the ddim sampler only, "
-                      f"not {sampler!r}")
+  if clip_x0 is not None and threshold is not None:
+    raise ConfigError("clip_x0 and threshold are alternatives; give one")
   # A literal eta = 0 makes DDIM deterministic: skip drawing noise that would be multiplied by 0.
-  stochastic = sampler == "ddpm" or (sampler == "ddim" and not _is_static_zero(eta))
+  stochastic = sampler in ("ddpm", "euler_a") or (sampler == "ddim" and not _is_static_zero(eta))
+  weights = jnp.asarray(_PLMS_WEIGHTS, jnp.float32)
+
+  def process_x0(x0):
+    if clip_x0 is not None:
+      return jnp.clip(x0, -clip_x0, clip_x0), True
+    if threshold is not None:
+      return threshold_x0(x0, *threshold), True
+    return x0, False
 
   def step(state: SamplerState, inputs):
-    t, t_prev, key = inputs
+    row, key = inputs
     x = state.x
     batch = x.shape[:1]
-    t_b = jnp.full(batch, t, jnp.int32)
-    t_prev_b = jnp.full(batch, t_prev, jnp.int32)
+    full = lambda v: jnp.full(batch, v, v.dtype)
+    abar, abar_from, abar_to = full(row["abar"]), full(row["abar_from"]), full(row["abar_to"])
     key_noise, key_constraint = jax.random.split(key)
-    out = denoise(x, t_b)
-    x0, eps = to_x0_eps(out, x, t_b, schedule, prediction)
-    if clip_x0 is not None:
-      x0 = jnp.clip(x0, -clip_x0, clip_x0)
-      if use_clipped_model_output:
-        eps = eps_from_x0(x0, x, t_b, schedule)  # keep eps consistent with the clipped x0
-    noise = jax.random.normal(key_noise, x.shape, jnp.float32) if stochastic else None
-    h = state.h_last
-    if sampler == "ddpm":
-      x_prev = ddpm_update(schedule, x, x0, t_b, t_prev_b, noise)
-    elif sampler == "ddim":
-      x_prev = ddim_update(schedule, x, x0, eps, t_b, t_prev_b, jnp.asarray(eta, jnp.float32),
-                           0.0 if noise is None else noise, final_abar)
+    out = jnp.asarray(denoise(x, full(row["t"])), jnp.float32)
+    noise = jax.random.normal(key_noise, x.shape, jnp.float32) if stochastic else 0.0
+    history, x_first, h = state.history, state.x_first, state.h_last
+    if sampler == "plms":
+      c = state.step
+      pushed = jnp.concatenate([history[1:], out[None]])
+      history = jnp.where(c == 1, history, pushed)
+      # c = 0: the output alone; 1: averaged with the first (below); then 2, 3, 4 outputs.
+      w = weights[jnp.where(c <= 1, c, jnp.minimum(c, 4))]
+      combined = jnp.tensordot(w, history[::-1], axes=1)
+      combined = jnp.where(c == 1, 0.5 * (out + history[-1]), combined)
+      x_from = jnp.where(c == 1, x_first, x)
+      x_first = jnp.where(c == 0, x, x_first)
+      x0, eps = to_x0_eps_at(combined, x_from, abar_from, prediction)
+      x_prev = ddim_update(x_from, x0, eps, abar_from, abar_to, 0.0, 0.0)
     else:
-      x_prev, h = dpmpp_2m_update(schedule, x, x0, state.x0_last, t_b, t_prev_b, state.h_last,
-                                  state.step > 0)
+      x0, eps = to_x0_eps_at(out, x, abar, prediction)
+      x0, processed = process_x0(x0)
+      if processed and (sampler in ("euler", "euler_a") or use_clipped_model_output):
+        eps = eps_from_x0_at(x0, x, abar)
+      if sampler == "ddpm":
+        x_prev = ddpm_update(x, x0, abar, abar_to, noise)
+      elif sampler in ("ddim", "euler"):
+        eta_ = 0.0 if sampler == "euler" else jnp.asarray(eta, jnp.float32)
+        x_prev = ddim_update(x, x0, eps, abar, abar_to, eta_, noise)
+      elif sampler == "euler_a":
+        x_prev = euler_ancestral_update(x, x0, eps, abar, abar_to, noise)
+      else:
+        x_prev, h = dpmpp_2m_update(x, x0, history[0], abar, abar_to, state.h_last,
+                                    ~row["low_order"])
+        history = x0[None]
     if constraint is not None:
-      x_prev = constraint(x_prev, t_prev_b, key_constraint)
-    new = SamplerState(x=x_prev, x0_last=x0, h_last=h, step=state.step + 1)
+      x_prev = constraint(x_prev, abar_to, key_constraint)
+    new = SamplerState(x=x_prev, history=history, x_first=x_first, h_last=h,
+                       step=state.step + 1)
     return new, x_prev
 
   return step
 
 
-def step_inputs(timesteps, key):
-  """Scan inputs for descending `timesteps` [N]: (t, t_prev, key) per step; t_prev ends at -1."""
-  timesteps = jnp.asarray(timesteps, jnp.int32)
-  t_prev = jnp.concatenate([timesteps[1:], jnp.full((1,), -1, jnp.int32)])
-  return timesteps, t_prev, jax.random.split(key, timesteps.shape[0])
+def step_inputs(grid: Grid, key):
+  """Scan inputs of `grid`: (rows, keys), one key per row."""
+  return grid.rows(), jax.random.split(key, grid.num_rows)
 
 
 def check_timesteps(timesteps, num_timesteps: int) -> None:
@@ -202,25 +470,27 @@ def check_timesteps(timesteps, num_timesteps: int) -> None:
 
 
 def sample(denoise: Callable, schedule: Schedule, key, shape, *, sampler: str = "ddim",
-           num_steps: int = 50, prediction: str = "eps", eta=0.0, timesteps=None,
-           spacing: str = "trailing", x_T=None, return_trajectory: bool = False,
-           clip_x0: float | None = None, constraint: Callable | None = None,
-           final_abar=None, use_clipped_model_output: bool = True):
-  """Draws x_0 [shape] from noise with 'ddpm', 'ddim' or 'dpmpp_2m'; pure and jittable.
+           prediction: str = "eps", eta=0.0, x_T=None, return_trajectory: bool = False,
+           clip_x0: float | None = None, threshold: tuple[float, float] | None = None,
+           constraint: Callable | None = None, use_clipped_model_output: bool = True,
+           grid: Grid | None = None, **grid_options):
+  """Draws x_0 [shape] from noise with any of SAMPLERS; pure and jittable.
 
-  `key` is split into the key of x_T and the per-step keys (noise, then `constraint`).
-  `timesteps` (int [N], descending, may be traced) replaces the num_steps/spacing grid; `x_T`
-  replaces the starting noise (then `shape` may be None). eta is DDIM's noise scale (traced).
-  With return_trajectory, returns (x_0, xs) where xs [N + 1, *shape] starts with x_T.
-  final_abar and use_clipped_model_output: see make_step (diffusers' set_alpha_to_one=False is
-  final_abar=schedule.abar[0]; its pipelines use use_clipped_model_output=False).
+  grid_options go to make_grid (num_steps=50, timesteps, spacing='trailing', offset, karras,
+  final_abar, lower_order_final), or `grid` is given. `key` is split into the key of x_T and
+  the per-step keys (noise, then `constraint`). `x_T` replaces the starting noise (then `shape`
+  may be None); like diffusers' `latents` it is multiplied by the grid's init_scale (1 except
+  for Euler on 'linspace'/'trailing' grids). eta is DDIM's noise scale (traced). With
+  return_trajectory, returns (x_0, xs) where xs [rows + 1, *shape] starts with the scaled x_T.
+  clip_x0, threshold, use_clipped_model_output: see make_step.
   """
   if sampler not in SAMPLERS:
     raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
   check_prediction(prediction)
-  if timesteps is None:
-    timesteps = make_timesteps(schedule.num_timesteps, num_steps, spacing)
-  check_timesteps(timesteps, schedule.num_timesteps)
+  if grid is None:
+    grid = make_grid(schedule, sampler, **grid_options)
+  elif grid_options:
+    raise ConfigError(f"give a grid or grid options, not both: {sorted(grid_options)}")
   key_T, key_steps = jax.random.split(key)
   if x_T is None:
     if shape is None:
@@ -228,24 +498,36 @@ def sample(denoise: Callable, schedule: Schedule, key, shape, *, sampler: str = 
     x_T = jax.random.normal(key_T, tuple(shape), jnp.float32)
   elif shape is not None and tuple(shape) != tuple(x_T.shape):
     raise ShapeError(f"x_T has shape {tuple(x_T.shape)} but shape {tuple(shape)} was asked for")
-  step = make_step(denoise, schedule, sampler=sampler, prediction=prediction, eta=eta,
-                   clip_x0=clip_x0, constraint=constraint, final_abar=final_abar,
+  x_T = jnp.asarray(x_T, jnp.float32) * grid.init_scale
+  step = make_step(denoise, sampler=sampler, prediction=prediction, eta=eta, clip_x0=clip_x0,
+                   threshold=threshold, constraint=constraint,
                    use_clipped_model_output=use_clipped_model_output)
-  state, xs = jax.lax.scan(step, SamplerState.create(x_T), step_inputs(timesteps, key_steps))
+  state, xs = jax.lax.scan(step, SamplerState.create(x_T, sampler), step_inputs(grid, key_steps))
   if return_trajectory:
-    return state.x, jnp.concatenate([jnp.asarray(x_T, jnp.float32)[None], xs])
+    return state.x, jnp.concatenate([x_T[None], xs])
   return state.x
 
 
 def sampling_options(schedule: Schedule, sampler: str, *, clip_x0: float | None = None,
-                     set_alpha_to_one: bool = True, use_clipped_model_output: bool = True
-                     ) -> dict:
-  """The keyword arguments of `sample` that follow a diffusers scheduler config: clip_sample
-  (clip_x0), set_alpha_to_one (DDIM's last step to abar = 1, or to abar[0] when False; the other
-  samplers always end at the data) and use_clipped_model_output."""
-  final = None if set_alpha_to_one or sampler != "ddim" else schedule.abar[0]
-  return dict(clip_x0=clip_x0, final_abar=final,
-              use_clipped_model_output=use_clipped_model_output)
+                     threshold: tuple[float, float] | None = None, set_alpha_to_one: bool = True,
+                     final_sigmas: str = "zero", use_clipped_model_output: bool = True,
+                     karras: bool = False, spacing: str | None = None, offset: int = 0) -> dict:
+  """The keyword arguments of `sample` that follow a diffusers scheduler config for `sampler`:
+  clip_sample (clip_x0), thresholding (threshold), the last step's level (set_alpha_to_one for
+  ddim and plms, final_sigmas_type 'zero' | 'sigma_min' for euler, euler_a and dpmpp_2m),
+  use_clipped_model_output, use_karras_sigmas (for the samplers that take it; ignored by the
+  others, as diffusers' other schedulers ignore the key), timestep_spacing and steps_offset."""
+  if final_sigmas not in ("zero", "sigma_min"):
+    raise ConfigError(f"final_sigmas must be 'zero' or 'sigma_min', got {final_sigmas!r}")
+  ends_early = (sampler in ("ddim", "plms") and not set_alpha_to_one) or (
+      sampler in ("euler", "euler_a", "dpmpp_2m") and final_sigmas == "sigma_min")
+  opts = dict(clip_x0=clip_x0, threshold=threshold,
+              final_abar=schedule.abar[0] if ends_early else None,
+              use_clipped_model_output=use_clipped_model_output,
+              karras=bool(karras) and sampler in KARRAS_SAMPLERS, offset=offset)
+  if spacing is not None:
+    opts["spacing"] = spacing
+  return opts
 
 
 def guided_denoiser(model_fn: Callable, cond, null_cond, guidance_scale) -> Callable:

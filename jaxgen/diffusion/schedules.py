@@ -16,6 +16,9 @@ class Schedule(struct.PyTreeNode):
   betas: jax.Array
   alphas: jax.Array
   abar: jax.Array  # cumulative product of alphas
+  # abar as static host values (float32 numbers): grids computed on the host (Euler, Karras)
+  # read them even where the arrays are traced, e.g. inside jit.
+  host_abar: tuple = struct.field(pytree_node=False, default=())
 
   @property
   def num_timesteps(self) -> int:
@@ -61,4 +64,5 @@ def make_schedule(name: str, num_timesteps: int = 1000, beta_start: float | None
   alphas = 1.0 - betas
   abar = np.cumprod(alphas)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  return Schedule(betas=f32(betas), alphas=f32(alphas), abar=f32(abar))
+  return Schedule(betas=f32(betas), alphas=f32(alphas), abar=f32(abar),
+                  host_abar=tuple(abar.astype(np.float32).tolist()))

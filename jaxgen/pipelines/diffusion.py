@@ -34,17 +34,22 @@ class DiffusionModel:
   clip_x0: float | None = 1.0
   set_alpha_to_one: bool = True           # False: DDIM's last step ends at abar[0] (diffusers)
   use_clipped_model_output: bool = True   # re-derive eps from a clipped x0
+  threshold: float | None = None          # dynamic thresholding's quantile (None: off)
+  sample_max_value: float = 1.0           # dynamic thresholding's largest scale
+  karras: bool = False                    # Karras sigmas for the euler and dpmpp_2m samplers
+  final_sigmas: str = "zero"              # euler/dpmpp_2m's last level: zero | sigma_min
 
   @property
   def num_classes(self) -> int:
     return self.unet.num_classes
 
   def sampling_options(self, sampler: str) -> dict:
-    """clip_x0, final_abar and use_clipped_model_output for diffusion.sample."""
+    """The keyword arguments of diffusion.sample that follow this model's scheduler settings."""
     return diffusion.sampling_options(
         self.make_schedule(), sampler, clip_x0=self.clip_x0,
-        set_alpha_to_one=self.set_alpha_to_one,
-        use_clipped_model_output=self.use_clipped_model_output)
+        threshold=None if self.threshold is None else (self.threshold, self.sample_max_value),
+        set_alpha_to_one=self.set_alpha_to_one, final_sigmas=self.final_sigmas,
+        use_clipped_model_output=self.use_clipped_model_output, karras=self.karras)
 
   def make_schedule(self) -> diffusion.Schedule:
     return diffusion.make_schedule(self.schedule, self.num_timesteps, self.beta_start,

@@ -50,13 +50,18 @@ class LatentDiffusionModel:
   steps_offset: int = 0                  # added to 'leading' timesteps (Stable Diffusion: 1)
   set_alpha_to_one: bool = True          # False: DDIM's last step ends at abar[0] (SD's configs)
   use_clipped_model_output: bool = True  # re-derive eps from a clipped x0 (diffusers: False)
+  threshold: float | None = None         # dynamic thresholding's quantile (None: off)
+  sample_max_value: float = 1.0          # dynamic thresholding's largest scale
+  karras: bool = False                   # Karras sigmas for the euler and dpmpp_2m samplers
+  final_sigmas: str = "zero"             # euler/dpmpp_2m's last level: zero | sigma_min
   tokenize: Callable = dataclasses.field(default=None, compare=False, hash=False)
 
   def __hash__(self):
     return hash((self.unet, self.text, self.vae, self.image_shape, self.schedule,
                  self.num_timesteps, self.beta_start, self.beta_end, self.prediction,
                  self.clip_x0, self.text_layer, self.text_mask, self.vae_output, self.spacing,
-                 self.steps_offset, self.set_alpha_to_one, self.use_clipped_model_output))
+                 self.steps_offset, self.set_alpha_to_one, self.use_clipped_model_output,
+                 self.threshold, self.sample_max_value, self.karras, self.final_sigmas))
 
   @property
   def latent_shape(self) -> tuple[int, int, int]:
@@ -80,18 +85,21 @@ class LatentDiffusionModel:
                        f"{self.unet.levels - 1} times); got {h} x {w}.")
     return (h // f, w // f, self.vae.z_channels)
 
-  def sampling_options(self, sampler: str) -> dict:
-    """clip_x0, final_abar and use_clipped_model_output for diffusion.sample."""
+  def sampling_options(self, sampler: str, spacing: str | None = None) -> dict:
+    """The keyword arguments of diffusion.sample that follow this model's scheduler settings,
+    on its timestep grid (`spacing`, None: the model's, with its steps_offset)."""
     return diffusion.sampling_options(
         self.make_schedule(), sampler, clip_x0=self.clip_x0,
-        set_alpha_to_one=self.set_alpha_to_one,
-        use_clipped_model_output=self.use_clipped_model_output)
+        threshold=None if self.threshold is None else (self.threshold, self.sample_max_value),
+        set_alpha_to_one=self.set_alpha_to_one, final_sigmas=self.final_sigmas,
+        use_clipped_model_output=self.use_clipped_model_output, karras=self.karras,
+        spacing=spacing or self.spacing, offset=self.steps_offset)
 
-  def timesteps(self, num_steps: int, spacing: str | None = None) -> jax.Array:
-    """The descending timesteps a sampler visits: `spacing` (None: the model's) and, for
-    'leading', the model's steps_offset."""
-    return diffusion.make_timesteps(self.num_timesteps, num_steps, spacing or self.spacing,
-                                    self.steps_offset)
+  def grid(self, sampler: str, num_steps: int, spacing: str | None = None) -> diffusion.Grid:
+    """The grid `sampler` visits on this model's timesteps (see diffusion.make_grid)."""
+    opts = self.sampling_options(sampler, spacing)
+    return diffusion.make_grid(self.make_schedule(), sampler, num_steps=num_steps,
+                               **{k: v for k, v in opts.items() if k in diffusion.GRID_OPTIONS})
 
   # -- the pieces, as pure functions of the parameters -------------------------------------
   def encode_text(self, params, input_ids, attention_mask=None):
@@ -208,8 +216,7 @@ def _generate(model: LatentDiffusionModel, params, model_state, ids, mask, neg_i
                                             *(latent_shape or model.latent_shape))
   z = diffusion.sample(den, model.make_schedule(), key, shape, x_T=latents,
                        sampler=sampler, num_steps=num_steps, prediction=model.prediction,
-                       eta=eta, timesteps=model.timesteps(num_steps, spacing),
-                       **model.sampling_options(sampler))
+                       eta=eta, **model.sampling_options(sampler, spacing))
   images = model.decode_latents(model_state, z, batch_size=decode_batch, tile=tile)
   return (images, z) if return_latents else images
 
@@ -278,8 +285,7 @@ def _img2img(model, params, model_state, images, ids, mask, neg_ids, neg_mask, k
   z0 = model.encode_images(model_state, images)
   z = diffusion.img2img(den, model.make_schedule(), k_run, z0, strength, num_steps=num_steps,
                         sampler=sampler, prediction=model.prediction, eta=eta,
-                        timesteps=model.timesteps(num_steps, spacing),
-                        **model.sampling_options(sampler))
+                        **model.sampling_options(sampler, spacing))
   return model.decode_latents(model_state, z)
 
 
@@ -309,8 +315,7 @@ def _inpaint(model, params, model_state, images, mask_px, ids, mask, neg_ids, ne
   known = mask_px.reshape(b, h // f, f, w // f, f, 1).min(axis=(2, 4))
   z = diffusion.inpaint(den, model.make_schedule(), key, z0, known, sampler=sampler,
                         num_steps=num_steps, prediction=model.prediction, eta=eta,
-                        timesteps=model.timesteps(num_steps, spacing),
-                        **model.sampling_options(sampler))
+                        **model.sampling_options(sampler, spacing))
   out = model.decode_latents(model_state, z)
   return mask_px * to_unit(images) + (1.0 - mask_px) * out  # known pixels exactly as given
 

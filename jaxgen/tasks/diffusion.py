@@ -37,7 +37,12 @@ def diffusion_section() -> dict:
       use_clipped_model_output=True,  # with clip_x0: eps re-derived from the clipped x0
       set_alpha_to_one=True,      # False: DDIM's last step ends at abar[0], as diffusers' DDIM
                                   # with set_alpha_to_one=False (Stable Diffusion's configs)
-      sampler="ddim",             # pictures during training and the default of `jaxgen sample`
+      threshold=0.0,              # dynamic thresholding's quantile of |x0| (e.g. 0.995); 0: off
+      sample_max_value=1.0,       # dynamic thresholding's largest scale
+      karras=False,               # Karras et al.'s sigmas for the euler and dpmpp_2m samplers
+      final_sigmas="zero",        # euler/euler_a/dpmpp_2m's last level: zero | sigma_min
+      sampler="ddim",             # ddpm | ddim | plms | euler | euler_a | dpmpp_2m: pictures
+                                  # during training and the default of `jaxgen sample`
       sample_steps=50,
       guidance_scale=3.0,         # classifier-free guidance for conditional pictures
   )
@@ -49,6 +54,17 @@ def validate_diffusion(config) -> None:
                      ("weighting", diffusion.WEIGHTINGS), ("sampler", diffusion.SAMPLERS)):
     if d[key] not in valid:
       raise ConfigError(f"diffusion.{key} must be one of {', '.join(valid)}; got {d[key]!r}.")
+  if d.final_sigmas not in ("zero", "sigma_min"):
+    raise ConfigError(f"diffusion.final_sigmas must be zero or sigma_min; got "
+                      f"{d.final_sigmas!r}.")
+  if not 0.0 <= d.threshold < 1.0:
+    raise ConfigError(f"diffusion.threshold is a quantile in (0, 1), or 0 for off; got "
+                      f"{d.threshold}.")
+  if d.threshold and d.clip_x0:
+    raise ConfigError("diffusion.threshold and diffusion.clip_x0 are alternatives: set one of "
+                      "them to 0.")
+  if d.sample_max_value < 1.0:
+    raise ConfigError(f"diffusion.sample_max_value must be >= 1; got {d.sample_max_value}.")
   if not 1 <= d.sample_steps <= d.num_timesteps:
     raise ConfigError(f"diffusion.sample_steps must be in [1, {d.num_timesteps}] "
                       f"(diffusion.num_timesteps); got {d.sample_steps}.")
@@ -59,7 +75,9 @@ def schedule_kwargs(d) -> dict:
               beta_start=d.beta_start or None, beta_end=d.beta_end or None,
               prediction=d.prediction, clip_x0=d.clip_x0 or None,
               set_alpha_to_one=d.set_alpha_to_one,
-              use_clipped_model_output=d.use_clipped_model_output)
+              use_clipped_model_output=d.use_clipped_model_output,
+              threshold=d.threshold or None, sample_max_value=d.sample_max_value,
+              karras=d.karras, final_sigmas=d.final_sigmas)
 
 
 class DiffusionTask(Task):

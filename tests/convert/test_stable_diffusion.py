@@ -4,6 +4,7 @@ sampling step against diffusers' own pipeline pieces, then `jaxgen generate` on 
 torch, diffusers and transformers serve only as the reference: tiny random pipelines saved with
 save_pretrained, imported through the command line, compared number for number.
 """
+import dataclasses
 import json
 import logging
 import shutil
@@ -105,7 +106,7 @@ def nhwc(x):
 
 
 @pytest.mark.parametrize("sd2", [False, True], ids=["sd1", "sd2"])
-def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
+def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys, monkeypatch):
   pipe = tiny_pipeline(tmp_path, sd2)
   wd = tmp_path / "run"
   main(["import", "--diffusers", str(tmp_path / "sd"), "--workdir", str(wd)])
@@ -140,12 +141,12 @@ def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
   moved.rename(wd)
   pipe.scheduler.set_timesteps(STEPS)
   ts = pipe.scheduler.timesteps.numpy()
-  np.testing.assert_array_equal(np.asarray(model.timesteps(STEPS)), ts)
+  np.testing.assert_array_equal(np.asarray(model.grid("ddim", STEPS).t), ts)
 
   # diffusers: the pipeline's prompt encoding, the U-Net on [uncond, cond], guidance, DDIM step,
   # and the VAE decode of the next latents.
   z = np.random.RandomState(4).randn(2, 4, 8, 8).astype(np.float32)
-  t, t_prev = int(ts[1]), int(ts[2])  # a step in the middle of the grid
+  t = int(ts[1])  # a step in the middle of the grid
   with torch.no_grad():
     cond_ref, uncond_ref = pipe.encode_prompt([PROMPT] * 2, "cpu", 1, True, [NEGATIVE] * 2)
     latents = torch.from_numpy(z)
@@ -164,9 +165,10 @@ def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
     uncond = model.encode_text(params, neg_ids, neg_mask)
     den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, GUIDANCE)
     pred = den(z, jnp.full((z.shape[0],), t))
-    step = diffusion.make_step(lambda x, tt: pred, model.make_schedule(), sampler="ddim",
+    step = diffusion.make_step(lambda x, tt: pred, sampler="ddim",
                                prediction=model.prediction, clip_x0=model.clip_x0)
-    _, z_next = step(diffusion.SamplerState.create(z), (t, t_prev, jax.random.PRNGKey(0)))
+    row = jax.tree.map(lambda a: a[1], model.grid("ddim", STEPS).rows())
+    _, z_next = step(diffusion.SamplerState.create(z), (row, jax.random.PRNGKey(0)))
     return cond, uncond, pred, z_next, model.decode_latents(model_state, z_next)
 
   rep = lambda a: np.repeat(a[None], 2, axis=0)
@@ -191,7 +193,7 @@ def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
     den = diffusion.guided_denoiser(model.denoise_fn(run.params), cond[:1], uncond[:1], GUIDANCE)
     final = jax.jit(lambda x: diffusion.sample(
         den, model.make_schedule(), jax.random.PRNGKey(0), None, x_T=x,
-        timesteps=model.timesteps(STEPS), prediction=model.prediction))(nhwc(z[:1]))
+        timesteps=model.grid("ddim", STEPS).t, prediction=model.prediction))(nhwc(z[:1]))
     e = err(final, nhwc(final_ref))
     log.info("sd2: 4-step sample, max |jaxgen - diffusers| %.2e", e)
     assert e <= 1e-4 * max(1.0, float(final_ref.abs().max()))
@@ -210,6 +212,34 @@ def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
   log.info("sd2=%s: whole text_to_image, max |jaxgen - diffusers| latents %.2e, image %.2e", sd2,
            e_lat, e_img)
   assert e_lat <= 1e-4 * max(1.0, float(latents_ref.abs().max())) and e_img <= 1e-4
+  # The schedulers SD users switch to, each from the pipeline's scheduler config, against
+  # jaxgen's sampler of the same name on the imported settings; Euler ancestral with the noise
+  # jaxgen draws (handed to diffusers' scheduler in place of its own draws).
+  key, errs, original = jax.random.PRNGKey(7), {}, pipe.scheduler
+  for cls, sampler, extra in (("PNDMScheduler", "plms", dict(skip_prk_steps=True)),  # SD 1.x's
+                              ("EulerDiscreteScheduler", "euler", dict(use_karras_sigmas=True)),
+                              ("EulerAncestralDiscreteScheduler", "euler_a", {}),
+                              ("DPMSolverMultistepScheduler", "dpmpp_2m",
+                               dict(use_karras_sigmas=True))):
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
+    variant = dataclasses.replace(model, karras=extra.get("use_karras_sigmas", False))
+    grid = variant.grid(sampler, STEPS)
+    keys = jax.random.split(jax.random.split(key)[1], grid.num_rows)
+    noises = iter([torch.from_numpy(np.asarray(jax.random.normal(
+        jax.random.split(k)[0], (1, 8, 8, 4))).transpose(0, 3, 1, 2).copy()) for k in keys])
+    monkeypatch.setattr(diffusers.schedulers.scheduling_euler_ancestral_discrete, "randn_tensor",
+                        lambda *a, **k: next(noises))
+    with torch.no_grad():
+      ref = pipe([PROMPT], output_type="latent", **kw).images
+    ours = t2i.text_to_image(variant, run.params, run.model_state, [PROMPT], key, steps=STEPS,
+                             guidance_scale=GUIDANCE, negative_prompt=NEGATIVE,
+                             latents=nhwc(z[:1]), return_latents=True, sampler=sampler)[1]
+    e = err(ours, nhwc(ref))
+    log.info("sd2=%s: whole text_to_image with %s, max |jaxgen - diffusers| latents %.2e", sd2,
+             sampler, e)
+    errs[sampler] = (e, float(ref.abs().max()))
+  assert all(e <= 1e-4 * max(1.0, m) for e, m in errs.values()), errs
+  pipe.scheduler = original
   if sd2:  # another size than the trained 16 x 16, from the same latents
     z_wide = np.random.RandomState(5).randn(1, 4, 12, 16).astype(np.float32)
     with torch.no_grad():
@@ -224,6 +254,9 @@ def test_import_then_one_sampling_step_matches_diffusers(tmp_path, sd2, capsys):
     main(["generate", "--workdir", str(wd), "--prompt", PROMPT, "--negative", NEGATIVE,
           "--steps", "2", "--num", "2", "--out", str(out)])
     assert capsys.readouterr().out.strip() == str(out) and out.stat().st_size > 0
+    main(["generate", "--workdir", str(wd), "--prompt", PROMPT, "--steps", "2", "--num", "1",
+          "--sampler", "euler", "--karras", "--spacing", "trailing", "--out", str(out)])
+    assert capsys.readouterr().out.strip() == str(out)
     with pytest.raises(SystemExit) as e:  # no data set to draw held-out captions from
       main(["generate", "--workdir", str(wd), "--steps", "2"])
     assert e.value.code == 2 and "give --prompt" in capsys.readouterr().err
@@ -256,11 +289,25 @@ def test_bad_input_is_refused_and_nothing_is_lost(tmp_path, capsys):
                              "set_alpha_to_one": False, "skip_prk_steps": True})
   assert sd15["ldm"] == dict(timestep_spacing="leading", steps_offset=1)
   assert sd15["diffusion"]["schedule"] == "scaled_linear" and sd15["diffusion"]["clip_x0"] == 0
+  assert sd15["diffusion"]["sampler"] == "plms" and not sd15["diffusion"]["set_alpha_to_one"]
   euler = scheduler_settings({"_class_name": "EulerDiscreteScheduler",
-                              "beta_schedule": "squaredcos_cap_v2"})
+                              "beta_schedule": "squaredcos_cap_v2", "use_karras_sigmas": True,
+                              "final_sigmas_type": "sigma_min"})
   assert euler["ldm"]["timestep_spacing"] == "linspace"
   assert euler["diffusion"]["schedule"] == "cosine" and euler["diffusion"]["beta_start"] == 0
+  assert euler["diffusion"]["sampler"] == "euler" and euler["diffusion"]["karras"]
+  assert euler["diffusion"]["final_sigmas"] == "sigma_min"
   assert scheduler_settings({"_class_name": "DDIMScheduler"})["diffusion"]["clip_x0"] == 1.0
+  imagen = scheduler_settings({"_class_name": "DDPMScheduler", "thresholding": True,
+                               "dynamic_thresholding_ratio": 0.99, "sample_max_value": 2.0})
+  assert (imagen["diffusion"]["threshold"], imagen["diffusion"]["sample_max_value"],
+          imagen["diffusion"]["clip_x0"]) == (0.99, 2.0, 0.0)
+  dpm = scheduler_settings({"_class_name": "DPMSolverMultistepScheduler"})
+  assert dpm["diffusion"]["sampler"] == "dpmpp_2m" and not dpm["diffusion"]["karras"]
+  ancestral = scheduler_settings({"_class_name": "EulerAncestralDiscreteScheduler"})
+  assert ancestral["diffusion"]["sampler"] == "euler_a"
+  assert scheduler_settings({"_class_name": "LMSDiscreteScheduler"})["diffusion"]["sampler"] == (
+      "ddim")  # no counterpart: the default sampler is DDIM (with a warning)
   for bad, key in (({"trained_betas": [0.1, 0.2]}, "trained_betas"),
                    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
                    ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid'"),
@@ -370,7 +417,8 @@ def test_published_configs_become_ldm_configs_that_build_the_same_modules(name,
   assert (config.ldm.timestep_spacing, config.ldm.steps_offset) == ("leading", 1)
   task = app.build_task(config)
   sd_import.check_task_modules(task, unet, text, vae)
-  np.testing.assert_array_equal(np.asarray(task.model.timesteps(50))[[0, 1, -1]], [981, 961, 1])
+  np.testing.assert_array_equal(np.asarray(task.model.grid("ddim", 50).t)[[0, 1, -1]],
+                                [981, 961, 1])
   # A module the config cannot reproduce is named.
   with pytest.raises(ConfigError, match=r"U-Net: use_linear_projection: config builds"):
     sd_import.check_task_modules(task, unet.clone(use_linear_projection=not sd2), text, vae)

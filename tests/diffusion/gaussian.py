@@ -9,12 +9,23 @@ def eps_star_np(x, abar, m, s):
 
 
 def exact_denoiser(schedule, m, s, prediction="eps"):
-  """The optimal model of type `prediction` (t: int [B], x: [B, ...] with m broadcast on the
-  trailing axes)."""
+  """The optimal model of type `prediction` (t: [B], x: [B, ...] with m broadcast on the
+  trailing axes). A fractional t (the Euler samplers' grids) is at the noise level whose sigma =
+  sqrt((1 - abar) / abar) is interpolated linearly between the integer steps, as diffusers'
+  schedulers place it."""
   m = jnp.asarray(m, jnp.float32)
+  sigmas = jnp.sqrt((1 - schedule.abar) / schedule.abar)
+
+  def level(t):
+    if jnp.issubdtype(t.dtype, jnp.integer):
+      return schedule.abar[t]
+    lo = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, sigmas.shape[0] - 2)
+    w = t - lo
+    sigma = (1 - w) * sigmas[lo] + w * sigmas[lo + 1]
+    return 1 / (1 + sigma ** 2)
 
   def denoise(x, t):
-    abar = schedule.abar[t].reshape((-1,) + (1,) * (x.ndim - 1))
+    abar = level(t).reshape((-1,) + (1,) * (x.ndim - 1))
     eps = jnp.sqrt(1 - abar) * (x - jnp.sqrt(abar) * m) / (abar * s ** 2 + 1 - abar)
     if prediction == "eps":
       return eps

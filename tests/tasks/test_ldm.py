@@ -104,7 +104,7 @@ def test_starting_latents_in_and_final_latents_out(ldm_run):
   den = diffusion.guided_denoiser(model.denoise_fn(params), model.encode_text(params, ids, mask),
                                   model.encode_text(params, nids, nmask), 4.0)
   ref = diffusion.sample(den, model.make_schedule(), jax.random.PRNGKey(0), None, x_T=z_T,
-                         timesteps=model.timesteps(3), prediction=model.prediction,
+                         num_steps=3, prediction=model.prediction,
                          **model.sampling_options("ddim"))
   np.testing.assert_allclose(z, ref, atol=1e-4)
   np.testing.assert_allclose(a, model.decode_latents(state, ref), atol=1e-4)
