@@ -125,10 +125,15 @@ def restore_run(workdir: str | pathlib.Path, step: int | None = None, mesh=None,
 
 # -- importers -----------------------------------------------------------------------------------
 def import_stable_diffusion(path, workdir, *, dtype: str = "float32",
-                            variant: str | None = None) -> pathlib.Path:
-  """Converts a diffusers Stable Diffusion folder into the ldm run `workdir` (absent or empty):
-  config.json, tokenizer/ and an inference checkpoint, which restore_run and `jaxgen generate`
-  read like a trained run (also after the workdir is moved).
+                            variant: str | None = None, config_dir=None, tokenizer=None,
+                            v_prediction: bool = False,
+                            image_size: int | None = None) -> pathlib.Path:
+  """Converts a diffusers Stable Diffusion folder, or a single .safetensors file in the original
+  LDM layout, into the ldm run `workdir` (absent or empty): config.json, tokenizer/ and an
+  inference checkpoint, which restore_run and `jaxgen generate` read like a trained run (also
+  after the workdir is moved). A single file takes config_dir (a diffusers folder's configs,
+  tokenizer and scheduler) or tokenizer, v_prediction and image_size (the rest is inferred
+  from its tensors); see jaxgen.convert.single_file.
 
   The converter (jaxgen.convert.stable_diffusion) fills the ldm config's sections from the
   converted modules; this checks that the ldm task builds exactly those modules and parameter
@@ -143,8 +148,16 @@ def import_stable_diffusion(path, workdir, *, dtype: str = "float32",
     raise CheckpointError(f"{workdir} exists and is not empty; nothing was overwritten. Choose a "
                           f"new --workdir.")
   with tempfile.TemporaryDirectory(prefix="jaxgen-import-") as scratch:
-    c = sd.convert(path, dtype=dtype, variant=variant,
-                   scratch=pathlib.Path(scratch) / "tokenizer")
+    tok_scratch = pathlib.Path(scratch) / "tokenizer"
+    if pathlib.Path(path).is_dir():
+      if config_dir or tokenizer or v_prediction or image_size:
+        raise ConfigError("--config, --tokenizer, --v-prediction and --image-size apply to "
+                          "single-file checkpoints; a diffusers folder carries its own")
+      c = sd.convert(path, dtype=dtype, variant=variant, scratch=tok_scratch)
+    else:
+      c = sd.convert_single_file(path, config_dir=config_dir, tokenizer=tokenizer,
+                                 v_prediction=v_prediction, image_size=image_size, dtype=dtype,
+                                 scratch=tok_scratch)
     config = compose_config("ldm", c.sections)
     task = build_task(config, c.tokenizer)
     sd.check_task_modules(task, c.unet, c.text, c.vae)

@@ -144,20 +144,39 @@ def build_parser(help_for: str | None = None, task: str | None = None
   p.add_argument("--seed", type=int, default=0)
 
   p = sub.add_parser(
-      "import", help="turn a Stable Diffusion checkpoint (diffusers folder) into an ldm workdir",
+      "import", help="turn a Stable Diffusion checkpoint (diffusers folder or single "
+                     ".safetensors file) into an ldm workdir",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Convert a Stable Diffusion 1.x/2.x checkpoint saved in diffusers' folder "
                   "layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
-                  "safetensors files, no torch needed) into a latent diffusion (ldm) WORKDIR "
+                  "safetensors files, no torch needed), or as one .safetensors file in the "
+                  "original LDM key layout (the variant is read from the tensors), into a latent diffusion (ldm) WORKDIR "
                   "that 'jaxgen generate', 'jaxgen eval' and jaxgen.app.restore_run read like "
                   "a trained run. The config reproduces the checkpoint's architecture, noise "
                   "schedule, prediction type and timestep grid; the tokenizer is copied into "
                   "WORKDIR/tokenizer.",
-      epilog="Example:\n  jaxgen import --diffusers ~/models/stable-diffusion-2-1 --workdir "
-             "runs/sd21\n  jaxgen generate --workdir runs/sd21 --prompt \"a watercolour fox\" "
+      epilog="Examples:\n  jaxgen import --diffusers ~/models/stable-diffusion-2-1 --workdir "
+             "runs/sd21\n  jaxgen import --single-file v1-5-pruned-emaonly.safetensors "
+             "--tokenizer ~/models/clip-tokenizer --workdir runs/sd15\n  jaxgen generate --workdir runs/sd21 --prompt \"a watercolour fox\" "
              "--steps 30 --guidance 7.5\nWORKDIR must not exist or be empty.")
-  p.add_argument("--diffusers", required=True, metavar="PATH",
-                 help="a local diffusers pipeline folder (with model_index.json)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--diffusers", metavar="PATH",
+                   help="a local diffusers pipeline folder (with model_index.json)")
+  src.add_argument("--single-file", metavar="FILE",
+                   help="one .safetensors file in the original LDM layout (SD 1.x, 2.x 512 and "
+                        "768-v); pickled .ckpt files are refused")
+  p.add_argument("--config", default=None, metavar="DIR",
+                 help="single file: a diffusers folder whose configs, tokenizer and scheduler "
+                      "to use (weights not needed); without it they are inferred")
+  p.add_argument("--tokenizer", default=None, metavar="DIR",
+                 help="single file without --config: a CLIP tokenizer folder (vocab.json + "
+                      "merges.txt, or bpe_simple_vocab_16e6.txt.gz)")
+  p.add_argument("--v-prediction", action="store_true",
+                 help="single file without --config: the model predicts v (SD 2.x 768-v); "
+                      "tensors cannot tell")
+  p.add_argument("--image-size", type=int, default=None,
+                 help="single file without --config: trained image size (default 768 with "
+                      "--v-prediction, else 512)")
   p.add_argument("--workdir", required=True, help="the new run's directory (absent or empty)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="the U-Net's compute dtype (parameters are stored in float32)")
@@ -232,8 +251,10 @@ def _cmd_sample(args, extra):
 
 def _cmd_import(args):
   from jaxgen import app
-  print(app.import_stable_diffusion(args.diffusers, args.workdir, dtype=args.dtype,
-                                    variant=args.variant))
+  print(app.import_stable_diffusion(args.diffusers or args.single_file, args.workdir,
+                                    dtype=args.dtype, variant=args.variant,
+                                    config_dir=args.config, tokenizer=args.tokenizer,
+                                    v_prediction=args.v_prediction, image_size=args.image_size))
 
 
 def _cmd_eval(args, extra):

@@ -255,8 +255,11 @@ def copy_tokenizer(src, dst) -> pathlib.Path:
   """Copies a CLIP tokenizer folder; one saved by transformers 5 (tokenizer.json only) also gets
   the vocab.json and merges.txt that jaxgen's BPE tokenizer reads, taken from tokenizer.json."""
   src, dst = pathlib.Path(src), pathlib.Path(dst)
+  if not src.is_dir():
+    raise DataError(f"{src}: no such tokenizer folder")
   shutil.copytree(src, dst)
-  if (dst / "vocab.json").exists() and (dst / "merges.txt").exists():
+  if ((dst / "vocab.json").exists() and (dst / "merges.txt").exists()) or (
+      dst / "bpe_simple_vocab_16e6.txt.gz").exists():
     return dst
   if not (dst / "tokenizer.json").exists():
     raise DataError(f"{src}: neither vocab.json + merges.txt nor tokenizer.json")
@@ -399,11 +402,20 @@ def convert(path, *, dtype: str = "float32", variant: str | None = None,
   text, text_vars = load_text_encoder(path / "text_encoder", variant=variant)
   log.info("Converted unet, vae and text_encoder of %s in %.1f s.", path,
            time.perf_counter() - t0)
+  return _assemble(unet, unet_vars, unet_config, vae, vae_vars, vae_config, text, text_vars,
+                   text_config, path / "tokenizer", schedule, dtype, scratch)
+
+
+def _assemble(unet, unet_vars, unet_config, vae, vae_vars, vae_config, text, text_vars,
+              text_config, tokenizer_src, schedule, dtype, scratch,
+              pad_token: str | None = None) -> Converted:
   if text.projection_dim is not None:  # pooled embeddings play no part in text to image
     text = text.clone(projection_dim=None)
     text_vars = {"params": {k: v for k, v in text_vars["params"].items()
                             if k != "text_projection"}}
-  tok_dir = copy_tokenizer(path / "tokenizer", scratch)
+  tok_dir = copy_tokenizer(tokenizer_src, scratch)
+  if pad_token is not None:
+    _set_pad_token(tok_dir, pad_token)
   tokenizer = load_tokenizer(tok_dir)
   sections = ldm_sections(unet, unet_config, vae, vae_config, text, text_config, tokenizer,
                           "tokenizer", schedule, dtype=dtype)
@@ -411,3 +423,81 @@ def convert(path, *, dtype: str = "float32", variant: str | None = None,
   model_state = {"vae": {"params": vae_vars["params"]},
                  "latent": {"scale": np.float32(sections["ldm"]["latent_scale"])}}
   return Converted(sections, params, model_state, tokenizer, tok_dir, unet, text, vae)
+
+
+def _set_pad_token(tok_dir: pathlib.Path, pad_token: str) -> None:
+  """Pads with `pad_token` unless the folder names its own special tokens; a merges-only folder
+  is first written out as vocab.json + merges.txt, the form that carries settings."""
+  if (tok_dir / "special_tokens_map.json").exists() or (
+      tok_dir / "tokenizer_config.json").exists():
+    return
+  if not (tok_dir / "vocab.json").exists():
+    tok = load_tokenizer(tok_dir)
+    merges = sorted(tok.ranks, key=tok.ranks.get)
+    (tok_dir / "vocab.json").write_text(json.dumps(tok.vocab, ensure_ascii=False),
+                                        encoding="utf-8")
+    (tok_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+  (tok_dir / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad_token}),
+                                                   encoding="utf-8")
+
+
+def convert_single_file(path, *, config_dir=None, tokenizer=None, v_prediction: bool = False,
+                        image_size: int | None = None, dtype: str = "float32",
+                        scratch: str | pathlib.Path) -> Converted:
+  """Reads an SD 1.x/2.x single .safetensors file in the original LDM layout (see
+  jaxgen.convert.single_file). Configs: those of the diffusers folder `config_dir` (weights not
+  needed; its tokenizer and scheduler too), else inferred from the tensors with `v_prediction`
+  and `image_size`, the CLIP tokenizer then read from the folder `tokenizer`."""
+  from jaxgen.convert import single_file as sf
+  from jaxgen.convert.clip_text import from_hf_clip_text
+  from jaxgen.convert.diffusers import from_diffusers, read_safetensors
+
+  if dtype not in DTYPES:
+    raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+  path = sf.check_single_file(path)
+  if config_dir is not None:
+    config_dir = sf.check_config_dir(config_dir)
+    if v_prediction or image_size:
+      raise ConfigError("--v-prediction and --image-size are read from --config's folder; give "
+                        "them only without --config")
+    text_config = _read_json(config_dir / "text_encoder" / "config.json")
+    layers = int(text_config["num_hidden_layers"])
+  else:
+    if tokenizer is None:
+      raise ConfigError("a single-file checkpoint holds no tokenizer: give --tokenizer (a CLIP "
+                        "tokenizer folder: vocab.json + merges.txt, or CLIP's "
+                        "bpe_simple_vocab_16e6.txt.gz) or --config (a diffusers folder)")
+    layers = None
+  state = read_safetensors(path)
+  kind_probe = any(k.startswith(sf.OPEN_CLIP) for k in state)
+  if layers is None and kind_probe:  # SD 2.x conditions on OpenCLIP's penultimate layer
+    layers = sf._count([k.removeprefix(sf.OPEN_CLIP) for k in state if k.startswith(sf.OPEN_CLIP)],
+                       r"transformer\.resblocks\.(\d+)\.") - 1
+  unet_sd, vae_sd, text_sd, kind = sf.split_checkpoint(state, layers)
+  if config_dir is not None:
+    unet_config = read_diffusers_config(config_dir / "unet")
+    vae_config = read_diffusers_config(config_dir / "vae")
+    sched_file = config_dir / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(sched_file) if sched_file.exists() else dict(sf.SD_SCHEDULER)
+    tokenizer_src = config_dir / "tokenizer"
+  else:
+    configs = sf.infer_configs(unet_sd, vae_sd, text_sd, kind, v_prediction=v_prediction,
+                               image_size=image_size)
+    unet_config, vae_config = configs["unet"], configs["vae"]
+    text_config, scheduler = configs["text_encoder"], configs["scheduler"]
+    tokenizer_src = pathlib.Path(tokenizer)
+    log.info("%s: %s text tower; inferred U-Net config %s", path.name,
+             "OpenCLIP (SD 2.x)" if kind == "open_clip" else "CLIP (SD 1.x)", unet_config)
+  schedule = scheduler_settings(scheduler)
+  t0 = time.perf_counter()
+  unet, unet_vars = from_diffusers(unet_config, unet_sd, kind="UNet2DConditionModel",
+                                   dtype=jnp.dtype(dtype))
+  vae, vae_vars = from_diffusers(vae_config, vae_sd, kind="AutoencoderKL")
+  text, text_vars = from_hf_clip_text(text_sd, text_config)
+  log.info("Converted %s in %.1f s.", path, time.perf_counter() - t0)
+  # SD 2.x's tokenizer pads with '!' (id 0), SD 1.x's with the end token: without a config
+  # folder, the tokenizer folder's own choice wins, else the variant's.
+  pad = "!" if config_dir is None and kind == "open_clip" else None
+  return _assemble(unet, unet_vars, unet_config, vae, vae_vars, vae_config, text, text_vars,
+                   text_config, tokenizer_src, schedule, dtype, scratch, pad_token=pad)
