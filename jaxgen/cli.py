@@ -150,15 +150,16 @@ def build_parser(help_for: str | None = None, task: str | None = None
       description="Convert a Stable Diffusion 1.x/2.x checkpoint saved in diffusers' folder "
                   "layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
                   "safetensors files, no torch needed), or as one .safetensors file in the "
-                  "original LDM key layout (the variant is read from the tensors), into a latent diffusion (ldm) WORKDIR "
-                  "that 'jaxgen generate', 'jaxgen eval' and jaxgen.app.restore_run read like "
-                  "a trained run. The config reproduces the checkpoint's architecture, noise "
-                  "schedule, prediction type and timestep grid; the tokenizer is copied into "
-                  "WORKDIR/tokenizer.",
+                  "original LDM key layout (the variant is read from the tensors), into a "
+                  "latent diffusion (ldm) WORKDIR that 'jaxgen generate', 'jaxgen eval' and "
+                  "jaxgen.app.restore_run read like a trained run. The config reproduces the "
+                  "checkpoint's architecture, noise schedule, prediction type and timestep "
+                  "grid; the tokenizer is copied into WORKDIR/tokenizer.",
       epilog="Examples:\n  jaxgen import --diffusers ~/models/stable-diffusion-2-1 --workdir "
              "runs/sd21\n  jaxgen import --single-file v1-5-pruned-emaonly.safetensors "
-             "--tokenizer ~/models/clip-tokenizer --workdir runs/sd15\n  jaxgen generate --workdir runs/sd21 --prompt \"a watercolour fox\" "
-             "--steps 30 --guidance 7.5\nWORKDIR must not exist or be empty.")
+             "--tokenizer ~/models/clip-tokenizer --workdir runs/sd15\n  jaxgen generate "
+             "--workdir runs/sd21 --prompt \"a watercolour fox\" --steps 30 --guidance 7.5\n"
+             "WORKDIR must not exist or be empty.")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--diffusers", metavar="PATH",
                    help="a local diffusers pipeline folder (with model_index.json)")

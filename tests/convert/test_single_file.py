@@ -2,7 +2,6 @@
 saved by diffusers is rewritten in that layout (the renaming below is this test's own, and
 diffusers' `from_single_file` reading the file back into the same pipeline vouches for it),
 imported with and without a config folder, and compared with the pipeline."""
-import json
 import logging
 
 import jax
@@ -15,9 +14,18 @@ from jaxgen.convert import single_file as sf
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.pipelines import text_to_image as t2i
 from jaxgen.text.bpe import clip_vocab
-from tests.convert.test_stable_diffusion import (GUIDANCE, MERGES, NEGATIVE, PROMPT, STEPS, err,
-                                                 nhwc, randomized, tiny_pipeline,
-                                                 write_tokenizer_files)
+from tests.convert.test_stable_diffusion import (
+  GUIDANCE,
+  MERGES,
+  NEGATIVE,
+  PROMPT,
+  STEPS,
+  err,
+  nhwc,
+  randomized,
+  tiny_pipeline,
+  write_tokenizer_files,
+)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
