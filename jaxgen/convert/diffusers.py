@@ -418,6 +418,33 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
   return out
 
 
+def write_safetensors(path, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> pathlib.Path:
+  """Writes name -> numpy array as a .safetensors file (the format read_safetensors reads:
+  8-byte little-endian header length, JSON header padded to 8 bytes, raw little-endian data),
+  atomically: the file is the old one or the whole new one."""
+  from jaxgen.files import atomic_write_bytes
+
+  codes = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+           np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
+  header: dict[str, Any] = {}
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  chunks, offset = [], 0
+  for name in sorted(tensors):
+    a = np.ascontiguousarray(tensors[name])
+    if a.dtype not in codes:
+      raise ConfigError(f"write_safetensors: {name} has unsupported dtype {a.dtype}")
+    data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+    header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape),
+                    "data_offsets": [offset, offset + len(data)]}
+    chunks.append(data)
+    offset += len(data)
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  return atomic_write_bytes(path, len(raw).to_bytes(8, "little") + raw + b"".join(chunks))
+
+
 def read_diffusers_config(path) -> dict:
   """config.json of a diffusers component folder (e.g. scaling_factor of a VAE)."""
   file = pathlib.Path(path) / "config.json"
