@@ -77,8 +77,37 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
 
 # -- tasks, training and runs --------------------------------------------------------------------
 def build_task(config: ml_collections.ConfigDict, tokenizer=None):
-  """The task of `config`; `tokenizer` (e.g. a run's saved one) spares rebuilding it."""
-  return task_class(config.task)(config, tokenizer=tokenizer)
+  """The task of `config`; `tokenizer` (e.g. a run's saved one) spares rebuilding it. With
+  lora.rank > 0 the task trains low-rank adapters on the run lora.base (jaxgen.tasks.lora)."""
+  if config.lora.rank and tokenizer is None:  # a fresh LoRA run reads its base run's tokenizer
+    tokenizer = weights_lib.load_tokenizer(config.lora.base, config, missing_ok=True)
+  task = task_class(config.task)(config, tokenizer=tokenizer)
+  if config.lora.rank:
+    from jaxgen.tasks.lora import LoraTask
+    return LoraTask(task)
+  return task
+
+
+def lora_config(base: str | pathlib.Path, *, rank: int = 4, alpha: float = 0.0,
+                targets: str = "") -> ml_collections.ConfigDict:
+  """The config of the run `base` (a workdir, trained or imported) set up to train LoRA
+  adapters on it: the lora section filled, EMA off. Set the data, steps and learning rate."""
+  base = pathlib.Path(base)
+  if not (base / "config.json").is_file():
+    raise ConfigError(f"lora.base: {base} is not a jaxgen run (no config.json); train or import "
+                      f"it first")
+  config = config_from_dict(weights_lib.read_config(base))
+  config.lora.base = str(base)
+  config.lora.rank, config.lora.alpha, config.lora.targets = rank, float(alpha), targets
+  text = config.model.get("text") if "model" in config else None
+  if text is not None and text.get("tokenizer") == "bpe" and text.tokenizer_path:
+    # a path relative to the base run (an imported run's "tokenizer") is copied from there
+    path = pathlib.Path(text.tokenizer_path)
+    if not path.is_absolute() and (base / path).exists():
+      text.tokenizer_path = str((base / path).resolve())
+  config.optim.ema_decay = 0.0
+  validate(config)
+  return config
 
 
 def train(config_or_task, workdir: str | pathlib.Path, **kwargs):
@@ -91,7 +120,30 @@ def train(config_or_task, workdir: str | pathlib.Path, **kwargs):
                       weights_lib.load_tokenizer(workdir, config_or_task, missing_ok=True))
   if task.feature_net_data is not None:  # a perceptual loss on the metric's feature network
     load_feature_net(task.feature_net_data, progress=kwargs.get("progress", True))
-  return loop.train(task, workdir, **kwargs)
+  state = loop.train(task, workdir, **kwargs)
+  if _is_lora(task) and task.base.name == "ldm" and jax_process_index() == 0:
+    export_lora(task, state.ema_params, state.model_state, pathlib.Path(workdir) / LORA_FILE)
+  return state
+
+
+LORA_FILE = "lora.safetensors"
+
+
+def jax_process_index() -> int:
+  import jax
+  return jax.process_index()
+
+
+def export_lora(task, adapters, model_state, path) -> pathlib.Path:
+  """A LoRA run's adapters as diffusers' LoRA file (Stable Diffusion layout names), which
+  diffusers' load_lora_weights and `jaxgen generate --lora` read."""
+  import jax
+
+  from jaxgen.convert.lora import write_peft_lora
+  out = write_peft_lora(path, jax.device_get(adapters), jax.device_get(model_state["base"]),
+                        alpha=task.alpha)
+  log.info("Wrote the LoRA adapters to %s.", out)
+  return out
 
 
 @dataclasses.dataclass
@@ -117,10 +169,24 @@ def restore_run(workdir: str | pathlib.Path, step: int | None = None, mesh=None,
   config = config_from_dict(w.config)
   task = build_task(config, w.tokenizer)
   if not with_state or w.inference_only:
-    return Run(w.workdir, config, task, None, w.step, w.params, w.model_state)
+    return Run(w.workdir, config, task, None, w.step, *_weights_of(task, w.params,
+                                                                 w.model_state))
   from jaxgen.train import loop
   state = loop.restore_state(task, w.workdir, w.step, mesh)
-  return Run(w.workdir, config, task, state, w.step, state.ema_params, state.model_state)
+  return Run(w.workdir, config, task, state, w.step,
+             *_weights_of(task, state.ema_params, state.model_state))
+
+
+def _weights_of(task, params, model_state):
+  """What sampling and evaluation use: a LoRA run's adapters merged into its base."""
+  if _is_lora(task):
+    return task.merged(params, model_state)
+  return params, model_state
+
+
+def _is_lora(task) -> bool:
+  from jaxgen.tasks.lora import LoraTask
+  return isinstance(task, LoraTask)
 
 
 # -- importers -----------------------------------------------------------------------------------

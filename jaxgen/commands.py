@@ -243,6 +243,9 @@ def _ldm_sample_args(p):
   _karras_arg(p)
   p.add_argument("--spacing", choices=diffusion.SPACINGS, default=None,
                  help="timestep spacing (default: the config's ldm.timestep_spacing)")
+  p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                 help="LoRA weights (.safetensors: diffusers/PEFT or kohya layout) merged into "
+                      "the U-Net and text encoder with SCALE (default 1); repeat for several")
   p.add_argument("--height", type=positive_int, default=None,
                  help="image height in pixels (default: the trained size)")
   p.add_argument("--width", type=positive_int, default=None,
@@ -250,6 +253,30 @@ def _ldm_sample_args(p):
   p.add_argument("--truncate", action="store_true",
                  help="cut prompts longer than the text encoder's context (with a warning) "
                       "instead of stopping")
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+  """'FILE[:SCALE]' -> (FILE, SCALE)."""
+  path, sep, scale = spec.rpartition(":")
+  if not sep or not path or "/" in scale or scale.endswith(".safetensors"):
+    return spec, 1.0
+  try:
+    return path, float(scale)
+  except ValueError:
+    raise ConfigError(f"--lora {spec!r}: SCALE after the last ':' must be a number") from None
+
+
+def with_loras(params, specs):
+  """params with the LoRA files `specs` ('FILE[:SCALE]') merged in."""
+  if not specs:
+    return params
+  from jaxgen import lora
+  from jaxgen.convert.lora import read_lora
+  files = [parse_lora(s) for s in specs]
+  adapters = [read_lora(path, params) for path, _ in files]
+  for (path, scale), a in zip(files, adapters):
+    log.info("LoRA %s: %d layers, scale %g", path, len(a), scale)
+  return jax.jit(lora.merge)(params, adapters, [s for _, s in files])
 
 
 def _ldm_sample(run, args, outdir):
@@ -260,8 +287,9 @@ def _ldm_sample(run, args, outdir):
     # placeholder, not data to draw held-out captions from.
     raise ConfigError("This run holds imported weights and no data set: give --prompt.")
   prompts = args.prompt or run.task.prompts(run.config.data.eval_split, 4)
+  params = with_loras(run.params, args.lora)
   t0 = time.perf_counter()
-  x = t2i.text_to_image(_scheduler_flags(run.task.model, args), run.params, run.model_state,
+  x = t2i.text_to_image(_scheduler_flags(run.task.model, args), params, run.model_state,
                         prompts,
                         jax.random.PRNGKey(args.seed), steps=args.steps or d.sample_steps,
                         guidance_scale=d.guidance_scale if args.guidance is None

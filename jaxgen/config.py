@@ -66,6 +66,13 @@ def compose(task: str, task_sections: dict[str, dict]) -> ml_collections.ConfigD
       num_samples=64,             # pictures per grid
       fsdp=False,                 # shard params, EMA and optimizer state over devices (FSDP)
   )
+  c.lora = dict(
+      rank=0,                     # > 0: train low-rank adapters on the run `base`, frozen
+      base="",                    # workdir of the trained or imported run to adapt
+      alpha=0.0,                  # the update is alpha / rank * A @ B; 0: alpha = rank
+      targets="",                 # regular expression over kernel paths; empty: the task's
+                                  # attention projections (to_q, to_k, to_v, to_out)
+  )
   for name, section in task_sections.items():
     c[name] = section
   c.lock()
@@ -249,6 +256,17 @@ def validate_shared(config: ml_collections.ConfigDict) -> None:
                       f"data.batch_size={d.batch_size}.")
   if o.lr <= 0:
     raise ConfigError(f"optim.lr must be positive; got {o.lr}.")
+  lo = config.lora
+  if lo.rank < 0 or lo.alpha < 0:
+    raise ConfigError(f"lora.rank and lora.alpha must be >= 0; got {lo.rank}, {lo.alpha}.")
+  if lo.rank and not lo.base:
+    raise ConfigError("lora.rank > 0 needs lora.base, the workdir of the run to adapt.")
+  if lo.targets:
+    import re
+    try:
+      re.compile(lo.targets)
+    except re.error as e:
+      raise ConfigError(f"lora.targets is not a regular expression: {e}") from None
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -23,8 +23,12 @@ from flax import traverse_util
 
 from jaxgen import lora as lora_lib
 from jaxgen.convert.clip_text import hf_name
-from jaxgen.convert.diffusers import (_UNET_RULES, diffusers_names, read_safetensors,
-                                     write_safetensors)
+from jaxgen.convert.diffusers import (
+  _UNET_RULES,
+  diffusers_names,
+  read_safetensors,
+  write_safetensors,
+)
 from jaxgen.errors import CheckpointError
 
 # file prefix -> (path of that part in an ldm run's params, kind)

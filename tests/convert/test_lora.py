@@ -189,3 +189,92 @@ def test_lora_for_another_model_is_refused(sd, tmp_path):
     lora_io.read_lora(peft_bad, run.params)
   with pytest.raises(CheckpointError, match=".safetensors files only"):
     lora_io.read_lora(tmp_path / "x.ckpt", run.params)
+
+
+def test_generate_with_loras_from_the_command_line(sd, tmp_path, capsys):
+  from jaxgen.commands import parse_lora
+  root, pipe, run = sd
+  assert parse_lora("a/b.safetensors") == ("a/b.safetensors", 1.0)
+  assert parse_lora("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
+  assert parse_lora("C:/x/b.safetensors") == ("C:/x/b.safetensors", 1.0)
+  path = kohya_file(pipe, tmp_path / "k.safetensors", 4)
+  outs = {}
+  for name, extra in (("plain", []), ("lora", ["--lora", f"{path}:0.7", "--lora", str(path)])):
+    outs[name] = tmp_path / f"{name}.png"
+    main(["generate", "--workdir", str(root / "run"), "--prompt", PROMPT, "--steps", "2",
+          "--num", "1", "--out", str(outs[name]), *extra])
+    assert capsys.readouterr().out.strip() == str(outs[name])
+  assert outs["plain"].read_bytes() != outs["lora"].read_bytes()
+  with pytest.raises(SystemExit) as e:
+    main(["generate", "--workdir", str(root / "run"), "--prompt", PROMPT, "--steps", "2",
+          "--lora", f"{path}:strong"])
+  assert e.value.code == 2 and "SCALE after the last ':' must be a number" in (
+      capsys.readouterr().err)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_lora_training_through_the_loop_and_into_diffusers(sd, tmp_path, capsys):
+  """configs/lora.py on the imported run and a handful of captioned images: only the adapters
+  train (parameters and optimizer state), the base is untouched, the loss on those images goes
+  down, and the exported file gives diffusers the same U-Net as the jaxgen run."""
+  import pathlib
+
+  from PIL import Image
+
+  from jaxgen import app
+  root, pipe, run = sd
+  folder = tmp_path / "images"
+  folder.mkdir()
+  rng = np.random.RandomState(0)
+  for i in range(8):
+    px = np.zeros((16, 16, 3), np.uint8)
+    px[:, :, i % 3] = 200  # a plain colour with a little noise: an easy target
+    px = np.clip(px + rng.randint(0, 30, px.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(px).save(folder / f"img{i}.png")
+    (folder / f"img{i}.txt").write_text(["a red photo", "a green photo", "a blue photo"][i % 3])
+  cfg_file = pathlib.Path(__file__).resolve().parents[2] / "configs" / "lora.py"
+  config = app.load_config(f"{cfg_file}:smoke,steps=40,base={root / 'run'},images={folder}",
+                           ["optim.lr=3e-3", "train.ckpt_every=40"])
+  task = app.build_task(config)
+  wd = tmp_path / "lora_run"
+  batch = task.preprocess(next(iter([{
+      "image": np.stack([np.asarray(Image.open(folder / f"img{i}.png")) for i in range(6)]),
+      "caption": np.array([(folder / f"img{i}.txt").read_text() for i in range(6)]),
+      "label": np.zeros(6, np.int32), "index": np.arange(6, dtype=np.int32)}])))
+
+  def mean_loss(adapters, model_state):
+    keys = jax.random.split(jax.random.PRNGKey(5), 24)
+    f = jax.jit(lambda k: task.loss_fn(adapters, model_state, batch, k)[0])
+    return float(np.mean([f(k) for k in keys]))
+
+  params0, state0 = task.pretrained(*task.init(jax.random.PRNGKey(0), task.example_batch()))
+  before = mean_loss(params0, state0)
+  state = app.train(config, wd, progress=False)
+  after = mean_loss(state.params, state.model_state)
+  n_adapters = lora.num_params(state.params)
+  n_opt = sum(a.size for a in jax.tree.leaves(state.opt_state) if jnp.ndim(a) > 0)
+  n_base = sum(a.size for a in jax.tree.leaves(run.params))
+  log.info("LoRA training: %d trainable parameters (%.2f%% of %d), optimizer state %d numbers; "
+           "loss on the images %.4f -> %.4f", n_adapters, 100 * n_adapters / n_base, n_base,
+           n_opt, before, after)
+  assert set(state.params) == set(lora.targets(run.params, r"(to_q|to_k|to_v|to_out)/kernel$"))
+  assert n_opt == 2 * n_adapters  # Adam's two moments, of the adapters only
+  for a, b in zip(jax.tree.leaves(state.model_state["base"]), jax.tree.leaves(run.params)):
+    np.testing.assert_array_equal(a, b)  # the base stays frozen
+  assert after < before
+
+  # the restored run samples with the merged weights; the exported file loads in diffusers
+  lora_run = restore_run(wd)
+  z, t, ids = _inputs(run.task.model)
+  ours = outputs_jaxgen(run.task.model, lora_run.params, z, t, ids)
+  ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(root / "sd", safety_checker=None)
+  ref_pipe.load_lora_weights(str(wd / app.LORA_FILE), adapter_name="trained")
+  ref = outputs_torch(ref_pipe, z, t, ids)
+  e = err(ours[1], ref[1])
+  log.info("trained LoRA in diffusers: max |jaxgen - diffusers| U-Net %.2e (change %.2e)", e,
+           err(ref[1], outputs_torch(pipe, z, t, ids)[1]))
+  assert e <= 1e-4 and err(ours[0], ref[0]) <= 1e-5
+  out = tmp_path / "gen.png"
+  main(["generate", "--workdir", str(wd), "--prompt", "a red photo", "--steps", "2", "--num",
+        "1", "--out", str(out)])
+  assert capsys.readouterr().out.strip() == str(out)
