@@ -105,6 +105,15 @@ def unet2d_from_config(config: Mapping[str, Any], *, dtype=jnp.float32) -> UNet:
   # UNet2DModel really means a head *size* here; None means one head over all channels.
   head_dim = config.get("attention_head_dim", 8)
   num_classes = config.get("num_class_embeds") or 0
+  added = config.get("addition_embed_type")
+  if added not in (None, "text_time"):
+    raise ConfigError(f"{cls}: addition_embed_type={added!r} is not supported (None or "
+                      f"'text_time', SDXL's)")
+  add_time = int(config.get("addition_time_embed_dim") or 0) if added else 0
+  add_dim = int(config.get("projection_class_embeddings_input_dim") or 0) if added else 0
+  if added and not (add_time and add_dim):
+    raise ConfigError(f"{cls}: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                      f"projection_class_embeddings_input_dim")
   return UNet(
       out_channels=config.get("out_channels", 3), block_channels=chans,
       layers_per_block=config.get("layers_per_block", 2),
@@ -124,10 +133,10 @@ _UNET2D_COND_FIXED = dict(
     center_input_sample=False, time_embedding_type="positional", mid_block_scale_factor=(1, 1.0),
     act_fn=("silu", "swish"), resnet_time_scale_shift="default", class_embed_type=None,
     mid_block_type="UNetMidBlock2DCrossAttn", dual_cross_attention=False,
-    addition_embed_type=None, addition_time_embed_dim=None, encoder_hid_dim=None,
+    encoder_hid_dim=None,
     encoder_hid_dim_type=None, time_embedding_act_fn=None, timestep_post_act=None,
     time_cond_proj_dim=None, conv_in_kernel=3, conv_out_kernel=3,
-    projection_class_embeddings_input_dim=None, attention_type="default",
+    attention_type="default",
     class_embeddings_concat=False, mid_block_only_cross_attention=(None, False),
     cross_attention_norm=None, resnet_skip_time_act=False, resnet_out_scale_factor=(1, 1.0),
     reverse_transformer_layers_per_block=None)
@@ -137,7 +146,8 @@ _UNET2D_COND_USED = {
     "downsample_padding", "dropout", "attention_head_dim", "num_attention_heads",
     "norm_num_groups", "norm_eps", "num_class_embeds", "time_embedding_dim",
     "cross_attention_dim", "transformer_layers_per_block", "use_linear_projection",
-    "only_cross_attention", "addition_embed_type_num_heads",
+    "only_cross_attention", "addition_embed_type_num_heads", "addition_embed_type",
+    "addition_time_embed_dim", "projection_class_embeddings_input_dim",
     # Precision hint for fp16 torch: jaxgen computes the softmax in float32 always.
     "upcast_attention"}
 
@@ -168,6 +178,15 @@ def unet2d_condition_from_config(config: Mapping[str, Any], *, dtype=jnp.float32
       raise ConfigError(f"{cls}: per-layer transformer_layers_per_block is not supported")
     depth = tuple(depth)
   num_classes = config.get("num_class_embeds") or 0
+  added = config.get("addition_embed_type")
+  if added not in (None, "text_time"):
+    raise ConfigError(f"{cls}: addition_embed_type={added!r} is not supported (None or "
+                      f"'text_time', SDXL's)")
+  add_time = int(config.get("addition_time_embed_dim") or 0) if added else 0
+  add_dim = int(config.get("projection_class_embeddings_input_dim") or 0) if added else 0
+  if added and not (add_time and add_dim):
+    raise ConfigError(f"{cls}: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                      f"projection_class_embeddings_input_dim")
   return UNet(
       out_channels=config.get("out_channels", 4),
       block_channels=tuple(config.get("block_out_channels", (320, 640, 1280, 1280))),
@@ -185,7 +204,8 @@ def unet2d_condition_from_config(config: Mapping[str, Any], *, dtype=jnp.float32
       groups=config.get("norm_num_groups", 32), norm_eps=config.get("norm_eps", 1e-5),
       flip_sin_to_cos=config.get("flip_sin_to_cos", True), freq_shift=config.get("freq_shift", 0),
       asymmetric_downsample=_downsample_padding(cls, config),
-      time_embed_dim=config.get("time_embedding_dim"), dtype=dtype)
+      time_embed_dim=config.get("time_embedding_dim"), addition_time_embed_dim=add_time,
+      addition_embed_dim=add_dim, dtype=dtype)
 
 
 _VAE_FIXED = dict(act_fn=("silu", "swish"), force_upcast=(True, False))
@@ -338,6 +358,10 @@ def _unet_init_args(module: UNet, config):
     kwargs["labels"] = jnp.zeros((1,), jnp.int32)
   if module.context_dim is not None:
     kwargs["context"] = jnp.zeros((1, 1, module.context_dim), module.dtype)
+  if module.addition_time_embed_dim:  # only the concatenated width shapes the parameters
+    kwargs["added"] = {"text_embeds": jnp.zeros((1, module.addition_embed_dim
+                                                 - module.addition_time_embed_dim)),
+                       "time_ids": jnp.zeros((1, 1))}
   return args, kwargs
 
 

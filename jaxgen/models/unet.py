@@ -72,6 +72,12 @@ class UNet(nn.Module):
   freq_shift: float = 0.0
   asymmetric_downsample: bool = False         # pad (0, 1) before the stride-2 conv, as TF "SAME"
   time_embed_dim: int | None = None           # None: 4 * block_channels[0]
+  # SDXL's added conditioning (diffusers' addition_embed_type="text_time"): the pooled text
+  # embedding [B, P] and the micro-conditioning ids [B, N] (original size, crop, target size),
+  # each id embedded sinusoidally in addition_time_embed_dim, concatenated, and projected by an
+  # MLP onto the time embedding (added). addition_embed_dim = P + N * addition_time_embed_dim.
+  addition_time_embed_dim: int = 0            # 0: none
+  addition_embed_dim: int = 0
   dtype: Any = jnp.float32                    # compute dtype; params, norms, softmax stay float32
   remat: bool = False                         # recompute each ResBlock/attention in backward
 
@@ -163,9 +169,15 @@ class UNet(nn.Module):
     return self._block(mdl, x, context, train=train)
 
   @nn.compact
-  def __call__(self, x, t, *, labels=None, context=None, train: bool = False):
+  def __call__(self, x, t, *, labels=None, context=None, added=None, train: bool = False):
+    """added: {"text_embeds": [B, P], "time_ids": [B, N]} for a U-Net with SDXL's added
+    conditioning (addition_time_embed_dim > 0), else None."""
     self.check_config()
     self._check_inputs(x, t, labels, context)
+    if bool(self.addition_time_embed_dim) != (added is not None):
+      raise ConfigError("added conditioning ({'text_embeds', 'time_ids'}) is given exactly when "
+                        f"the U-Net has it (addition_time_embed_dim="
+                        f"{self.addition_time_embed_dim})")
     b = x.shape[0]
     chans = tuple(self.block_channels)
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
@@ -179,6 +191,19 @@ class UNet(nn.Module):
       table = nn.Embed(self.num_classes + int(self.null_label), emb.shape[-1],
                        name="class_embedding")
       emb = emb + table(labels).astype(emb.dtype)
+    if added is not None:
+      ids = jnp.asarray(added["time_ids"], jnp.float32)
+      if ids.ndim != 2 or ids.shape[0] != b:
+        raise ShapeError(f"added['time_ids']: expected [{b}, N], got {list(ids.shape)}")
+      ids_emb = timestep_embedding(ids.reshape(-1), self.addition_time_embed_dim,
+                                   flip_sin_to_cos=self.flip_sin_to_cos, shift=self.freq_shift)
+      cond = jnp.concatenate([jnp.asarray(added["text_embeds"], jnp.float32),
+                              ids_emb.reshape(b, -1)], axis=-1)
+      if cond.shape[-1] != self.addition_embed_dim:
+        raise ShapeError(f"added conditioning: pooled text {added['text_embeds'].shape[-1]} + "
+                         f"{ids.shape[1]} ids x {self.addition_time_embed_dim} = "
+                         f"{cond.shape[-1]} features, the U-Net takes {self.addition_embed_dim}")
+      emb = emb + TimestepEmbedding(emb.shape[-1], self.dtype, name="add_embedding")(cond)
     if context is not None:
       context = context.astype(self.dtype)
 
@@ -219,6 +244,18 @@ def ddpm_cifar10(**overrides) -> UNet:
              attn_levels=(False, True, False, False), mid_attention=True, attention="self",
              num_heads=1, dropout=0.1, groups=32, norm_eps=1e-6, flip_sin_to_cos=False,
              freq_shift=1, asymmetric_downsample=True)
+  return UNet(**{**cfg, **overrides})
+
+
+def stable_diffusion_xl(**overrides) -> UNet:
+  """SDXL base's U-Net (stabilityai/stable-diffusion-xl-base-1.0): three levels, transformer
+  depth 1/2/10 on the two attention levels (and 10 in the middle), 64-dim heads, context 2048
+  (CLIP-L's 768 + OpenCLIP bigG's 1280 per token), added conditioning 1280 + 6 x 256."""
+  cfg = dict(out_channels=4, block_channels=(320, 640, 1280), layers_per_block=2,
+             attn_levels=(False, True, True), mid_attention=True, attention="transformer",
+             num_heads=(5, 10, 20), transformer_depth=(1, 2, 10), context_dim=2048,
+             use_linear_projection=True, groups=32, norm_eps=1e-5, flip_sin_to_cos=True,
+             freq_shift=0, addition_time_embed_dim=256, addition_embed_dim=2816)
   return UNet(**{**cfg, **overrides})
 
 

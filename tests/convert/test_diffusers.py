@@ -10,6 +10,7 @@ import pytest
 from jaxgen.convert import diffusers as conv
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.models.autoencoder import Autoencoder
+from jaxgen.models import unet as unet_lib
 from jaxgen.models.unet import UNet
 
 torch = pytest.importorskip("torch")
@@ -50,7 +51,7 @@ def nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
 
 
-def run_unet(model, kwargs, *, labels=None, context=None, seed=0):
+def run_unet(model, kwargs, *, labels=None, context=None, added=None, seed=0):
   module, variables = conv.from_diffusers(config_of(model), state_dict(model))
   rng = np.random.RandomState(seed)
   x = rng.randn(2, model.config.in_channels, 16, 16).astype(np.float32)
@@ -62,6 +63,8 @@ def run_unet(model, kwargs, *, labels=None, context=None, seed=0):
     jax_kwargs["labels"] = labels
   if context is not None:
     jax_kwargs["context"] = context
+  if added is not None:
+    jax_kwargs["added"] = added
   out = jax.jit(module.apply)(variables, nhwc(x), t, **jax_kwargs)
   return module, variables, nchw(out), ref
 
@@ -103,6 +106,43 @@ def test_unet2d_condition_matches_diffusers(sd2):
   assert blocks["proj_in"]["kernel"].ndim == (2 if sd2 else 4)
   assert ("transformer_blocks_1" in blocks) == sd2
   assert_close(f"UNet2DConditionModel sd2={sd2}", out, ref)
+
+
+def test_sdxl_unet_with_added_conditioning_matches_diffusers():
+  """SDXL's layout: no attention on the first level, transformer depth per level (1, 3; the
+  middle takes the last), linear projections, and the added conditioning (pooled text +
+  six micro-conditioning ids, each embedded sinusoidally, through an MLP onto the time
+  embedding)."""
+  torch.manual_seed(0)
+  model = randomized(diffusers.UNet2DConditionModel(
+      sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+      layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+      cross_attention_dim=24, attention_head_dim=(2, 4), use_linear_projection=True,
+      transformer_layers_per_block=(1, 3), addition_embed_type="text_time",
+      addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 6 * 8))
+  rng = np.random.RandomState(2)
+  ctx = rng.randn(2, 7, 24).astype(np.float32)
+  pooled = rng.randn(2, 12).astype(np.float32)
+  time_ids = np.array([[32, 48, 0, 4, 16, 16], [16, 16, 2, 0, 16, 16]], np.float32)
+  module, variables, out, ref = run_unet(
+      model, {"encoder_hidden_states": torch.from_numpy(ctx),
+              "added_cond_kwargs": {"text_embeds": torch.from_numpy(pooled),
+                                    "time_ids": torch.from_numpy(time_ids)}},
+      context=ctx, added={"text_embeds": pooled, "time_ids": time_ids})
+  assert module.addition_time_embed_dim == 8 and module.addition_embed_dim == 60
+  assert "transformer_blocks_2" in variables["params"]["mid_attn_0"]
+  assert_close("UNet2DConditionModel sdxl", out, ref)
+  other = jax.jit(module.apply)(variables, np.zeros((2, 16, 16, 4), np.float32),
+                                np.array([3, 741]), context=ctx,
+                                added={"text_embeds": pooled, "time_ids": time_ids[::-1]})
+  assert not np.allclose(other, module.apply(variables, np.zeros((2, 16, 16, 4), np.float32),
+                                             np.array([3, 741]), context=ctx,
+                                             added={"text_embeds": pooled,
+                                                    "time_ids": time_ids}))
+  with pytest.raises(ConfigError, match="added conditioning"):
+    module.apply(variables, np.zeros((2, 16, 16, 4), np.float32), np.array([3, 741]),
+                 context=ctx)
 
 
 def small_vae():
@@ -224,6 +264,15 @@ FULL_SIZE = {
     "sd-2.1": ("UNet2DConditionModel", dict(
         SD_COMMON, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
         use_linear_projection=True, upcast_attention=True, sample_size=96)),
+    # stabilityai/stable-diffusion-xl-base-1.0/unet/config.json
+    "sdxl-base": ("UNet2DConditionModel", dict(
+        SD_COMMON, addition_embed_type="text_time", addition_embed_type_num_heads=64,
+        addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+        block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        projection_class_embeddings_input_dim=2816, sample_size=128,
+        transformer_layers_per_block=[1, 2, 10], use_linear_projection=True)),
     "sd-vae": ("AutoencoderKL", dict(
         block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
@@ -245,5 +294,8 @@ def test_full_size_configs_map_every_tensor(name):
   assert n == sum(p.numel() for p in model.parameters())
   if name == "ddpm-cifar10":
     assert n == 35_746_307
+  if name == "sdxl-base":  # SDXL's published 2.57B-parameter U-Net
+    assert n == 2_567_463_684
+    assert module == unet_lib.stable_diffusion_xl(null_label=False)
   if isinstance(module, UNet):
     assert module.dtype == jnp.float32
