@@ -175,12 +175,12 @@ _CONDITIONAL_UNET_FIXED = ("out_channels", "attention", "context_dim", "num_clas
 def conditional_unet_section(**overrides) -> dict:
   """model.unet of latent diffusion: the UNet's fields, plus num_heads_per_level: () for
   num_heads at every level, else one count per level (SD 2.x: 5, 10, 20, 20), the middle block
-  taking the last."""
+  taking the last; likewise transformer_depth_per_level (SDXL: 1, 2, 10)."""
   from jaxgen.models.unet import UNet
   d = section(UNet, exclude=_CONDITIONAL_UNET_FIXED, block_channels=(64, 128),
               layers_per_block=1, attn_levels=(True, True), mid_attention=True, num_heads=4,
               transformer_depth=1, use_linear_projection=True, dropout=0.0, groups=16,
-              num_heads_per_level=())
+              num_heads_per_level=(), transformer_depth_per_level=())
   d.update(overrides)
   return d
 
@@ -188,6 +188,7 @@ def conditional_unet_section(**overrides) -> dict:
 def conditional_unet(u, latent_channels: int, context_dim: int) -> nn.Module:
   """The cross-attention UNet of a conditional_unet_section."""
   from jaxgen.models.unet import UNet
-  return build(UNet, u, skip=("num_heads_per_level",), where="model.unet",
-               out_channels=latent_channels, attention="transformer", context_dim=context_dim,
-               num_heads=tuple(u.num_heads_per_level) or u.num_heads)
+  return build(UNet, u, skip=("num_heads_per_level", "transformer_depth_per_level"),
+               where="model.unet", out_channels=latent_channels, attention="transformer",
+               context_dim=context_dim, num_heads=tuple(u.num_heads_per_level) or u.num_heads,
+               transformer_depth=tuple(u.transformer_depth_per_level) or u.transformer_depth)

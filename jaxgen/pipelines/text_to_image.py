@@ -54,14 +54,27 @@ class LatentDiffusionModel:
   sample_max_value: float = 1.0          # dynamic thresholding's largest scale
   karras: bool = False                   # Karras sigmas for the euler and dpmpp_2m samplers
   final_sigmas: str = "zero"             # euler/dpmpp_2m's last level: zero | sigma_min
+  text_layer_norm: bool = True           # text_layer's states through the final LayerNorm
+  # SDXL: a second text tower (OpenCLIP bigG) whose states are concatenated to the first's per
+  # token and whose projected pooled output, with the micro-conditioning ids (original size,
+  # crop, target size), is the U-Net's added conditioning. It reads the first tower's tokens
+  # re-padded with its own pad token (`tokenize_2`).
+  text_2: TextTransformer | None = None
+  text_2_layer: int | None = -2
+  text_2_layer_norm: bool = False
+  force_zeros_for_empty_prompt: bool = False  # no negative prompt: zeros as the unconditional
+                                              # embeddings (SDXL's pipelines)
   tokenize: Callable = dataclasses.field(default=None, compare=False, hash=False)
+  tokenize_2: Callable = dataclasses.field(default=None, compare=False, hash=False)
 
   def __hash__(self):
     return hash((self.unet, self.text, self.vae, self.image_shape, self.schedule,
                  self.num_timesteps, self.beta_start, self.beta_end, self.prediction,
                  self.clip_x0, self.text_layer, self.text_mask, self.vae_output, self.spacing,
                  self.steps_offset, self.set_alpha_to_one, self.use_clipped_model_output,
-                 self.threshold, self.sample_max_value, self.karras, self.final_sigmas))
+                 self.threshold, self.sample_max_value, self.karras, self.final_sigmas,
+                 self.text_layer_norm, self.text_2, self.text_2_layer, self.text_2_layer_norm,
+                 self.force_zeros_for_empty_prompt))
 
   @property
   def latent_shape(self) -> tuple[int, int, int]:
@@ -103,20 +116,41 @@ class LatentDiffusionModel:
 
   # -- the pieces, as pure functions of the parameters -------------------------------------
   def encode_text(self, params, input_ids, attention_mask=None):
-    """Per-token states [B, L, W] that the U-Net attends to."""
-    if not self.text_mask:
-      attention_mask = None
-    if self.text_layer is None:
-      out = self.text.apply(params["text"], input_ids, attention_mask)
-      return out["last_hidden_state"]
-    out = self.text.apply(params["text"], input_ids, attention_mask,
-                          layer_index=self.text_layer, norm_layer=True)
-    return out["layer_hidden_state"]
+    """Per-token states [B, L, W] of the (first) text tower."""
+    return _tower_states(self.text, params["text"], input_ids,
+                         attention_mask if self.text_mask else None, self.text_layer,
+                         self.text_layer_norm)["states"]
+
+  def condition(self, params, tokens, image_hw=None):
+    """What the U-Net is conditioned on for `tokens` ({"input_ids", "attention_mask"}, and
+    "input_ids_2" with a second tower): the per-token states [B, L, W] (SD 1.x/2.x), or
+    {"context", "text_embeds", "time_ids"} (SDXL: both towers' states per token, the second's
+    pooled projection, and the micro-conditioning ids of images `image_hw` = (height, width):
+    original size = target size = the image's, no crop)."""
+    context = self.encode_text(params, tokens["input_ids"], tokens.get("attention_mask"))
+    if self.text_2 is None:
+      return context
+    out = _tower_states(self.text_2, params["text_2"], tokens["input_ids_2"],
+                        tokens.get("attention_mask") if self.text_mask else None,
+                        self.text_2_layer, self.text_2_layer_norm)
+    h, w = image_hw or self.image_shape[:2]
+    b = context.shape[0]
+    ids = jnp.broadcast_to(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (b, 6))
+    return {"context": jnp.concatenate([context, out["states"]], axis=-1),
+            "text_embeds": out["text_embeds"], "time_ids": ids}
 
   def denoise_fn(self, params, *, train: bool = False, key=None):
+    """denoise(z_t, t, cond) with cond from `condition` (states, or SDXL's dict)."""
     rngs = {"dropout": key} if train else None
-    return lambda z_t, t, context: self.unet.apply(params["unet"], z_t, t, context=context,
-                                                   train=train, rngs=rngs)
+
+    def denoise(z_t, t, cond):
+      if isinstance(cond, dict):
+        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        return self.unet.apply(params["unet"], z_t, t, context=cond["context"], added=added,
+                               train=train, rngs=rngs)
+      return self.unet.apply(params["unet"], z_t, t, context=cond, train=train, rngs=rngs)
+
+    return denoise
 
   def encode_images(self, model_state, images, key=None):
     """Images (uint8 or [0, 1]) -> scaled latents; the posterior mean, or a sample with key."""
@@ -198,22 +232,40 @@ def _tiled(decode, z, *, tile: int, overlap: int, factor: int):
   return out / weight
 
 
+def _tower_states(tower, params, ids, mask, layer, norm):
+  if layer is None:
+    out = tower.apply(params, ids, mask)
+    return dict(out, states=out["last_hidden_state"])
+  out = tower.apply(params, ids, mask, layer_index=layer, norm_layer=norm)
+  return dict(out, states=out["layer_hidden_state"])
+
+
 _STATIC = ("model", "sampler", "num_steps", "spacing")
 
 
-def _context(model, params, ids, mask, neg_ids, neg_mask):
-  return model.encode_text(params, ids, mask), model.encode_text(params, neg_ids, neg_mask)
+def _context(model, params, tok, neg, image_hw=None, zero_uncond=False):
+  """(cond, uncond) for classifier-free guidance; zero_uncond: zeros for the unconditional
+  embeddings (SDXL without a negative prompt)."""
+  cond = model.condition(params, tok, image_hw)
+  uncond = model.condition(params, neg, image_hw)
+  if zero_uncond:
+    uncond = jax.tree.map(jnp.zeros_like, uncond)
+    if isinstance(uncond, dict):  # the micro-conditioning ids stay
+      uncond["time_ids"] = cond["time_ids"]
+  return cond, uncond
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("decode_batch", "tile", "return_latents",
-                                                      "latent_shape"))
-def _generate(model: LatentDiffusionModel, params, model_state, ids, mask, neg_ids, neg_mask,
-              key, guidance_scale, eta, latents=None, *, sampler, num_steps, spacing,
-              decode_batch, tile, return_latents=False, latent_shape=None):
-  cond, uncond = _context(model, params, ids, mask, neg_ids, neg_mask)
+                                                      "latent_shape", "zero_uncond"))
+def _generate(model: LatentDiffusionModel, params, model_state, tok, neg, key, guidance_scale,
+              eta, latents=None, *, sampler, num_steps, spacing, decode_batch, tile,
+              return_latents=False, latent_shape=None, zero_uncond=False):
+  latent_shape = latent_shape or model.latent_shape
+  f = model.vae.downsample_factor
+  cond, uncond = _context(model, params, tok, neg, (latent_shape[0] * f, latent_shape[1] * f),
+                          zero_uncond)
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
-  shape = None if latents is not None else (ids.shape[0],
-                                            *(latent_shape or model.latent_shape))
+  shape = None if latents is not None else (tok["input_ids"].shape[0], *latent_shape)
   z = diffusion.sample(den, model.make_schedule(), key, shape, x_T=latents,
                        sampler=sampler, num_steps=num_steps, prediction=model.prediction,
                        eta=eta, **model.sampling_options(sampler, spacing))
@@ -223,6 +275,9 @@ def _generate(model: LatentDiffusionModel, params, model_state, ids, mask, neg_i
 
 def _tokens(model: LatentDiffusionModel, prompts: Sequence[str], negative_prompt, n: int,
             truncate: bool = False):
+  """(tokens of the prompts, tokens of the negative prompts), each {"input_ids",
+  "attention_mask"[, "input_ids_2"]} repeated n times per prompt; the empty prompt stands for
+  no negative prompt."""
   if model.tokenize is None:
     raise ConfigError("This model has no tokenizer; pass token ids to the jitted functions.")
   if isinstance(prompts, str):
@@ -230,15 +285,20 @@ def _tokens(model: LatentDiffusionModel, prompts: Sequence[str], negative_prompt
   prompts = list(prompts)
   if not prompts:
     raise ConfigError("No prompts given.")
-  tok = model.tokenize(prompts, truncate=truncate)
   negative = negative_prompt if negative_prompt is not None else ""
   negs = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
   if len(negs) != len(prompts):
     raise ConfigError(f"{len(negs)} negative prompts for {len(prompts)} prompts.")
-  neg = model.tokenize(negs, truncate=truncate)
-  rep = lambda a: np.repeat(a, n, axis=0)
-  return (rep(tok["input_ids"]), rep(tok["attention_mask"]), rep(neg["input_ids"]),
-          rep(neg["attention_mask"]))
+
+  def encode(texts):
+    tok = model.tokenize(texts, truncate=truncate)
+    out = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+    if model.text_2 is not None:
+      out["input_ids_2"] = (model.tokenize_2 or model.tokenize)(texts, truncate=truncate)[
+          "input_ids"]
+    return {k: np.repeat(v, n, axis=0) for k, v in out.items()}
+
+  return encode(prompts), encode(negs)
 
 
 def text_to_image(model: LatentDiffusionModel, params, model_state, prompts: Sequence[str], key,
@@ -250,36 +310,41 @@ def text_to_image(model: LatentDiffusionModel, params, model_state, prompts: Seq
                   width: int | None = None):
   """Images [len(prompts) * num_per_prompt, H, W, C] in [0, 1], prompt-major.
 
-  The empty prompt is the unconditional embedding; `negative_prompt` (one string or one per
-  prompt) replaces it in classifier-free guidance. An over-long prompt is a TokenError.
-  spacing=None samples on the model's timestep grid (its spacing and steps_offset). truncate
-  cuts over-long prompts to the context (with a warning) instead of raising. `latents` [N, h, w,
-  c] are the starting noise (diffusers' `latents` argument; a seed's latents reused), else drawn
-  from `key`; return_latents also returns the final latents (scaled, before decoding).
-  height, width: the images' size (default the trained one; one compile per size).
+  The empty prompt is the unconditional embedding (SDXL-like models with
+  force_zeros_for_empty_prompt: zeros, as diffusers' SDXL pipelines); `negative_prompt` (one
+  string or one per prompt) replaces it in classifier-free guidance. An over-long prompt is a
+  TokenError. spacing=None samples on the model's timestep grid (its spacing and
+  steps_offset). truncate cuts over-long prompts to the context (with a warning) instead of
+  raising. `latents` [N, h, w, c] are the starting noise (diffusers' `latents` argument; a
+  seed's latents reused), else drawn from `key`; return_latents also returns the final latents
+  (scaled, before decoding). height, width: the images' size (default the trained one; one
+  compile per size; SDXL's micro-conditioning takes it as original and target size).
   """
-  ids, mask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, num_per_prompt,
-                                         truncate)
+  tok, neg = _tokens(model, prompts, negative_prompt, num_per_prompt, truncate)
   latent_shape = model.latent_shape_for(height, width)
   if latents is not None:
     latents = jnp.asarray(latents, jnp.float32)
-    want = (ids.shape[0], *latent_shape)
+    want = (tok["input_ids"].shape[0], *latent_shape)
     if tuple(latents.shape) != want:
       raise ShapeError(f"latents: expected shape {list(want)} (one per image: prompts x "
                        f"num_per_prompt), got {list(latents.shape)}.")
-  return _generate(model, params, model_state, ids, mask, neg_ids, neg_mask, key,
-                   guidance_scale, eta, latents, sampler=sampler, num_steps=steps,
-                   spacing=spacing, decode_batch=decode_batch, tile=tile,
-                   return_latents=return_latents, latent_shape=tuple(latent_shape))
+  return _generate(model, params, model_state, tok, neg, key, guidance_scale, eta, latents,
+                   sampler=sampler, num_steps=steps, spacing=spacing, decode_batch=decode_batch,
+                   tile=tile, return_latents=return_latents, latent_shape=tuple(latent_shape),
+                   zero_uncond=_zero_uncond(model, negative_prompt))
 
 
 text_to_image.jitted = _generate
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("strength",))
-def _img2img(model, params, model_state, images, ids, mask, neg_ids, neg_mask, key,
-             guidance_scale, eta, *, strength, sampler, num_steps, spacing):
-  cond, uncond = _context(model, params, ids, mask, neg_ids, neg_mask)
+def _zero_uncond(model: LatentDiffusionModel, negative_prompt) -> bool:
+  return model.force_zeros_for_empty_prompt and negative_prompt is None
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("strength", "zero_uncond"))
+def _img2img(model, params, model_state, images, tok, neg, key, guidance_scale, eta, *,
+             strength, sampler, num_steps, spacing, zero_uncond=False):
+  cond, uncond = _context(model, params, tok, neg, images.shape[1:3], zero_uncond)
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
   k_enc, k_run = jax.random.split(key)
   z0 = model.encode_images(model_state, images)
@@ -297,16 +362,16 @@ def image_to_image(model: LatentDiffusionModel, params, model_state, prompts, im
   towards the prompts, decode."""
   images = np.asarray(images)
   _check_images(model, images, len([prompts] if isinstance(prompts, str) else prompts))
-  ids, mask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, 1)
-  return _img2img(model, params, model_state, images, ids, mask, neg_ids, neg_mask, key,
-                  guidance_scale, eta, strength=strength, sampler=sampler, num_steps=steps,
-                  spacing=spacing)
+  tok, neg = _tokens(model, prompts, negative_prompt, 1)
+  return _img2img(model, params, model_state, images, tok, neg, key, guidance_scale, eta,
+                  strength=strength, sampler=sampler, num_steps=steps, spacing=spacing,
+                  zero_uncond=_zero_uncond(model, negative_prompt))
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _inpaint(model, params, model_state, images, mask_px, ids, mask, neg_ids, neg_mask, key,
-             guidance_scale, eta, *, sampler, num_steps, spacing):
-  cond, uncond = _context(model, params, ids, mask, neg_ids, neg_mask)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("zero_uncond",))
+def _inpaint(model, params, model_state, images, mask_px, tok, neg, key, guidance_scale, eta, *,
+             sampler, num_steps, spacing, zero_uncond=False):
+  cond, uncond = _context(model, params, tok, neg, images.shape[1:3], zero_uncond)
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
   z0 = model.encode_images(model_state, images)
   f = model.vae.downsample_factor
@@ -331,9 +396,10 @@ def inpaint(model: LatentDiffusionModel, params, model_state, prompts, images, m
   if mask.shape != images.shape[:3] + (1,):
     raise ShapeError(f"mask must have shape {list(images.shape[:3]) + [1]}, got "
                      f"{list(mask.shape)}.")
-  ids, tmask, neg_ids, neg_mask = _tokens(model, prompts, negative_prompt, 1)
-  return _inpaint(model, params, model_state, images, mask, ids, tmask, neg_ids, neg_mask, key,
-                  guidance_scale, eta, sampler=sampler, num_steps=steps, spacing=spacing)
+  tok, neg = _tokens(model, prompts, negative_prompt, 1)
+  return _inpaint(model, params, model_state, images, mask, tok, neg, key, guidance_scale, eta,
+                  sampler=sampler, num_steps=steps, spacing=spacing,
+                  zero_uncond=_zero_uncond(model, negative_prompt))
 
 
 def _check_images(model: LatentDiffusionModel, images, n: int):

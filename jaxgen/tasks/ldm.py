@@ -18,6 +18,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxgen import diffusion
@@ -38,6 +39,18 @@ from jaxgen.tasks.vae import architecture_keys, autoencoder_module, autoencoder_
 
 log = logging.getLogger(__name__)
 
+def text_2_section(**overrides) -> dict:
+  """model.text_2: SDXL's second text tower (OpenCLIP bigG), reading the first tower's tokens
+  re-padded with pad_token; layers=0: none. Its `layer`'s states (-2: penultimate, without the
+  final LayerNorm unless layer_norm) are concatenated to the first tower's per token, and its
+  pooled output projected to `projection` features conditions the U-Net (with
+  model.unet.addition_time_embed_dim)."""
+  d = dict(layers=0, width=64, heads=4, mlp_ratio=4.0, activation="gelu", layer=-2,
+           layer_norm=False, projection=32, pad_token="!")
+  d.update(overrides)
+  return d
+
+
 def vae_section(**overrides) -> dict:
   d = autoencoder_section(latent_dim=0, quant_conv=True, mid_attention=True)
   d.update(overrides)
@@ -52,8 +65,9 @@ class LatentDiffusionTask(Task):
     return {
         "model": dict(unet=build.conditional_unet_section(), vae=vae_section(),
                       text=build.text_section(init="", freeze=True, layer=0,
-                                        attention_mask=True),  # False: Stable Diffusion's
-                      prompt_dropout=0.1),                     # pipelines give the tower none
+                                              attention_mask=True,  # False: SD's pipelines
+                                              layer_norm=True),     # give the tower none
+                      text_2=text_2_section(), prompt_dropout=0.1),
         "diffusion": diffusion_section(),
         "ldm": dict(
             autoencoder="",       # vae-task workdir whose weights a fresh run loads
@@ -63,6 +77,8 @@ class LatentDiffusionTask(Task):
             vae_output="auto",    # auto (from model.vae.likelihood) | signed ([-1, 1], SD)
             timestep_spacing="trailing",  # sampling grid: trailing | leading | linspace
             steps_offset=0,       # added to 'leading' timesteps (Stable Diffusion: 1)
+            force_zeros_for_empty_prompt=False,  # SDXL: zeros as the unconditional embeddings
+                                                 # when no negative prompt is given
         ),
     }
 
@@ -71,6 +87,23 @@ class LatentDiffusionTask(Task):
     validate_diffusion(config)
     m, d = config.model, config.data
     u = m.unet
+    t2 = m.text_2
+    if bool(t2.layers) != bool(u.addition_time_embed_dim):
+      raise ConfigError("model.text_2 (a second text tower, SDXL) and model.unet."
+                        "addition_time_embed_dim (the U-Net's added conditioning) go together: "
+                        "set both or neither.")
+    if t2.layers:
+      if not t2.projection:
+        raise ConfigError("model.text_2.projection must be > 0: its pooled projection is the "
+                          "U-Net's added text conditioning.")
+      want = t2.projection + 6 * u.addition_time_embed_dim
+      if u.addition_embed_dim != want:
+        raise ConfigError(f"model.unet.addition_embed_dim={u.addition_embed_dim} must be "
+                          f"model.text_2.projection + 6 x addition_time_embed_dim = {want}.")
+    if u.transformer_depth_per_level and len(u.transformer_depth_per_level) != len(
+        u.block_channels):
+      raise ConfigError("model.unet.transformer_depth_per_level needs one entry per "
+                        "model.unet.block_channels (or none).")
     if len(u.attn_levels) != len(u.block_channels):
       raise ConfigError("model.unet.attn_levels needs one entry per model.unet.block_channels.")
     if u.num_heads_per_level and len(u.num_heads_per_level) != len(u.block_channels):
@@ -111,19 +144,42 @@ class LatentDiffusionTask(Task):
     if self.tokenizer is None:
       self.tokenizer = text_lib.from_config(t, self._train_captions)
     self.text = build.text_tower(t, self.tokenizer)
+    t2 = m.text_2
+    self.tokenizer_2 = self.text_2 = None
+    if t2.layers:
+      self.tokenizer_2 = self.tokenizer
+      if t2.pad_token:
+        if not hasattr(self.tokenizer, "with_pad_token"):
+          raise ConfigError("model.text_2.pad_token needs the bpe tokenizer.")
+        self.tokenizer_2 = self.tokenizer.with_pad_token(t2.pad_token)
+      self.text_2 = build.text_tower(
+          ml_collections.ConfigDict(dict(t2.to_dict(), context_length=t.context_length)),
+          self.tokenizer_2, t2.projection or None)
     self.vae = autoencoder_module(v, d)
     vae_output = config.ldm.vae_output
     if vae_output == "auto":
       vae_output = "sigmoid" if v.likelihood == "bernoulli" else "unit"
-    self.unet = build.conditional_unet(m.unet, v.z_channels, t.width)
+    self.unet = build.conditional_unet(m.unet, v.z_channels,
+                                       t.width + (t2.width if t2.layers else 0))
     self.model = t2i.LatentDiffusionModel(
         self.unet, self.text, self.vae, (d.image_size, d.image_size, d.channels),
         text_layer=t.layer or None, text_mask=t.attention_mask, vae_output=vae_output,
         spacing=config.ldm.timestep_spacing, steps_offset=config.ldm.steps_offset,
-        tokenize=self.tokenizer, **schedule_kwargs(config.diffusion))
+        text_layer_norm=t.layer_norm, text_2=self.text_2, text_2_layer=t2.layer or None,
+        text_2_layer_norm=t2.layer_norm,
+        force_zeros_for_empty_prompt=config.ldm.force_zeros_for_empty_prompt,
+        tokenize=self.tokenizer, tokenize_2=self.tokenizer_2,
+        **schedule_kwargs(config.diffusion))
     self.schedule = self.model.make_schedule()
-    empty = self.tokenizer([""])
-    self.empty_ids, self.empty_mask = empty["input_ids"][0], empty["attention_mask"][0]
+    self.empty = self._tokens([""])
+    self.empty = {k: v[0] for k, v in self.empty.items()}
+
+  def _tokens(self, captions) -> dict:
+    tok = self.tokenizer(list(captions), truncate=True)
+    out = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+    if self.tokenizer_2 is not None:
+      out["input_ids_2"] = self.tokenizer_2(list(captions), truncate=True)["input_ids"]
+    return out
 
   def _source(self, split):
     d = self.config.data
@@ -139,18 +195,28 @@ class LatentDiffusionTask(Task):
 
   # -- weights from other runs -------------------------------------------------------------
   def init(self, key, batch):
-    k_unet, k_text, k_vae = jax.random.split(key, 3)
+    k_unet, k_text, k_vae, k_text_2 = jax.random.split(key, 4)
     ids = jnp.asarray(batch["input_ids"])
-    text_vars = self.text.init(k_text, ids)
-    ctx = self.text.apply(text_vars, ids)["last_hidden_state"]
+    params = {"text": self.text.init(k_text, ids)}
+    if self.text_2 is not None:
+      params["text_2"] = self.text_2.init(k_text_2, jnp.asarray(batch["input_ids_2"]))
+    cond = self.model.condition(params, {k: jnp.asarray(v) for k, v in batch.items()
+                                         if k.startswith(("input_ids", "attention_mask"))})
     n = ids.shape[0]
     z = jnp.zeros((n, *self.model.latent_shape))
-    unet_vars = self.unet.init(k_unet, z, jnp.zeros((n,), jnp.int32), context=ctx)
+    unet_vars = self.unet.init(k_unet, z, jnp.zeros((n,), jnp.int32),
+                               **self._unet_kwargs(cond))
     x = jnp.zeros((n, *self.model.image_shape))
     vae_vars = self.vae.init(k_vae, x)
     scale = jnp.float32(self.config.ldm.latent_scale or 1.0)
-    return ({"unet": unet_vars, "text": text_vars},
-            {"vae": vae_vars, "latent": {"scale": scale}})
+    return (dict(params, unet=unet_vars), {"vae": vae_vars, "latent": {"scale": scale}})
+
+  @staticmethod
+  def _unet_kwargs(cond) -> dict:
+    if isinstance(cond, dict):
+      return dict(context=cond["context"],
+                  added={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]})
+    return dict(context=cond)
 
   def pretrained(self, params, model_state):
     """Loads the autoencoder (required) and the text tower (optional) of other runs."""
@@ -183,16 +249,15 @@ class LatentDiffusionTask(Task):
     return params, model_state
 
   def frozen(self, path: str) -> bool:
-    return self.config.model.text.freeze and path.startswith("['text']")
+    return self.config.model.text.freeze and path.startswith(("['text']", "['text_2']"))
 
   # -- training ----------------------------------------------------------------------------
   def preprocess(self, batch):
     # Captions need no data set (restoring an imported run must not load one); labels need the
     # class names.
     names = None if "caption" in batch else self._source(self.config.data.train_split).class_names
-    tok = self.tokenizer(list(captions_of(batch, names, "a photo of a {}")), truncate=True)
     out = {k: v for k, v in batch.items() if v.dtype.kind not in "USO"}
-    out.update(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+    out.update(self._tokens(captions_of(batch, names, "a photo of a {}")))
     if "latent_mean" in out:  # the batch carries cached latents: the images are not needed
       del out["image"]
     return out
@@ -223,13 +288,11 @@ class LatentDiffusionTask(Task):
     else:
       z0 = self.model.encode_images(model_state, batch["image"], key=k_z)
     z0 = jax.lax.stop_gradient(z0)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    drop = jax.random.bernoulli(k_drop, m.prompt_dropout, (ids.shape[0], 1))
-    ids = jnp.where(drop, self.empty_ids[None], ids)
-    mask = jnp.where(drop, self.empty_mask[None], mask)
-    context = self.model.encode_text(params, ids, mask)
+    drop = jax.random.bernoulli(k_drop, m.prompt_dropout, (z0.shape[0], 1))
+    tokens = {k: jnp.where(drop, self.empty[k][None], batch[k]) for k in self.empty}
+    cond = self.model.condition(params, tokens)
     net = self.model.denoise_fn(params, train=True, key=k_dropout)
-    per_example = diffusion.diffusion_loss(lambda z_t, t: net(z_t, t, context), self.schedule,
+    per_example = diffusion.diffusion_loss(lambda z_t, t: net(z_t, t, cond), self.schedule,
                                            z0, k_loss, prediction=d.prediction,
                                            weighting=d.weighting, gamma=d.min_snr_gamma)
     return per_example.mean(), ({}, model_state)

@@ -3,6 +3,7 @@ vocab.json + merges.txt (the `tokenizer/` folder of a Stable Diffusion checkpoin
 from __future__ import annotations
 
 import gzip
+import copy
 import html
 import json
 import os
@@ -267,6 +268,14 @@ class BPETokenizer:
     return pack([self.encode(t) for t in texts], texts, bos_id=self.bos_id, eos_id=self.eos_id,
                 pad_id=self.pad_id, context_length=self.context_length,
                 truncate=self.truncate if truncate is None else truncate)
+
+  def with_pad_token(self, pad_token: str) -> BPETokenizer:
+    """The same tokenizer padding with `pad_token` (SDXL's second tokenizer pads with '!')."""
+    if pad_token not in self.vocab:
+      raise DataError(f"the pad token {pad_token!r} is not in the vocabulary")
+    other = copy.copy(self)
+    other.pad_token, other.pad_id = pad_token, self.vocab[pad_token]
+    return other
 
   def __repr__(self) -> str:
     return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.ranks)}, "

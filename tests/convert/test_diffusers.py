@@ -9,8 +9,8 @@ import pytest
 
 from jaxgen.convert import diffusers as conv
 from jaxgen.errors import CheckpointError, ConfigError
-from jaxgen.models.autoencoder import Autoencoder
 from jaxgen.models import unet as unet_lib
+from jaxgen.models.autoencoder import Autoencoder
 from jaxgen.models.unet import UNet
 
 torch = pytest.importorskip("torch")

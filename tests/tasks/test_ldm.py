@@ -78,8 +78,8 @@ def test_text_to_image_without_recompiling(ldm_run):
 def test_vmap_over_seeds_equals_separate_calls(ldm_run):
   run = restore_run(ldm_run)
   model, params, state = run.task.model, run.params, run.model_state
-  ids, mask, nids, nmask = t2i._tokens(model, ["a small green diamond"], None, 1)
-  f = lambda key: t2i._generate(model, params, state, ids, mask, nids, nmask, key, 3.0, 0.0,
+  tok, neg = t2i._tokens(model, ["a small green diamond"], None, 1)
+  f = lambda key: t2i._generate(model, params, state, tok, neg, key, 3.0, 0.0,
                                 sampler="ddim", num_steps=2, spacing="trailing",
                                 decode_batch=None, tile=None)
   keys = jax.random.split(jax.random.PRNGKey(5), 3)
@@ -100,9 +100,11 @@ def test_starting_latents_in_and_final_latents_out(ldm_run):
   b = t2i.text_to_image(model, params, state, prompts, jax.random.PRNGKey(9), steps=3,
                         guidance_scale=4.0, latents=z_T)
   np.testing.assert_array_equal(a, b)
-  ids, mask, nids, nmask = t2i._tokens(model, prompts, None, 1)
-  den = diffusion.guided_denoiser(model.denoise_fn(params), model.encode_text(params, ids, mask),
-                                  model.encode_text(params, nids, nmask), 4.0)
+  tok, neg = t2i._tokens(model, prompts, None, 1)
+  den = diffusion.guided_denoiser(
+      model.denoise_fn(params), model.encode_text(params, tok["input_ids"],
+                                                  tok["attention_mask"]),
+      model.encode_text(params, neg["input_ids"], neg["attention_mask"]), 4.0)
   ref = diffusion.sample(den, model.make_schedule(), jax.random.PRNGKey(0), None, x_T=z_T,
                          num_steps=3, prediction=model.prediction,
                          **model.sampling_options("ddim"))
