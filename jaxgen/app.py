@@ -226,7 +226,7 @@ def import_stable_diffusion(path, workdir, *, dtype: str = "float32",
                                  scratch=tok_scratch)
     config = compose_config("ldm", c.sections)
     task = build_task(config, c.tokenizer)
-    sd.check_task_modules(task, c.unet, c.text, c.vae)
+    sd.check_task_modules(task, c.unet, c.text, c.vae, c.text_2)
     want_params, want_state = jax.eval_shape(lambda k: task.init(k, task.example_batch()),
                                              jax.random.PRNGKey(0))
     sd.check_same_shapes("params", want_params, c.params)

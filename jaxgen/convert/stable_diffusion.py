@@ -41,6 +41,9 @@ _REQUIRED = {
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
     "scheduler": None,  # any class: only its noise schedule and timestep grid are read
 }
+# SDXL's second text encoder and its tokenizer (both or neither)
+_SDXL = {"text_encoder_2": ("CLIPTextModelWithProjection",),
+         "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast")}
 _IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
 
 # diffusers scheduler config -> jaxgen diffusion settings
@@ -78,7 +81,7 @@ def read_model_index(path) -> dict:
                           f"with unet/, vae/, text_encoder/, tokenizer/ and scheduler/)")
   index = _read_json(file)
   for name, value in index.items():
-    if name.startswith("_") or name in _REQUIRED or name in _IGNORED:
+    if name.startswith("_") or name in _REQUIRED or name in _IGNORED or name in _SDXL:
       continue
     if isinstance(value, (list, tuple)) and value and value[0] is not None:
       raise ConfigError(f"model_index.json: component {name!r} ({value[-1]}) is not supported: "
@@ -91,6 +94,16 @@ def read_model_index(path) -> dict:
     if classes is not None and value[1] not in classes:
       raise ConfigError(f"model_index.json: {name}={value[1]!r} is not supported "
                         f"(supported: {', '.join(classes)})")
+    if not (path / name).is_dir():
+      raise CheckpointError(f"{path}: no {name}/ folder, which model_index.json names")
+  present = [n for n in _SDXL if isinstance(index.get(n), (list, tuple)) and index[n][0]]
+  if present and len(present) != len(_SDXL):
+    raise ConfigError(f"model_index.json: {present[0]} without {set(_SDXL) - set(present)}: "
+                      f"SDXL's second text encoder needs its tokenizer")
+  for name in present:
+    if index[name][1] not in _SDXL[name]:
+      raise ConfigError(f"model_index.json: {name}={index[name][1]!r} is not supported "
+                        f"(supported: {', '.join(_SDXL[name])})")
     if not (path / name).is_dir():
       raise CheckpointError(f"{path}: no {name}/ folder, which model_index.json names")
   return index
@@ -176,6 +189,7 @@ def _one(name: str, value):
 
 def unet_section(unet: UNet, unet_config: Mapping[str, Any], latent_channels: int,
                  text_width: int, dtype: str) -> dict:
+  """text_width: the per-token width the U-Net attends to (SDXL: both towers' together)."""
   """model.unet of an ldm config for a converted UNet2DConditionModel."""
   chans = tuple(unet.block_channels)
   if unet.num_classes:
@@ -195,11 +209,14 @@ def unet_section(unet: UNet, unet_config: Mapping[str, Any], latent_channels: in
     raise ConfigError(f"unet: cross_attention_dim={unet.context_dim} differs from the text "
                       f"encoder's hidden_size={text_width}")
   heads = unet.heads_per_level()
-  keys = [k for k in build.conditional_unet_section() if k != "num_heads_per_level"]
+  per_level = ("num_heads_per_level", "transformer_depth_per_level")
+  keys = [k for k in build.conditional_unet_section() if k not in per_level]
   out = build.fields_of(unet, keys)
+  depth = unet.transformer_depth
+  depth = tuple(int(d) for d in depth) if isinstance(depth, (list, tuple)) else (int(depth),)
   out.update(num_heads=int(heads[-1]), num_heads_per_level=() if len(set(heads)) == 1 else heads,
-             transformer_depth=int(_one("unet: transformer_layers_per_block",
-                                        unet.transformer_depth)),
+             transformer_depth=depth[-1],
+             transformer_depth_per_level=() if len(set(depth)) == 1 else depth,
              dtype=dtype, remat=False)
   return out
 
@@ -240,7 +257,7 @@ def text_section(text: TextTransformer, text_config: Mapping[str, Any], tokenize
   return dict(tokenizer="bpe", tokenizer_path=tokenizer_path,
               context_length=int(text.max_positions), width=int(text.hidden_size),
               layers=int(text.num_layers), heads=int(text.num_heads), mlp_ratio=float(ratio),
-              activation=text.activation, init="", freeze=True, layer=0,
+              activation=text.activation, init="", freeze=True, layer=0, layer_norm=True,
               attention_mask=bool(text_config.get("use_attention_mask", False)),
               # diffusers' pipelines tokenize with transformers' CLIPTokenizer, which keeps HTML
               # entities as typed
@@ -328,33 +345,59 @@ def check_same_shapes(what: str, expected, actual) -> None:
 # the import
 
 
+def text_2_section(text_2: TextTransformer, pad_token: str) -> dict:
+  """model.text_2 of an ldm config for SDXL's second text encoder (CLIPTextModelWithProjection):
+  penultimate states without the final LayerNorm, and the pooled projection."""
+  ratio = text_2.mlp_dim / text_2.hidden_size
+  return dict(layers=int(text_2.num_layers), width=int(text_2.hidden_size),
+              heads=int(text_2.num_heads), mlp_ratio=float(ratio), activation=text_2.activation,
+              layer=-2, layer_norm=False, projection=int(text_2.projection_dim),
+              pad_token=pad_token)
+
+
 def ldm_sections(unet: UNet, unet_config, vae: Autoencoder, vae_config, text: TextTransformer,
                  text_config, tokenizer, tokenizer_path: str, schedule: dict, *,
-                 dtype: str = "float32") -> dict:
+                 dtype: str = "float32", text_2: TextTransformer | None = None,
+                 pad_token_2: str = "!", force_zeros: bool = False) -> dict:
   """The sections of an ldm-task config for converted modules, their diffusers/transformers
   configs, the tokenizer at tokenizer_path and scheduler_settings(...) of the scheduler
-  (`jaxgen.app.compose_config("ldm", sections)` makes the validated config)."""
+  (`jaxgen.app.compose_config("ldm", sections)` makes the validated config). text_2: SDXL's
+  second tower (both towers then give their penultimate states, as SDXL's pipelines take)."""
   v = vae_section(vae, vae_config)
   size = unet_config.get("sample_size", 64)
   size = size[0] if isinstance(size, (list, tuple)) else size
+  width = text.hidden_size + (text_2.hidden_size if text_2 is not None else 0)
+  model = dict(unet=unet_section(unet, unet_config, v["z_channels"], width, dtype), vae=v,
+               text=text_section(text, text_config, tokenizer, tokenizer_path))
+  if text_2 is not None:
+    if text_2.projection_dim is None:
+      raise ConfigError("text_encoder_2 has no text_projection (SDXL's pooled embedding)")
+    model["text"].update(layer=-2, layer_norm=False)
+    model["text_2"] = text_2_section(text_2, pad_token_2)
   return {
       # A placeholder that is never read: generating needs prompts, not data (see the ldm task).
       "data": dict(source="embedded", name="shapes", channels=3,
                    image_size=int(size) * 2 ** (len(v["ch_mult"]) - 1)),
-      "model": dict(unet=unet_section(unet, unet_config, v["z_channels"], text.hidden_size,
-                                      dtype),
-                    vae=v, text=text_section(text, text_config, tokenizer, tokenizer_path)),
+      "model": model,
       "diffusion": schedule["diffusion"],
       "ldm": dict(schedule["ldm"], autoencoder="", vae_output="signed", cache_latents=False,
-                  latent_scale=float(vae_config.get("scaling_factor") or 0.18215)),
+                  latent_scale=float(vae_config.get("scaling_factor") or 0.18215),
+                  force_zeros_for_empty_prompt=bool(force_zeros)),
   }
 
 
-def check_task_modules(task, unet: UNet, text: TextTransformer, vae: Autoencoder) -> None:
+def check_task_modules(task, unet: UNet, text: TextTransformer, vae: Autoencoder,
+                       text_2: TextTransformer | None = None) -> None:
   """ConfigError unless the ldm task built the modules the weights were converted for."""
   check_same_module("U-Net", task.unet, unet, drop=("head_dim", "null_label", "remat"))
   # Pooling and the end-token id only shape the pooled output, which the U-Net never sees.
   check_same_module("text encoder", task.text, text, drop=("pooling", "eos_token_id"))
+  if (task.text_2 is None) != (text_2 is None):
+    raise ConfigError("the ldm task's second text tower does not match the checkpoint's")
+  if text_2 is not None:
+    # SDXL's pooled output: its end-of-text position is found by id ("eos") or as the largest
+    # id ("argmax", transformers' rule for legacy configs): the same position for CLIP's vocab.
+    check_same_module("text encoder 2", task.text_2, text_2, drop=("pooling", "eos_token_id"))
   # image_size is nominal: the autoencoder is fully convolutional.
   check_same_module("VAE", task.vae, vae, drop=("image_size",))
 
@@ -370,6 +413,7 @@ class Converted:
   unet: UNet
   text: TextTransformer
   vae: Autoencoder
+  text_2: TextTransformer | None = None
 
 
 def convert(path, *, dtype: str = "float32", variant: str | None = None,
@@ -400,15 +444,22 @@ def convert(path, *, dtype: str = "float32", variant: str | None = None,
                                              dtype=jnp.dtype(dtype))
   vae, vae_vars = load_diffusers_component(path / "vae", variant=variant)
   text, text_vars = load_text_encoder(path / "text_encoder", variant=variant)
-  log.info("Converted unet, vae and text_encoder of %s in %.1f s.", path,
+  second = None
+  if (path / "text_encoder_2").is_dir() and "text_encoder_2" in read_model_index(path):
+    second = load_text_encoder(path / "text_encoder_2", variant=variant)
+  log.info("Converted the unet, vae and text encoder(s) of %s in %.1f s.", path,
            time.perf_counter() - t0)
   return _assemble(unet, unet_vars, unet_config, vae, vae_vars, vae_config, text, text_vars,
-                   text_config, path / "tokenizer", schedule, dtype, scratch)
+                   text_config, path / "tokenizer", schedule, dtype, scratch, second=second,
+                   tokenizer_2_src=path / "tokenizer_2" if second else None,
+                   force_zeros=bool(read_model_index(path).get("force_zeros_for_empty_prompt",
+                                                               False)))
 
 
 def _assemble(unet, unet_vars, unet_config, vae, vae_vars, vae_config, text, text_vars,
               text_config, tokenizer_src, schedule, dtype, scratch,
-              pad_token: str | None = None) -> Converted:
+              pad_token: str | None = None, second=None, tokenizer_2_src=None,
+              force_zeros: bool = False) -> Converted:
   if text.projection_dim is not None:  # pooled embeddings play no part in text to image
     text = text.clone(projection_dim=None)
     text_vars = {"params": {k: v for k, v in text_vars["params"].items()
@@ -417,12 +468,31 @@ def _assemble(unet, unet_vars, unet_config, vae, vae_vars, vae_config, text, tex
   if pad_token is not None:
     _set_pad_token(tok_dir, pad_token)
   tokenizer = load_tokenizer(tok_dir)
+  text_2 = pad_2 = None
+  if second is not None:
+    text_2, text_2_vars = second
+    pad_2 = _second_tokenizer_pad(tokenizer, tokenizer_2_src, scratch)
   sections = ldm_sections(unet, unet_config, vae, vae_config, text, text_config, tokenizer,
-                          "tokenizer", schedule, dtype=dtype)
+                          "tokenizer", schedule, dtype=dtype, text_2=text_2,
+                          pad_token_2=pad_2 or "!", force_zeros=force_zeros)
   params = {"unet": unet_vars, "text": text_vars}
+  if text_2 is not None:
+    params["text_2"] = text_2_vars
   model_state = {"vae": {"params": vae_vars["params"]},
                  "latent": {"scale": np.float32(sections["ldm"]["latent_scale"])}}
-  return Converted(sections, params, model_state, tokenizer, tok_dir, unet, text, vae)
+  return Converted(sections, params, model_state, tokenizer, tok_dir, unet, text, vae, text_2)
+
+
+def _second_tokenizer_pad(tokenizer, src, scratch) -> str:
+  """SDXL's tokenizer_2: jaxgen reads it as the first tokenizer re-padded, so its vocabulary and
+  merges must be the first's (CLIP's, for SDXL); returns its pad token."""
+  tok_2 = load_tokenizer(copy_tokenizer(src, pathlib.Path(scratch).parent / "tokenizer_2"))
+  if tok_2.vocab != tokenizer.vocab or tok_2.ranks != tokenizer.ranks:
+    raise ConfigError("tokenizer_2 has another vocabulary or merges than tokenizer: jaxgen "
+                      "reads SDXL's second tokenizer as the first with its own pad token")
+  if tok_2.context_length != tokenizer.context_length:
+    raise ConfigError("tokenizer_2's model_max_length differs from tokenizer's")
+  return tok_2.pad_token
 
 
 def _set_pad_token(tok_dir: pathlib.Path, pad_token: str) -> None:

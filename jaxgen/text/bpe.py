@@ -2,8 +2,8 @@
 vocab.json + merges.txt (the `tokenizer/` folder of a Stable Diffusion checkpoint)."""
 from __future__ import annotations
 
-import gzip
 import copy
+import gzip
 import html
 import json
 import os
