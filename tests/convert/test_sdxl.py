@@ -16,8 +16,17 @@ from jaxgen.convert.stable_diffusion import read_model_index
 from jaxgen.errors import ConfigError
 from jaxgen.pipelines import text_to_image as t2i
 from jaxgen.text.bpe import clip_vocab
-from tests.convert.test_stable_diffusion import (GUIDANCE, MERGES, NEGATIVE, PROMPT, STEPS, err,
-                                                 nhwc, randomized, write_tokenizer_files)
+from tests.convert.test_stable_diffusion import (
+  GUIDANCE,
+  MERGES,
+  NEGATIVE,
+  PROMPT,
+  STEPS,
+  err,
+  nhwc,
+  randomized,
+  write_tokenizer_files,
+)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -274,10 +274,10 @@ def test_bad_input_is_refused_and_nothing_is_lost(tmp_path, capsys):
            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None]}
   (sd / "model_index.json").write_text(json.dumps(index))
   read_model_index(sd)
-  # SDXL's second text encoder
+  # a component no Stable Diffusion pipeline jaxgen reads has (SDXL's are in test_sdxl)
   (sd / "model_index.json").write_text(json.dumps(
-      dict(index, text_encoder_2=["transformers", "CLIPTextModelWithProjection"])))
-  with pytest.raises(ConfigError, match="component 'text_encoder_2'"):
+      dict(index, image_encoder_2=["transformers", "CLIPVisionModel"])))
+  with pytest.raises(ConfigError, match="component 'image_encoder_2'"):
     read_model_index(sd)
   (sd / "model_index.json").write_text(json.dumps(dict(index, unet=["diffusers", "UNet2DModel"])))
   with pytest.raises(ConfigError, match="unet='UNet2DModel' is not supported"):
