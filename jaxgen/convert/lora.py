@@ -32,7 +32,8 @@ from jaxgen.convert.diffusers import (
 from jaxgen.errors import CheckpointError
 
 # file prefix -> (path of that part in an ldm run's params, kind)
-LDM_PARTS = {"unet": (("unet", "params"), "unet"), "text_encoder": (("text", "params"), "text")}
+LDM_PARTS = {"unet": (("unet", "params"), "unet"), "text_encoder": (("text", "params"), "text"),
+             "text_encoder_2": (("text_2", "params"), "text")}  # SDXL's second tower
 
 
 def module_index(params, parts: Mapping[str, tuple[tuple[str, ...], str]] = LDM_PARTS
@@ -74,21 +75,24 @@ def _entries(sd: Mapping[str, np.ndarray], index: Mapping[str, str]) -> dict[str
   kohya = {}
   for module in index:
     prefix, _, rest = module.partition(".")
-    short = {"unet": "lora_unet_", "text_encoder": "lora_te_"}.get(prefix)
+    short = {"unet": "lora_unet_", "text_encoder": "lora_te_",
+             "text_encoder_2": "lora_te2_"}.get(prefix)
     if short is not None:
-      name = rest.removeprefix("text_model.") if prefix == "text_encoder" else rest
-      name = ("text_model." + name) if prefix == "text_encoder" else name
-      kohya[short + name.replace(".", "_")] = module
+      kohya[short + rest.replace(".", "_")] = module
+      if prefix == "text_encoder":  # SDXL's kohya files call the first tower te1
+        kohya["lora_te1_" + rest.replace(".", "_")] = module
   out: dict[str, dict] = {}
   unknown = []
   for key, value in sd.items():
     key_n = key.replace("base_model.model.", "unet.", 1) if key.startswith("base_model.") else key
     key_n = key_n.replace(".default.weight", ".weight")
-    if key_n.startswith("text_encoder.") and not key_n.startswith("text_encoder.text_model."):
-      # transformers >= 5.6 names CLIPTextModel's layers without the text_model. level
-      key_n = "text_encoder.text_model." + key_n.removeprefix("text_encoder.")
-    if key_n.startswith("lora_te_") and not key_n.startswith("lora_te_text_model_"):
-      key_n = "lora_te_text_model_" + key_n.removeprefix("lora_te_")
+    for te in ("text_encoder.", "text_encoder_2."):
+      if key_n.startswith(te) and not key_n.startswith(te + "text_model."):
+        # transformers >= 5.6 names CLIPTextModel's layers without the text_model. level
+        key_n = te + "text_model." + key_n.removeprefix(te)
+    for te in ("lora_te_", "lora_te1_", "lora_te2_"):
+      if key_n.startswith(te) and not key_n.startswith(te + "text_model_"):
+        key_n = te + "text_model_" + key_n.removeprefix(te)
     m = re.match(r"(.*)\.lora_([AB])\.weight$", key_n)
     if m:
       out.setdefault(m.group(1), {})["down" if m.group(2) == "A" else "up"] = value
@@ -183,7 +187,7 @@ def write_peft_lora(path, adapters, params, *, alpha: float, parts=LDM_PARTS) ->
       down, up = a.T, b.T
     # The text encoder's layers as transformers >= 5.6 names them (no text_model. level), which
     # the diffusers of that generation matches exactly; read_lora takes both spellings.
-    module = module.replace("text_encoder.text_model.", "text_encoder.", 1)
+    module = re.sub(r"^(text_encoder(?:_2)?)\.text_model\.", r"\1.", module)
     tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(down)
     tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(up)
     prefix, _, name = module.partition(".")

@@ -471,7 +471,8 @@ def _assemble(unet, unet_vars, unet_config, vae, vae_vars, vae_config, text, tex
   text_2 = pad_2 = None
   if second is not None:
     text_2, text_2_vars = second
-    pad_2 = _second_tokenizer_pad(tokenizer, tokenizer_2_src, scratch)
+    pad_2 = (_second_tokenizer_pad(tokenizer, tokenizer_2_src, scratch)
+             if tokenizer_2_src is not None else "!")
   sections = ldm_sections(unet, unet_config, vae, vae_config, text, text_config, tokenizer,
                           "tokenizer", schedule, dtype=dtype, text_2=text_2,
                           pad_token_2=pad_2 or "!", force_zeros=force_zeros)
@@ -544,30 +545,42 @@ def convert_single_file(path, *, config_dir=None, tokenizer=None, v_prediction: 
   if layers is None and kind_probe:  # SD 2.x conditions on OpenCLIP's penultimate layer
     layers = sf._count([k.removeprefix(sf.OPEN_CLIP) for k in state if k.startswith(sf.OPEN_CLIP)],
                        r"transformer\.resblocks\.(\d+)\.") - 1
-  unet_sd, vae_sd, text_sd, kind = sf.split_checkpoint(state, layers)
+  unet_sd, vae_sd, text_sd, kind, text_2_sd = sf.split_checkpoint(state, layers)
+  text_2_config = tokenizer_2_src = None
   if config_dir is not None:
     unet_config = read_diffusers_config(config_dir / "unet")
     vae_config = read_diffusers_config(config_dir / "vae")
     sched_file = config_dir / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(sched_file) if sched_file.exists() else dict(sf.SD_SCHEDULER)
+    default = sf.SDXL_SCHEDULER if kind == "sdxl" else sf.SD_SCHEDULER
+    scheduler = _read_json(sched_file) if sched_file.exists() else dict(default)
     tokenizer_src = config_dir / "tokenizer"
+    if kind == "sdxl":
+      if not (config_dir / "text_encoder_2" / "config.json").exists():
+        raise ConfigError(f"--config {config_dir}: an SDXL checkpoint needs text_encoder_2/"
+                          f"config.json and tokenizer_2/ (an SDXL diffusers folder)")
+      text_2_config = _read_json(config_dir / "text_encoder_2" / "config.json")
+      tokenizer_2_src = config_dir / "tokenizer_2"
   else:
     configs = sf.infer_configs(unet_sd, vae_sd, text_sd, kind, v_prediction=v_prediction,
-                               image_size=image_size)
+                               image_size=image_size, text_2=text_2_sd)
     unet_config, vae_config = configs["unet"], configs["vae"]
     text_config, scheduler = configs["text_encoder"], configs["scheduler"]
+    text_2_config = configs.get("text_encoder_2")
     tokenizer_src = pathlib.Path(tokenizer)
-    log.info("%s: %s text tower; inferred U-Net config %s", path.name,
-             "OpenCLIP (SD 2.x)" if kind == "open_clip" else "CLIP (SD 1.x)", unet_config)
+    log.info("%s: %s; inferred U-Net config %s", path.name,
+             {"open_clip": "OpenCLIP text tower (SD 2.x)", "sdxl": "two text towers (SDXL)"}.get(
+                 kind, "CLIP text tower (SD 1.x)"), unet_config)
   schedule = scheduler_settings(scheduler)
   t0 = time.perf_counter()
   unet, unet_vars = from_diffusers(unet_config, unet_sd, kind="UNet2DConditionModel",
                                    dtype=jnp.dtype(dtype))
   vae, vae_vars = from_diffusers(vae_config, vae_sd, kind="AutoencoderKL")
   text, text_vars = from_hf_clip_text(text_sd, text_config)
+  second = None if text_2_sd is None else from_hf_clip_text(text_2_sd, text_2_config)
   log.info("Converted %s in %.1f s.", path, time.perf_counter() - t0)
   # SD 2.x's tokenizer pads with '!' (id 0), SD 1.x's with the end token: without a config
   # folder, the tokenizer folder's own choice wins, else the variant's.
   pad = "!" if config_dir is None and kind == "open_clip" else None
   return _assemble(unet, unet_vars, unet_config, vae, vae_vars, vae_config, text, text_vars,
-                   text_config, tokenizer_src, schedule, dtype, scratch, pad_token=pad)
+                   text_config, tokenizer_src, schedule, dtype, scratch, pad_token=pad,
+                   second=second, tokenizer_2_src=tokenizer_2_src, force_zeros=kind == "sdxl")

@@ -47,6 +47,7 @@ def ldm_unet(sd, config):
   up_attn = [t.startswith("CrossAttn") for t in config["up_block_types"]]
   fixed = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
            "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.",
+           "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",
            "conv_out.": "out.2."}
   out = {}
   for k, v in sd.items():
@@ -108,9 +109,10 @@ def ldm_vae(sd, levels):
   return out
 
 
-def ldm_open_clip(sd, width, extra_layer_seed=0):
+def ldm_open_clip(sd, width, extra_layer_seed=0, prefix="cond_stage_model.model."):
   """transformers CLIPTextModel names -> OpenCLIP's (cond_stage_model.model.*), with one more
-  (random) block at the end, which SD 2.x does not use."""
+  (random) block at the end, which SD 2.x does not use (extra_layer_seed=None: none; SDXL uses
+  every block). A CLIPTextModelWithProjection's projection becomes OpenCLIP's [width, proj]."""
   out, layers = {}, {}
   for k, v in sd.items():
     k = k.removeprefix("text_model.")  # transformers >= 5.6 saves CLIPTextModel flat
@@ -126,8 +128,11 @@ def ldm_open_clip(sd, width, extra_layer_seed=0):
       out["positional_embedding"] = v
     elif "final_layer_norm" in k:
       out["ln_final." + k.split(".")[-1]] = v
-  g = torch.Generator().manual_seed(extra_layer_seed)
-  layers[len(layers)] = {k: torch.randn(v.shape, generator=g) for k, v in layers[0].items()}
+    elif k == "text_projection.weight":
+      out["text_projection"] = v.T
+  g = torch.Generator().manual_seed(extra_layer_seed or 0)
+  if extra_layer_seed is not None:
+    layers[len(layers)] = {k: torch.randn(v.shape, generator=g) for k, v in layers[0].items()}
   names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
            "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
   for i, d in layers.items():
@@ -139,9 +144,9 @@ def ldm_open_clip(sd, width, extra_layer_seed=0):
       head = k.rsplit(".", 1)[0]
       if head in names:
         out[pre + names[head] + "." + k.rsplit(".", 1)[1]] = v
-  out["text_projection"] = torch.randn(width, width, generator=g)
+  out.setdefault("text_projection", torch.randn(width, width, generator=g))
   out["logit_scale"] = torch.tensor(4.6)
-  return {"cond_stage_model.model." + k: v for k, v in out.items()}
+  return {prefix + k: v for k, v in out.items()}
 
 
 def write_single_file(pipe, path, sd2):
@@ -215,7 +220,7 @@ def test_configs_inferred_from_the_tensors(tmp_path, capsys):
       bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])), 3)
   state = {**ldm_unet(unet.state_dict(), dict(unet.config)), **ldm_vae(vae.state_dict(), 2),
            **ldm_open_clip(text.state_dict(), 128)}
-  unet_sd, vae_sd, text_sd, kind = sf.split_checkpoint(
+  unet_sd, vae_sd, text_sd, kind, _ = sf.split_checkpoint(
       {k: v.numpy() for k, v in state.items()}, text_layers=2)
   assert kind == "open_clip"
   assert set(unet_sd) == set(unet.state_dict()) and set(vae_sd) == set(vae.state_dict())
