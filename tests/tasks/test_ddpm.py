@@ -94,3 +94,27 @@ def test_bfloat16_compute_trains_like_float32(tmp_path):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     losses[dtype] = [json.loads(line)["loss"] for line in (wd / "metrics.jsonl").open()]
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
+
+
+def test_lora_on_a_trained_pixel_ddpm(tmp_path, capsys):
+  """configs/lora.py adapts our own U-Nets too: only the attention adapters train, the restored
+  run samples with the merged weights, and no diffusers file is written for a pixel model."""
+  import jax
+
+  from helpers import REPO
+  from jaxgen import lora
+  base = tmp_path / "base"
+  train(config("ddpm", "data.image_size=8"), base, progress=False)
+  cfg = app.load_config(f"{REPO / 'configs' / 'lora.py'}:smoke,base={base},rank=2")
+  wd = tmp_path / "lora"
+  state = train(cfg, wd, progress=False)
+  base_run = app.restore_run(base, with_state=False)
+  assert set(state.params) == set(lora.targets(base_run.params, r"(to_q|to_k|to_v|to_out)/kernel$"))
+  assert lora.num_params(state.params) * 2 == sum(
+      a.size for a in jax.tree.leaves(state.opt_state) if a.ndim)
+  run = app.restore_run(wd)
+  assert jax.tree.structure(run.params) == jax.tree.structure(base_run.params)
+  assert not (wd / app.LORA_FILE).exists()
+  main(["sample", "--workdir", str(wd), "--num", "2", "--steps", "2", "--out",
+        str(tmp_path / "s.png")])
+  assert capsys.readouterr().out.strip() == str(tmp_path / "s.png")
