@@ -147,9 +147,10 @@ def build_parser(help_for: str | None = None, task: str | None = None
       "import", help="turn a Stable Diffusion checkpoint (diffusers folder or single "
                      ".safetensors file) into an ldm workdir",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Convert a Stable Diffusion 1.x/2.x checkpoint saved in diffusers' folder "
-                  "layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
-                  "safetensors files, no torch needed), or as one .safetensors file in the "
+      description="Convert a Stable Diffusion 1.x/2.x or SDXL checkpoint saved in diffusers' "
+                  "folder layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, "
+                  "SDXL's text_encoder_2/ and tokenizer_2/; safetensors files, no torch "
+                  "needed), or as one .safetensors file in the "
                   "original LDM key layout (the variant is read from the tensors), into a "
                   "latent diffusion (ldm) WORKDIR that 'jaxgen generate', 'jaxgen eval' and "
                   "jaxgen.app.restore_run read like a trained run. The config reproduces the "
@@ -159,13 +160,15 @@ def build_parser(help_for: str | None = None, task: str | None = None
              "runs/sd21\n  jaxgen import --single-file v1-5-pruned-emaonly.safetensors "
              "--tokenizer ~/models/clip-tokenizer --workdir runs/sd15\n  jaxgen generate "
              "--workdir runs/sd21 --prompt \"a watercolour fox\" --steps 30 --guidance 7.5\n"
-             "WORKDIR must not exist or be empty.")
+             "  jaxgen generate --workdir runs/sd21 --prompt \"a fox\" --lora fox.safetensors:0.8"
+             "\nLoRA files are merged at generation time (--lora); configs/lora.py trains "
+             "new ones on an imported run.\nWORKDIR must not exist or be empty.")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--diffusers", metavar="PATH",
                    help="a local diffusers pipeline folder (with model_index.json)")
   src.add_argument("--single-file", metavar="FILE",
                    help="one .safetensors file in the original LDM layout (SD 1.x, 2.x 512 and "
-                        "768-v); pickled .ckpt files are refused")
+                        "768-v, SDXL); pickled .ckpt files are refused")
   p.add_argument("--config", default=None, metavar="DIR",
                  help="single file: a diffusers folder whose configs, tokenizer and scheduler "
                       "to use (weights not needed); without it they are inferred")
