@@ -148,9 +148,9 @@ def build_parser(help_for: str | None = None, task: str | None = None
                      ".safetensors file) into an ldm workdir",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Convert a Stable Diffusion 1.x/2.x or SDXL checkpoint saved in diffusers' "
-                  "folder layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, "
-                  "SDXL's text_encoder_2/ and tokenizer_2/; safetensors files, no torch "
-                  "needed), or as one .safetensors file in the "
+                  "folder layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+                  "scheduler/, SDXL's text_encoder_2/ and tokenizer_2/; safetensors files, no "
+                  "torch needed), or as one .safetensors file in the "
                   "original LDM key layout (the variant is read from the tensors), into a "
                   "latent diffusion (ldm) WORKDIR that 'jaxgen generate', 'jaxgen eval' and "
                   "jaxgen.app.restore_run read like a trained run. The config reproduces the "
