@@ -3,6 +3,7 @@ scheduler settings Stable Diffusion's configs use: set_alpha_to_one (the last st
 steps_offset with leading spacing, clip_sample without re-deriving eps, and each prediction
 type, on linear, scaled-linear and cosine schedules."""
 import itertools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -225,5 +226,8 @@ def test_sampler_trajectory_matches_diffusers(monkeypatch, sampler, schedule, pr
     # (sigma space), so its float32 rounding there is eps32 / sqrt(abar): 2.4e-3 for the cosine
     # schedule, whose abar at t = 999 is 2.4e-9. jaxgen's variance-preserving updates avoid it.
     atol += np.finfo(np.float32).eps / np.sqrt(float(grid.abar[0]))
+  logging.getLogger(__name__).info(
+      "%s %s %s %s %s: max |jaxgen - diffusers| over the trajectory %.2e", sampler, schedule,
+      prediction, spacing, opts, float(np.abs(np.asarray(ours) - np.stack(traj)).max()))
   np.testing.assert_allclose(np.asarray(ours), np.stack(traj), atol=atol, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ours[-1]))
