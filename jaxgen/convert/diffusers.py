@@ -105,15 +105,6 @@ def unet2d_from_config(config: Mapping[str, Any], *, dtype=jnp.float32) -> UNet:
   # UNet2DModel really means a head *size* here; None means one head over all channels.
   head_dim = config.get("attention_head_dim", 8)
   num_classes = config.get("num_class_embeds") or 0
-  added = config.get("addition_embed_type")
-  if added not in (None, "text_time"):
-    raise ConfigError(f"{cls}: addition_embed_type={added!r} is not supported (None or "
-                      f"'text_time', SDXL's)")
-  add_time = int(config.get("addition_time_embed_dim") or 0) if added else 0
-  add_dim = int(config.get("projection_class_embeddings_input_dim") or 0) if added else 0
-  if added and not (add_time and add_dim):
-    raise ConfigError(f"{cls}: addition_embed_type='text_time' needs addition_time_embed_dim and "
-                      f"projection_class_embeddings_input_dim")
   return UNet(
       out_channels=config.get("out_channels", 3), block_channels=chans,
       layers_per_block=config.get("layers_per_block", 2),
