@@ -136,10 +136,12 @@ def vae_name(key: str, num_levels: int) -> tuple[str, bool]:
   return key, False
 
 
-def open_clip_to_hf(sd: Mapping[str, np.ndarray], num_layers: int | None = None) -> dict:
+def open_clip_to_hf(sd: Mapping[str, np.ndarray], num_layers: int | None = None, *,
+                    projection: bool = False) -> dict:
   """OpenCLIP's text tower (SD 2.x's cond_stage_model.model.*, prefix removed) -> transformers'
   CLIPTextModel names; the fused attention projection is split into q, k, v. Only the first
-  num_layers blocks are kept (SD 2.x conditions on the penultimate layer: all but the last)."""
+  num_layers blocks are kept (SD 2.x conditions on the penultimate layer: all but the last).
+  projection: keep the text projection (SDXL's pooled embedding; SD 2.x does not use it)."""
   out = {}
   for key, value in sd.items():
     m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)", key)
@@ -162,7 +164,8 @@ def open_clip_to_hf(sd: Mapping[str, np.ndarray], num_layers: int | None = None)
       else:
         out[pre + rest] = value
     elif key == "text_projection":  # OpenCLIP's [width, projection] -> Linear's [out, in]
-      out["text_projection.weight"] = np.asarray(value).T
+      if projection:
+        out["text_projection.weight"] = np.asarray(value).T
     elif key == "token_embedding.weight":
       out["text_model.embeddings.token_embedding.weight"] = value
     elif key == "positional_embedding":
@@ -187,7 +190,7 @@ def split_checkpoint(sd: Mapping[str, np.ndarray], text_layers: int | None = Non
     text = {"transformer." + k[len(SDXL_TEXT):]: v for k, v in sd.items()
             if k.startswith(SDXL_TEXT)}
     text_2 = open_clip_to_hf({k[len(SDXL_TEXT_2):]: v for k, v in sd.items()
-                              if k.startswith(SDXL_TEXT_2)})
+                              if k.startswith(SDXL_TEXT_2)}, projection=True)
   missing = [name for name, part in (("U-Net (model.diffusion_model.*)", unet),
                                      ("VAE (first_stage_model.*)", vae),
                                      ("text encoder (cond_stage_model.* or conditioner.*)",
