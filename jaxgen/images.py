@@ -123,3 +123,24 @@ def save_png(picture: np.ndarray, path: str | pathlib.Path) -> pathlib.Path:
   buf = io.BytesIO()
   Image.fromarray(picture).save(buf, format="PNG")
   return atomic_write_bytes(path, buf.getvalue())
+
+
+def estimate_noise_sigma(images) -> np.ndarray:
+  """Standard deviation of additive white Gaussian noise in each image [B, H, W, C] (values in
+  [0, 1] or uint8, reported on the [0, 1] scale): Donoho and Johnstone's (1994) robust estimate,
+  the median absolute value of the finest diagonal Haar wavelet coefficients / 0.6745, averaged
+  over channels. Clean, smooth content contributes little to those coefficients; strong edges
+  and texture bias it upwards (as with scikit-image's estimate_sigma, which computes the same
+  with PyWavelets)."""
+  x = np.asarray(to_unit(images), np.float64)
+  if x.ndim != 4:
+    raise ShapeError(f"images: expected [batch, height, width, channels], got {list(x.shape)}")
+  h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+  if h < 2 or w < 2:
+    raise ShapeError(f"images of {x.shape[1]}x{x.shape[2]} are too small to estimate noise in")
+  x = x[:, :h, :w]
+  # orthonormal Haar: the diagonal detail of each 2x2 block, (a - b - c + d) / 2, carries the
+  # noise with its own standard deviation
+  hh = (x[:, 0::2, 0::2] - x[:, 0::2, 1::2] - x[:, 1::2, 0::2] + x[:, 1::2, 1::2]) / 2
+  mad = np.median(np.abs(hh).reshape(hh.shape[0], -1, hh.shape[-1]), axis=1)
+  return (mad / 0.6745).mean(axis=-1)

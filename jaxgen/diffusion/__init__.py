@@ -1,5 +1,13 @@
 """Pure diffusion math: schedules, the forward process and loss, lax.scan samplers, editing."""
-from jaxgen.diffusion.editing import ddim_invert, img2img, inpaint, interpolate
+from jaxgen.diffusion.editing import (
+                                      ddim_invert,
+                                      denoise,
+                                      denoising_timesteps,
+                                      img2img,
+                                      inpaint,
+                                      interpolate,
+                                      timestep_for_sigma,
+)
 from jaxgen.diffusion.process import (
                                       PREDICTIONS,
                                       WEIGHTINGS,
@@ -37,10 +45,10 @@ from jaxgen.diffusion.schedules import SCHEDULES, Schedule, make_schedule
 
 __all__ = [
     "GRID_OPTIONS", "KARRAS_SAMPLERS", "PREDICTIONS", "SAMPLERS", "SCHEDULES", "SPACINGS",
-    "WEIGHTINGS", "Grid", "SamplerState", "Schedule", "ddim_invert", "ddim_update",
-    "ddpm_update", "diffusion_loss",
-    "dpmpp_2m_update", "eps_from_x0", "eps_from_x0_at", "euler_ancestral_update",
-    "guided_denoiser", "img2img", "inpaint", "interpolate", "loss_weight", "make_grid",
-    "make_schedule", "make_step", "make_timesteps", "q_sample", "sample", "sampling_options",
-    "snr", "step_inputs", "target", "threshold_x0", "to_x0_eps", "to_x0_eps_at",
+    "WEIGHTINGS", "Grid", "SamplerState", "Schedule", "ddim_invert", "ddim_update", "ddpm_update",
+    "diffusion_loss", "denoise", "denoising_timesteps", "dpmpp_2m_update", "eps_from_x0",
+    "eps_from_x0_at", "euler_ancestral_update", "guided_denoiser", "img2img", "inpaint",
+    "interpolate", "loss_weight", "make_grid", "make_schedule", "make_step", "make_timesteps",
+    "q_sample", "sample", "sampling_options", "snr", "step_inputs", "target", "threshold_x0",
+    "timestep_for_sigma", "to_x0_eps", "to_x0_eps_at",
 ]

@@ -1,4 +1,5 @@
-"""Editing with a trained denoiser: inpainting, img2img (SDEdit), DDIM inversion, interpolation."""
+"""Editing with a trained denoiser: inpainting, img2img (SDEdit), DDIM inversion, interpolation,
+and denoising a given noisy image."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgen.diffusion.process import check_prediction, expand, to_x0_eps
 from jaxgen.diffusion.samplers import (
@@ -120,3 +122,42 @@ def interpolate(denoise: Callable, schedule: Schedule, x_a, x_b, num: int, num_s
   # The key is unused: deterministic DDIM with a given x_T draws nothing.
   return sample(denoise, schedule, jax.random.key(0), None, sampler="ddim", eta=0.0,
                 prediction=prediction, timesteps=timesteps, x_T=z_path)
+
+
+def timestep_for_sigma(schedule: Schedule, sigma: float) -> int:
+  """The timestep whose noise-to-signal ratio sqrt((1 - abar) / abar) is nearest (in log) to
+  `sigma`: an image y = x0 + sigma * eps is sqrt(abar)-scaled x_t at that step."""
+  if not sigma > 0:
+    raise ConfigError(f"the noise level sigma must be positive, got {sigma!r}")
+  abar = np.asarray(schedule.host_abar or schedule.abar, np.float64)
+  ratio = np.sqrt((1 - abar) / abar)
+  return int(np.argmin(np.abs(np.log(ratio) - np.log(sigma))))
+
+
+def denoising_timesteps(t_start: int, num_steps: int) -> np.ndarray:
+  """Descending timesteps from t_start to 0: num_steps of them, or t_start + 1 when fewer."""
+  n = min(num_steps, t_start + 1)
+  return np.unique(np.round(np.linspace(t_start, 0, n)).astype(np.int32))[::-1].copy()
+
+
+def denoise(denoise_fn: Callable, schedule: Schedule, key, y, timesteps, *, draws: int = 1,
+            sampler: str = "ddim", **sample_kwargs):
+  """Estimates x0 from y = x0 + sigma * eps (model space) by running the reverse process from
+  the step that matches sigma: x_t = sqrt(abar_t) y at t = timesteps[0] (see timestep_for_sigma
+  and denoising_timesteps), down to the data.
+
+  sampler='ddim' (deterministic) returns the probability-flow ODE's image of y, a plausible clean
+  image; sampler='ddpm' with draws=K averages K ancestral draws from the posterior p(x0 | y), which
+  approaches the posterior mean (the least-squares estimate, smoother) as K grows. The timesteps
+  may be traced: new noise levels with the same number of steps do not recompile."""
+  y = jnp.asarray(y, jnp.float32)
+  timesteps = jnp.asarray(timesteps, jnp.int32)
+  x_t = jnp.sqrt(schedule.abar_at(timesteps[0])) * y
+
+  def one(k):
+    return sample(denoise_fn, schedule, k, None, sampler=sampler, timesteps=timesteps, x_T=x_t,
+                  **sample_kwargs)
+
+  if draws == 1:
+    return one(key)
+  return jnp.mean(jax.lax.map(one, jax.random.split(key, draws)), axis=0)

@@ -208,3 +208,57 @@ def draw(model: DiffusionModel, params, key, num: int, *, sampler: str, steps: i
                  guidance_scale=g, sampler=sampler, num_steps=steps)
     out.append(to_uint8(np.asarray(x)))
   return np.concatenate(out), (None if labels_all is None else np.asarray(labels_all))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num", "draws", "sampler"))
+def _denoise(model: DiffusionModel, params, key, y, timesteps, *, num: int, draws: int,
+             sampler: str):
+  den = denoiser(model, params, num)
+  opts = model.sampling_options(sampler)
+  opts.pop("final_abar", None)  # the estimate of the clean image ends at the data
+  return diffusion.denoise(den, model.make_schedule(), key, y, timesteps, draws=draws,
+                           sampler=sampler, prediction=model.prediction, **opts)
+
+
+def denoise(model: DiffusionModel, params, images, key, *, sigma=None, steps: int = 50,
+            draws: int = 1):
+  """A user's noisy pictures [B, H, W, C] (uint8 or [0, 1]) -> denoised pictures in [0, 1], and
+  the noise levels used [B] (on the [0, 1] scale).
+
+  sigma: the standard deviation of the (additive Gaussian) noise on the [0, 1] scale, one for
+  all or one per image; None estimates it per image (jaxgen.images.estimate_noise_sigma). In the
+  model's [-1, 1] space the noise is 2 sigma, mapped to the timestep of the same noise-to-signal
+  ratio; the reverse process runs from there in `steps` steps: deterministic DDIM (draws=1), or
+  the mean of `draws` ancestral draws (an estimate of the posterior mean: smoother, higher
+  PSNR). Pictures of any size are reflect-padded to a multiple the U-Net can halve and cropped
+  back. Images with the same noise level share one call; new levels do not recompile."""
+  from jaxgen.images import estimate_noise_sigma
+  x = np.asarray(images)
+  if x.ndim != 4 or x.shape[-1] != model.image_shape[-1]:
+    raise ShapeError(f"images: expected [batch, height, width, {model.image_shape[-1]}] (this "
+                     f"model's channels), got {list(x.shape)}")
+  if not isinstance(draws, int) or draws < 1:
+    raise ConfigError(f"draws must be a positive int, got {draws!r}")
+  b, h, w, _ = x.shape
+  sig = estimate_noise_sigma(x) if sigma is None else np.broadcast_to(
+      np.asarray(sigma, np.float64), (b,))
+  if np.any(~np.isfinite(sig)) or np.any(sig <= 0):
+    raise ConfigError(f"sigma must be positive; got {sig.tolist()} (an image without noise "
+                      f"needs no denoising)")
+  f = model.unet.downsample_factor
+  ph, pw = -h % f, -w % f
+  if ph >= h or pw >= w:
+    raise ShapeError(f"images of {h}x{w} are too small for this U-Net (it halves them "
+                     f"{model.unet.levels - 1} times)")
+  y = np.asarray(to_signed(x), np.float32)
+  y = np.pad(y, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
+  schedule = model.make_schedule()
+  out = np.empty_like(y)
+  t_of = np.array([diffusion.timestep_for_sigma(schedule, 2 * s) for s in sig])
+  sampler = "ddim" if draws == 1 else "ddpm"
+  for i, t in enumerate(np.unique(t_of)):
+    idx = np.flatnonzero(t_of == t)
+    ts = diffusion.denoising_timesteps(int(t), steps)
+    out[idx] = np.asarray(_denoise(model, params, jax.random.fold_in(key, i), y[idx], ts,
+                                   num=len(idx), draws=draws, sampler=sampler))
+  return np.asarray(from_signed(out[:, :h, :w])), np.asarray(sig)

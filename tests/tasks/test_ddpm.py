@@ -31,6 +31,15 @@ def test_class_conditional_ddpm_trains_samples_and_evaluates(tmp_path, capsys, f
         "--steps", "3", "--out", str(tmp_path / "sevens.png"), "--trajectory"])
   printed = capsys.readouterr().out.split()
   assert printed == [str(tmp_path / "sevens.png"), str(tmp_path / "sevens_trajectory.png")]
+  noisy = tmp_path / "noisy.png"  # a user's picture of another size than the model's
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (11, 13), np.uint8)).save(noisy)
+  main(["denoise", "--workdir", str(wd), "--image", str(noisy), "--sigma", "0.2", "--steps",
+        "3", "--out", str(tmp_path / "clean.png")])
+  assert capsys.readouterr().out.strip() == str(tmp_path / "clean.png")
+  with Image.open(tmp_path / "clean.png") as im:
+    assert im.size == (13, 11) and im.mode == "L"
+  main(["denoise", "--workdir", str(wd), "--image", str(noisy), "--steps", "3"])
+  assert capsys.readouterr().out.strip() == str(tmp_path / "noisy_denoised.png")
   main(["eval", "--workdir", str(wd), "--num", "20", "--steps", "2", "--batch", "10",
         "--feature-net", str(feature_net_dir), "--baselines"])
   m = json.loads(capsys.readouterr().out)
