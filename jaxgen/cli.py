@@ -194,8 +194,9 @@ def build_parser(help_for: str | None = None, task: str | None = None
       description="Denoise PNG/JPEG pictures with the diffusion model in WORKDIR (a ddpm run): "
                   "the noise level (estimated per picture unless --sigma) is matched to the "
                   "diffusion step of the same noise-to-signal ratio, and the reverse process "
-                  "runs from there. Pictures are converted to the model's channels; any size "
-                  "works (reflect-padded to what the U-Net halves, cropped back). Prints the "
+                  "runs from there; a latent (ldm) run measures the noise its encoder leaves in "
+                  "the latents and denoises those. Pictures are converted to the model's "
+                  "channels; a pixel run takes any size (reflect-padded, cropped back). Prints the "
                   "written paths; the noise levels used go to the log.",
       epilog="Example:\n  jaxgen denoise --workdir runs/ddpm_class --image noisy.png --out "
              "clean.png\n  jaxgen denoise --workdir runs/ddpm_class --image a.png --image "
@@ -208,6 +209,8 @@ def build_parser(help_for: str | None = None, task: str | None = None
   p.add_argument("--draws", type=int, default=1,
                  help="1: deterministic DDIM; K > 1: the mean of K ancestral draws (an "
                       "estimate of the posterior mean: smoother)")
+  p.add_argument("--prompt", default="",
+                 help="ldm runs: what the picture shows (default: unconditional)")
   p.add_argument("--out", default=None, help="output file (one --image)")
   p.add_argument("--outdir", default=None, help="output folder (default: beside each image, "
                                                 "NAME_denoised.png)")
@@ -293,8 +296,8 @@ def _cmd_denoise(args):
   if args.out and len(args.image) != 1:
     raise ConfigError("--out names one file: give one --image, or --outdir for several")
   run = app.restore_run(args.workdir, args.step, with_state=False)
-  if run.config.task != "ddpm":
-    raise ConfigError(f"jaxgen denoise needs a pixel diffusion (ddpm) run; {args.workdir} is a "
+  if run.config.task not in ("ddpm", "ldm"):
+    raise ConfigError(f"jaxgen denoise needs a diffusion run (ddpm or ldm); {args.workdir} is a "
                       f"{run.config.task} run")
   channels = run.task.model.image_shape[-1]
   for i, path in enumerate(args.image):
@@ -304,8 +307,15 @@ def _cmd_denoise(args):
     except (OSError, ValueError) as e:
       raise DataError(f"{path}: cannot read the picture ({e})") from e
     x = x.reshape(1, *x.shape[:2], channels)
-    out, sigma = pipe.denoise(run.task.model, run.params, x, jax.random.PRNGKey(args.seed + i),
-                              sigma=args.sigma, steps=args.steps, draws=args.draws)
+    key = jax.random.PRNGKey(args.seed + i)
+    if run.config.task == "ldm":
+      from jaxgen.pipelines import text_to_image as t2i
+      out, sigma, sigma_z = t2i.denoise(run.task.model, run.params, run.model_state, x, key,
+                                        sigma=args.sigma, prompt=args.prompt, steps=args.steps)
+      log.info("%s: latent noise %.4f", path, sigma_z[0])
+    else:
+      out, sigma = pipe.denoise(run.task.model, run.params, x, key, sigma=args.sigma,
+                                steps=args.steps, draws=args.draws)
     log.info("%s: noise sigma %.4f (%s)", path, sigma[0],
              "given" if args.sigma is not None else "estimated")
     src = pathlib.Path(path)

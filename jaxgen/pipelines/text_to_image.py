@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import diffusion
+from jaxgen.diffusion.process import expand
 from jaxgen.errors import ConfigError, ShapeError
 from jaxgen.images import check_images, from_signed, to_signed, to_unit
 from jaxgen.models.autoencoder import Autoencoder
@@ -406,3 +407,75 @@ def _check_images(model: LatentDiffusionModel, images, n: int):
   check_images(images, model.image_shape)
   if images.shape[0] != n:
     raise ShapeError(f"{images.shape[0]} images for {n} prompts: give one image per prompt.")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC[:1] + ("probes",))
+def _latent_noise(model, model_state, images, sigma, key, *, probes):
+  """Scaled latents of `images` [B, H, W, C] in [0, 1] (posterior means) and, per image, the
+  standard deviation of how much fresh pixel noise of `sigma` [B] moves them."""
+  z = model.encode_images(model_state, images)
+
+  def moved(k):
+    extra = expand(sigma, images) * jax.random.normal(k, images.shape)
+    # the encoder's input is signed: [0, 1] noise of sigma is 2 sigma there, as in the picture
+    return model.encode_images(model_state, images + extra) - z
+
+  deltas = jax.lax.map(moved, jax.random.split(key, probes))  # [probes, B, h, w, c]
+  return z, jnp.sqrt(jnp.mean(jnp.square(deltas), axis=(0, 2, 3, 4)))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC[:1] + ("num",))
+def _latent_denoise(model, params, model_state, z, tok, neg, key, timesteps, guidance_scale, *,
+                    num):
+  cond, uncond = _context(model, params, tok, neg, (z.shape[1] * model.vae.downsample_factor,
+                                                    z.shape[2] * model.vae.downsample_factor))
+  den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
+  opts = model.sampling_options("ddim")
+  opts = {k: v for k, v in opts.items() if k not in diffusion.GRID_OPTIONS}
+  out = diffusion.denoise(den, model.make_schedule(), key, z, timesteps,
+                          prediction=model.prediction, **opts)
+  return model.decode_latents(model_state, out)
+
+
+def denoise(model: LatentDiffusionModel, params, model_state, images, key, *, sigma=None,
+            prompt: str = "", steps: int = 50, guidance_scale=1.0, probes: int = 4):
+  """A latent diffusion model as a denoiser of the user's pictures [B, H, W, C] (uint8 or
+  [0, 1]) -> (pictures in [0, 1], pixel sigmas [B], latent sigmas [B]).
+
+  What it does to pixel noise: the encoder, trained on clean pictures, already drops part of it;
+  what is left shows as latent noise. Its size is measured, not assumed: the pictures are
+  encoded again with `probes` fresh draws of pixel noise of the same sigma (given, or estimated
+  with jaxgen.images.estimate_noise_sigma), and the spread of the latent change is taken as the
+  latent noise level, matched to the diffusion step of the same noise-to-signal ratio; the
+  reverse process (DDIM, conditioned on `prompt`, guided when guidance_scale > 1) runs from
+  there and the result is decoded. Detail the autoencoder cannot represent is lost either way;
+  heavy pixel noise partly survives as texture the model may read as content. Sizes must be
+  multiples of what the autoencoder and U-Net halve (ShapeError otherwise)."""
+  from jaxgen.images import estimate_noise_sigma
+  x = np.asarray(images)
+  if x.ndim != 4 or x.shape[-1] != model.image_shape[-1]:
+    raise ShapeError(f"images: expected [batch, height, width, {model.image_shape[-1]}], got "
+                     f"{list(x.shape)}")
+  model.latent_shape_for(x.shape[1], x.shape[2])  # sizes the networks can take
+  b = x.shape[0]
+  sig = estimate_noise_sigma(x) if sigma is None else np.broadcast_to(
+      np.asarray(sigma, np.float64), (b,))
+  if np.any(~np.isfinite(sig)) or np.any(sig <= 0):
+    raise ConfigError(f"sigma must be positive; got {sig.tolist()}")
+  k_probe, k_run = jax.random.split(key)
+  unit = to_unit(x)
+  z, sig_z = _latent_noise(model, model_state, unit, jnp.asarray(sig, jnp.float32), k_probe,
+                           probes=probes)
+  sig_z = np.asarray(sig_z, np.float64)
+  tok, neg = _tokens(model, [prompt] * b, None, 1)
+  schedule = model.make_schedule()
+  t_of = np.array([diffusion.timestep_for_sigma(schedule, max(s, 1e-6)) for s in sig_z])
+  out = np.empty(x.shape, np.float32)
+  for i, t in enumerate(np.unique(t_of)):
+    idx = np.flatnonzero(t_of == t)
+    sub = lambda d: {k: v[idx] for k, v in d.items()}
+    out[idx] = np.asarray(_latent_denoise(
+        model, params, model_state, z[idx], sub(tok), sub(neg), jax.random.fold_in(k_run, i),
+        diffusion.denoising_timesteps(int(t), steps), jnp.float32(guidance_scale),
+        num=len(idx)))
+  return out, np.asarray(sig), sig_z
