@@ -22,6 +22,7 @@ from jaxgen.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 TASKS = {
+    "captioner": "jaxgen.tasks.captioner:CaptionerTask",
     "classifier": "jaxgen.tasks.classifier:ClassifierTask",
     "clip": "jaxgen.tasks.clip:CLIPTask",
     "ddpm": "jaxgen.tasks.diffusion:DiffusionTask",

@@ -23,8 +23,8 @@ from jaxgen.text.store import TOKENIZER_DIR, load_tokenizer, save_tokenizer
 from jaxgen.train.checkpoint import Checkpointer, config_differences
 from jaxgen.train.workdir import read_config
 
-__all__ = ["TOKENIZER_DIR", "Weights", "load_tokenizer", "load_weights", "read_config",
-           "save_tokenizer", "save_weights"]
+__all__ = ["TOKENIZER_DIR", "Weights", "image_encoder_of", "load_tokenizer", "load_weights",
+           "read_config", "save_tokenizer", "save_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,31 @@ def load_weights(workdir: str | pathlib.Path, step: int | None = None, *,
                           + "\n  ".join(diffs) + "\nNothing was deleted.")
   return Weights(workdir, config, step, tree["params"], tree["model_state"],
                  load_tokenizer(workdir, config, missing_ok=True), inference_only)
+
+
+# The module name of the image encoder in each task that trains one.
+IMAGE_ENCODERS = {"simclr": "encoder", "clip": "image_encoder", "captioner": "image_encoder"}
+
+
+def image_encoder_of(workdir: str | pathlib.Path, encoder_config, what: str,
+                     tasks: tuple[str, ...] = ("simclr", "clip")) -> tuple[Any, dict]:
+  """(params, {collection: tree}) of the image encoder of a run of one of `tasks` (to initialise
+  another model's encoder: LiT, a captioner), after checking that its `model.encoder` section
+  equals `encoder_config` (a ConfigDict or dict)."""
+  import json
+  config = read_config(workdir)
+  if config["task"] not in tasks:
+    raise ConfigError(f"{what}: {workdir} holds a {config['task']} run; expected one of "
+                      f"{', '.join(tasks)}.")
+  mine = json.loads(json.dumps(encoder_config.to_dict() if hasattr(encoder_config, "to_dict")
+                               else encoder_config))  # tuples as JSON lists
+  if config["model"]["encoder"] != mine:
+    raise ConfigError(f"{what}: the {config['task']} run's model.encoder differs from this "
+                      f"config's model.encoder; they must be equal.")
+  w = load_weights(workdir, what=what)
+  name = IMAGE_ENCODERS[w.task]
+  state = {col: tree[name] for col, tree in w.model_state.items() if name in tree}
+  return w.params["params"][name], state
 
 
 # -- inference-only runs -------------------------------------------------------------------------

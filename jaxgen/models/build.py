@@ -167,6 +167,27 @@ def dual_encoder(m, tokenizer) -> nn.Module:
                            lock_text=m.lock_text)
 
 
+def captioner_text_section(**overrides) -> dict:
+  """model.text of a captioner: the tokenizer keys of text_section and the decoder's shape
+  (unimodal_layers: CoCa's text-only layers below the ones that attend to the image)."""
+  d = text_section(width=128, layers=3, heads=4, activation="gelu", context_length=16)
+  d.update(unimodal_layers=0)
+  d.update(overrides)
+  return d
+
+
+def captioner(m, tokenizer) -> nn.Module:
+  """The CaptionerModule of a captioner-task model section."""
+  from jaxgen.models.captioner import CaptionerModule, TextDecoder
+  t = m.text
+  decoder = TextDecoder(vocab_size=tokenizer.vocab_size, width=t.width, layers=t.layers,
+                        unimodal_layers=t.unimodal_layers, heads=t.heads,
+                        mlp_dim=int(t.mlp_ratio * t.width), max_positions=t.context_length,
+                        activation=t.activation)
+  return CaptionerModule(image_encoder(m.encoder), decoder, embed_dim=m.contrastive_dim,
+                         lock_image=m.lock_image)
+
+
 # UNet fields the text-conditioned U-Net (latent diffusion) takes from elsewhere: the latents fix
 # out_channels, the text tower's width context_dim; it has no class labels.
 _CONDITIONAL_UNET_FIXED = ("out_channels", "attention", "context_dim", "num_classes", "null_label")

@@ -92,7 +92,8 @@ BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class ResNet(nn.Module):
-  """ResNet trunk -> global average pool: [B, H, W, C] -> [B, feature_dim] float32.
+  """ResNet trunk -> global average pool: [B, H, W, C] -> [B, feature_dim] float32 (and the
+last stage's feature map as tokens [B, h * w, feature_dim], row-major, with `return_tokens=True`).
 
   `width` is the first stage's channels (64 in the papers; 16-32 for tests and small data);
   `num_classes > 0` adds a linear classifier and returns its logits instead.
@@ -112,7 +113,7 @@ class ResNet(nn.Module):
     return self.width * 2 ** (len(self.stage_sizes) - 1) * BLOCKS[self.block].expansion
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
+  def __call__(self, x, *, train: bool = False, return_tokens: bool = False):
     if self.block not in BLOCKS:
       raise ConfigError(f"unknown ResNet block {self.block!r}; choose from {sorted(BLOCKS)}")
     if self.norm not in ("batch", "group"):
@@ -138,9 +139,12 @@ class ResNet(nn.Module):
         x = block(self.width * 2 ** i, strides=2 if (i > 0 and j == 0) else 1, norm=self.norm,
                   groups=self.groups, zero_init_residual=self.zero_init_residual,
                   dtype=self.dtype, name=f"stage{i + 1}_block{j + 1}")(x, train=train)
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, feature_dim]
+    fmap = x.astype(jnp.float32)
+    x = jnp.mean(fmap, axis=(1, 2))  # [B, feature_dim]
     if self.num_classes:
       x = nn.Dense(self.num_classes, name="classifier")(x)
+    if return_tokens:
+      return x, fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])
     return x
 
 

@@ -81,3 +81,53 @@ class Task:
   def pictures(self, params, model_state, key: jax.Array) -> dict[str, np.ndarray]:
     """Named uint8 pictures [H, W, C] to write during training (grids, strips)."""
     return {}
+
+
+class CaptionedTask(Task):
+  """A task trained on image-caption pairs (dual encoder, captioner): its model section has a
+  `text` section (tokenizer and tower) and a `caption_template`, which turns class names into
+  captions for labelled data without captions ("a photo of a sneaker")."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer=None):
+    super().__init__(config, tokenizer)
+    self._train_source = None
+    if self.tokenizer is None:
+      from jaxgen import text as text_lib
+      self.tokenizer = text_lib.from_config(config.model.text, self.train_captions)
+
+  # the tasks whose runs may initialise this one's image encoder (model.image_init)
+  image_init_tasks: tuple[str, ...] = ("simclr", "clip")
+
+  def pretrained(self, params, model_state):
+    """Copies the image encoder of the run model.image_init (its model.encoder section must
+    equal this config's) into the module `image_encoder`."""
+    m = self.config.model
+    if not m.image_init:
+      return params, model_state
+    from jaxgen import weights as weights_lib
+    enc, enc_state = weights_lib.image_encoder_of(m.image_init, m.encoder, "model.image_init",
+                                                  tasks=self.image_init_tasks)
+    params = {"params": dict(params["params"], image_encoder=enc)}
+    for col, tree in enc_state.items():
+      model_state = dict(model_state, **{col: dict(model_state.get(col, {}), image_encoder=tree)})
+    return params, model_state
+
+  def train_source(self):
+    if self._train_source is None:
+      from jaxgen.data import load_source
+      self._train_source = load_source(self.config.data, self.config.data.train_split)
+    return self._train_source
+
+  def train_captions(self) -> np.ndarray:
+    from jaxgen.data.captions import captions_of
+    src = self.train_source()
+    return captions_of(src.get(np.arange(len(src))), src.class_names,
+                       self.config.model.caption_template)
+
+  def preprocess(self, batch):
+    from jaxgen.data.captions import captions_of
+    names = None if "caption" in batch else self.train_source().class_names
+    captions = captions_of(batch, names, self.config.model.caption_template)
+    tok = self.tokenizer(list(captions), truncate=True)  # training data: truncate, never stop
+    return dict(batch, input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                eos_positions=tok["eos_positions"])

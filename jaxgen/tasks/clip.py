@@ -8,25 +8,19 @@ text tower's per-token states condition latent diffusion (jaxgen.tasks.ldm).
 """
 from __future__ import annotations
 
-import json
-
 import jax.numpy as jnp
-import numpy as np
 
-from jaxgen import text as text_lib
-from jaxgen import weights as weights_lib
 from jaxgen.contrastive.losses import clip_loss, siglip_loss
-from jaxgen.data import load_source
-from jaxgen.data.captions import captions_of
 from jaxgen.errors import ConfigError
 from jaxgen.images import to_signed
 from jaxgen.models import build
 from jaxgen.pipelines import clip as pipe
-from jaxgen.tasks.base import Task
+from jaxgen.tasks.base import CaptionedTask
 
 
-class CLIPTask(Task):
+class CLIPTask(CaptionedTask):
   name = "clip"
+  image_init_tasks = ("simclr",)
 
   @staticmethod
   def default_config():
@@ -56,51 +50,15 @@ class CLIPTask(Task):
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
     m, d = config.model, config.data
-    self._train_source = None
-    if self.tokenizer is None:
-      self.tokenizer = text_lib.from_config(m.text, self.train_captions)
     self.module = build.dual_encoder(m, self.tokenizer)
     self.model = pipe.DualEncoder(self.module, (d.image_size, d.image_size, d.channels),
                                   self.tokenizer)
-
-  def train_source(self):
-    if self._train_source is None:
-      self._train_source = load_source(self.config.data, self.config.data.train_split)
-    return self._train_source
-
-  def train_captions(self):
-    src = self.train_source()
-    return captions_of(src.get(np.arange(len(src))), src.class_names,
-                       self.config.model.caption_template)
-
-  # -- training ----------------------------------------------------------------------------
-  def preprocess(self, batch):
-    names = None if "caption" in batch else self.train_source().class_names
-    captions = captions_of(batch, names, self.config.model.caption_template)
-    tok = self.tokenizer(list(captions), truncate=True)  # training data: truncate, never stop
-    return dict(batch, input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
 
   def init(self, key, batch):
     variables = self.module.init(key, to_signed(batch["image"]), jnp.asarray(batch["input_ids"]),
                                  jnp.asarray(batch["attention_mask"]))
     params = {"params": variables["params"]}
     return params, {k: v for k, v in variables.items() if k != "params"}
-
-  def pretrained(self, params, state):
-    """Copies a SimCLR run's encoder into the image tower (same encoder config required)."""
-    if not self.config.model.image_init:
-      return params, state
-    src = weights_lib.load_weights(self.config.model.image_init, expect_task="simclr",
-                                   what="model.image_init")
-    mine = json.loads(json.dumps(self.config.model.encoder.to_dict()))  # tuples as JSON lists
-    if src.config["model"]["encoder"] != mine:
-      raise ConfigError("model.image_init: the SimCLR run's model.encoder differs from this "
-                        "config's model.encoder; they must be equal.")
-    enc = src.params["params"]["encoder"]
-    params = {"params": dict(params["params"], image_encoder=enc)}
-    for col, tree in src.model_state.items():
-      state = dict(state, **{col: dict(state.get(col, {}), image_encoder=tree["encoder"])})
-    return params, state
 
   def frozen(self, path: str) -> bool:
     m = self.config.model
