@@ -20,6 +20,7 @@ commands:
   sample   write pictures from a trained workdir (samples, reconstructions, interpolations)
   generate text to image with a latent diffusion workdir (sample with --prompt)
   eval     held-out metrics of a trained workdir, printed and written as JSON
+  caption  describe your own pictures with a captioner workdir (or a clip run's retrieval)
   denoise  remove Gaussian noise from your own pictures with a pixel diffusion workdir
   import   turn a Stable Diffusion checkpoint (diffusers folder or file) into an ldm workdir
   verify   check a workdir's checkpoints against their checksums
@@ -29,6 +30,7 @@ Examples:
   jaxgen sample --workdir runs/ddpm_class --sampler ddim --steps 50 --label 7 --guidance 3
   jaxgen generate --workdir runs/ldm --prompt "a large red circle above a small blue square"
   jaxgen eval --workdir runs/ddpm_class --num 1000 --baselines
+  jaxgen caption --workdir runs/captioner --image picture.png --beam 4
   jaxgen denoise --workdir runs/ddpm_class --image noisy.png --out clean.png
   jaxgen import --diffusers ~/models/stable-diffusion-v1-5 --workdir runs/sd15
 
@@ -189,6 +191,33 @@ def build_parser(help_for: str | None = None, task: str | None = None
   p.add_argument("--variant", default=None,
                  help="weights variant to read, e.g. fp16 for *.fp16.safetensors")
   p = sub.add_parser(
+      "caption", help="describe your own pictures with a captioner run",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Print one caption per picture (PATH: caption) from the captioner in WORKDIR: "
+                  "greedy decoding by default, beam search with --beam, sampling with "
+                  "--temperature (and --top-k / --top-p). With --retrieval CLIP_WORKDIR the "
+                  "caption is instead the caption of a bank (the clip run's training captions, "
+                  "or --bank FILE with one per line) nearest the picture in the clip run's "
+                  "shared space. Pictures are converted to the model's channels; another size is "
+                  "resized (shorter side) and centre-cropped to the model's, with a warning.",
+      epilog="Examples:\n  jaxgen caption --workdir runs/captioner --image a.png --image b.png\n"
+             "  jaxgen caption --workdir runs/captioner --image a.png --temperature 0.8 "
+             "--top-p 0.9 --samples 3\n  jaxgen caption --retrieval runs/clip --image a.png")
+  p.add_argument("--workdir", default=None, help="a captioner run (not needed with --retrieval)")
+  p.add_argument("--image", action="append", required=True, help="a picture (repeat for several)")
+  from jaxgen.commands import decoding_args, positive_int
+  decoding_args(p)
+  p.add_argument("--samples", type=positive_int, default=1,
+                 help="captions per picture (sampling: each with another key)")
+  p.add_argument("--retrieval", default=None, metavar="CLIP_WORKDIR",
+                 help="caption by retrieval in this clip run's shared space")
+  p.add_argument("--bank", default=None, metavar="FILE",
+                 help="--retrieval: candidate captions, one per line (default: the clip run's "
+                      "training captions)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+
+  p = sub.add_parser(
       "denoise", help="remove Gaussian noise from your own pictures with a pixel diffusion run",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Denoise PNG/JPEG pictures with the diffusion model in WORKDIR (a ddpm run): "
@@ -286,12 +315,9 @@ def _cmd_sample(args, extra):
 
 def _cmd_denoise(args):
   import jax
-  import numpy as np
-  from PIL import Image
 
   from jaxgen import app
   from jaxgen import images as img
-  from jaxgen.errors import ConfigError, DataError
   from jaxgen.pipelines import diffusion as pipe
   if args.out and len(args.image) != 1:
     raise ConfigError("--out names one file: give one --image, or --outdir for several")
@@ -301,12 +327,7 @@ def _cmd_denoise(args):
                       f"{run.config.task} run")
   channels = run.task.model.image_shape[-1]
   for i, path in enumerate(args.image):
-    try:
-      with Image.open(path) as im:
-        x = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    except (OSError, ValueError) as e:
-      raise DataError(f"{path}: cannot read the picture ({e})") from e
-    x = x.reshape(1, *x.shape[:2], channels)
+    x = img.read_picture(path, channels)[0][None]
     key = jax.random.PRNGKey(args.seed + i)
     if run.config.task == "ldm":
       from jaxgen.pipelines import text_to_image as t2i
@@ -322,6 +343,50 @@ def _cmd_denoise(args):
     dest = pathlib.Path(args.out) if args.out else (
         pathlib.Path(args.outdir) if args.outdir else src.parent) / f"{src.stem}_denoised.png"
     print(img.save_png(img.to_uint8(out[0]), dest))
+
+
+def _cmd_caption(args):
+  import jax
+  import numpy as np
+
+  from jaxgen import commands
+  from jaxgen import images as img
+  if args.retrieval:
+    from jaxgen import app
+    from jaxgen.pipelines import clip as clip_pipe
+    if args.workdir:
+      raise ConfigError("give either --workdir (a captioner) or --retrieval (a clip run)")
+    model, params, state = clip_pipe.load_dual_encoder(args.retrieval, "--retrieval")
+    if args.bank:
+      bank = [line.strip() for line in pathlib.Path(args.bank).read_text(
+          encoding="utf-8").splitlines() if line.strip()]
+      if not bank:
+        raise ConfigError(f"--bank {args.bank} holds no caption")
+    else:
+      bank = sorted(set(app.restore_run(args.retrieval, with_state=False).task
+                        .train_captions().tolist()))
+    size, channels = model.image_shape[0], model.image_shape[-1]
+    describe = lambda x, k: clip_pipe.nearest_captions(model, params, state, x, bank)
+  else:
+    if not args.workdir:
+      raise ConfigError("jaxgen caption needs --workdir (a captioner run) or --retrieval")
+    if args.bank:
+      raise ConfigError("--bank goes with --retrieval")
+    from jaxgen.pipelines import captioning as cp
+    model, params, state = cp.load_captioner(args.workdir, args.step)
+    options = commands.decoding_options(args)
+    size, channels = model.image_shape[0], model.image_shape[-1]
+    describe = lambda x, k: cp.caption(model, params, state, x, k, **options)
+  pictures = []
+  for path in args.image:
+    x, resized = img.read_picture(path, channels, size)
+    if resized:
+      log.warning("%s: resized and centre-cropped to the model's %dx%d", path, size, size)
+    pictures.append(x)
+  pictures = np.stack(pictures)
+  for s in range(args.samples):
+    for path, text in zip(args.image, describe(pictures, jax.random.PRNGKey(args.seed + s))):
+      print(f"{path}: {text}")
 
 
 def _cmd_import(args):
@@ -376,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
       _cmd_import(args)
     elif args.command == "denoise":
       _cmd_denoise(args)
+    elif args.command == "caption":
+      _cmd_caption(args)
     elif args.command == "verify":
       _cmd_verify(args)
   except JaxgenError as e:

@@ -472,6 +472,157 @@ def _simclr_eval(run, key, args):
                                   args.baselines)
 
 
+# -- captioner -----------------------------------------------------------------------------------
+def decoding_args(p):
+  """The decoding options of `jaxgen caption` and a captioner's sample/eval."""
+  p.add_argument("--beam", type=positive_int, default=None, help="beam search with K beams")
+  p.add_argument("--length-penalty", type=float, default=1.0,
+                 help="beam search: scores are log-probability / length ** this")
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="> 0 samples at this temperature (default 0: greedy)")
+  p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest tokens")
+  p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
+
+
+def decoding_options(args) -> dict:
+  if args.beam and args.temperature:
+    raise ConfigError("--beam and --temperature exclude each other: beam search is "
+                      "deterministic")
+  return dict(beam=args.beam or 0, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, length_penalty=args.length_penalty)
+
+
+def _captioner_sample_args(p):
+  p.add_argument("--num", type=positive_int, default=8, help="held-out images to caption")
+  decoding_args(p)
+
+
+def _captioner_sample(run, args, outdir):
+  """Captions held-out images; prints image -> caption (and the true one) and writes the
+  images as a strip."""
+  from jaxgen.pipelines import captioning as cp
+  d = run.config.data
+  data = load_all(load_source(d, d.eval_split), limit=args.num)
+  captions = cp.caption(run.task.model, run.params, run.model_state, data["image"],
+                        jax.random.PRNGKey(args.seed), **decoding_options(args))
+  for i, caption in enumerate(captions):
+    truth = data["caption"][i] if "caption" in data else ""
+    print(f"image {i}: {caption!r}" + (f"   (true: {str(truth)!r})" if truth else ""))
+  path = _out_path(args, outdir / "captioned_images.png")
+  return [img.save_png(img.grid(data["image"], ncols=args.num,
+                                scale=img.display_scale(d.image_size)), path)]
+
+
+def _captioner_eval_args(p):
+  p.add_argument("--limit", type=positive_int, default=None, help="held-out images to use")
+  p.add_argument("--beam", type=positive_int, default=None,
+                 help="decode with beam search (default: greedy)")
+  p.add_argument("--baselines", action="store_true",
+                 help="also score the most frequent training caption and this decoder on a "
+                      "randomly initialised encoder")
+  p.add_argument("--retrieval", default=None, metavar="CLIP_WORKDIR",
+                 help="also score retrieval captioning: the training caption nearest each image "
+                      "in this clip run's shared space")
+  p.add_argument("--round-trip", default=None, metavar="LDM_WORKDIR",
+                 help="also caption this text-to-image run's pictures of held-out prompts and "
+                      "score the captions against the prompts")
+  p.add_argument("--round-trip-num", type=positive_int, default=100,
+                 help="prompts for the round trip")
+
+
+def _caption_scorer(task, data, references):
+  """captions -> BLEU-4, CIDEr-D, exact match (and, on the shapes data, the attributes read
+  back from each caption against the scene's truth)."""
+  from jaxgen.data import shapes
+  from jaxgen.eval.captions import attribute_accuracy, caption_metrics
+  d = task.config.data
+  on_shapes = d.source == "embedded" and d.name == "shapes"
+
+  def score(captions):
+    out = caption_metrics(captions, references)
+    if on_shapes:
+      out["attributes"] = attribute_accuracy([shapes.parse_caption(c) for c in captions], data)
+    out["examples"] = list(captions[:3])
+    return out
+  return score
+
+
+def evaluate_captioner(task, params, model_state, key, *, limit=None, beam=None,
+                       baselines=False, retrieval=None, round_trip=None,
+                       round_trip_num=100) -> dict:
+  """BLEU-4 and CIDEr-D of the captions of held-out images against their true captions, and on
+  the shapes data the accuracy of each attribute read back from the captions; beside them the
+  baselines asked for (most frequent training caption, the decoder reading a random encoder,
+  retrieval captioning with a clip run) and the round trip through a text-to-image run."""
+  from collections import Counter
+
+  from jaxgen.data.captions import captions_of
+  from jaxgen.pipelines import captioning as cp
+  d, m = task.config.data, task.config.model
+  data = load_all(load_source(d, d.eval_split), limit=limit)
+  names = None if "caption" in data else task.train_source().class_names
+  truth = [str(c) for c in captions_of(data, names, m.caption_template)]
+  score = _caption_scorer(task, data, [[t] for t in truth])
+  caption = lambda p, s, x: cp.caption(task.model, p, s, x, beam=beam or 0)
+  t0 = time.perf_counter()
+  captions = caption(params, model_state, data["image"])
+  out = dict(num_images=len(truth), decoding=f"beam {beam}" if beam else "greedy",
+             seconds=time.perf_counter() - t0, **score(captions))
+  train_captions = None
+  if baselines or retrieval:
+    train_captions = [str(c) for c in task.train_captions()]
+  if baselines:
+    common = Counter(train_captions).most_common(1)[0][0]
+    out["most_frequent_caption"] = score([common] * len(truth))
+    example = {k: v for k, v in task.example_batch().items() if v.dtype.kind not in "USO"}
+    fresh, fresh_state = jax.jit(task.init)(jax.random.PRNGKey(12345), example)
+    swap = lambda tree, new: {**tree, "image_encoder": new["image_encoder"]} \
+        if "image_encoder" in new else tree
+    rand_params = {"params": swap(params["params"], fresh["params"])}
+    rand_state = {col: swap(model_state.get(col, {}), tree) for col, tree in fresh_state.items()}
+    out["random_encoder"] = score(caption(rand_params, rand_state, data["image"]))
+  if retrieval:
+    from jaxgen.pipelines import clip as clip_pipe
+    jm, jp, js = clip_pipe.load_dual_encoder(str(retrieval), "--retrieval")
+    bank = sorted(set(train_captions))
+    out["retrieval"] = dict(workdir=str(retrieval), bank_size=len(bank), **score(
+        clip_pipe.nearest_captions(jm, jp, js, data["image"], bank)))
+  if round_trip:
+    out["round_trip"] = _round_trip(task, params, model_state, key, round_trip,
+                                    data, truth, round_trip_num, beam)
+  return out
+
+
+def _round_trip(task, params, model_state, key, workdir, data, prompts, num, beam):
+  """Captions of a text-to-image run's pictures of held-out prompts, scored against the
+  prompts (the attributes against the prompts' scenes)."""
+  from jaxgen.pipelines import captioning as cp
+  from jaxgen.pipelines import text_to_image as t2i
+  run = app.restore_run(workdir, with_state=False)
+  if run.config.task != "ldm":
+    raise ConfigError(f"--round-trip: {workdir} holds a {run.config.task} run, not an ldm run")
+  prompts = prompts[:num]
+  d = run.config.diffusion
+  pictures = np.concatenate([np.asarray(t2i.text_to_image(
+      run.task.model, run.params, run.model_state, prompts[i:i + 50], jax.random.fold_in(key, i),
+      steps=d.sample_steps, guidance_scale=d.guidance_scale, sampler=d.sampler))
+      for i in range(0, len(prompts), 50)])
+  size = task.model.image_shape
+  if pictures.shape[1:] != size:
+    pictures = np.asarray(jax.image.resize(pictures, (len(pictures), *size), "bicubic"))
+  subset = {k: v[:num] for k, v in data.items()}
+  score = _caption_scorer(task, subset, [[p] for p in prompts])
+  captions = cp.caption(task.model, params, model_state, np.clip(pictures, 0, 1),
+                        beam=beam or 0)
+  return dict(workdir=str(workdir), num_prompts=len(prompts), **score(captions))
+
+
+def _captioner_eval(run, key, args):
+  return evaluate_captioner(run.task, run.params, run.model_state, key, limit=args.limit,
+                            beam=args.beam, baselines=args.baselines, retrieval=args.retrieval,
+                            round_trip=args.round_trip, round_trip_num=args.round_trip_num)
+
+
 # -- classifier ----------------------------------------------------------------------------------
 def _no_sample_args(p):
   pass
@@ -506,6 +657,8 @@ COMMANDS = {
     "ldm": Commands(_ldm_sample_args, _ldm_sample, _ldm_eval_args, _ldm_eval),
     "clip": Commands(_clip_sample_args, _clip_sample, _clip_eval_args, _clip_eval),
     "simclr": Commands(_simclr_sample_args, _simclr_sample, _simclr_eval_args, _simclr_eval),
+    "captioner": Commands(_captioner_sample_args, _captioner_sample, _captioner_eval_args,
+                          _captioner_eval),
     "classifier": Commands(_no_sample_args, _no_sample, _limit_arg, _classifier_eval),
 }
 

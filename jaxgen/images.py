@@ -125,6 +125,29 @@ def save_png(picture: np.ndarray, path: str | pathlib.Path) -> pathlib.Path:
   return atomic_write_bytes(path, buf.getvalue())
 
 
+def read_picture(path: str | pathlib.Path, channels: int, size: int | None = None
+                 ) -> tuple[np.ndarray, bool]:
+  """A PNG/JPEG/... file as uint8 [H, W, channels] (converted to grey or RGB). With `size`, a
+  picture of another size is resized so that its shorter side is `size` (bicubic) and centre-
+  cropped to size x size, as CLIP's preprocessing does; returns (picture, whether resized). An
+  unreadable file is a DataError naming it."""
+  from jaxgen.errors import DataError
+  try:
+    with Image.open(path) as im:
+      im = im.convert("L" if channels == 1 else "RGB")
+      resized = size is not None and im.size != (size, size)
+      if resized:
+        scale = size / min(im.size)
+        w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+        im = im.resize((w, h), Image.Resampling.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+      x = np.asarray(im)
+  except (OSError, ValueError) as e:
+    raise DataError(f"{path}: cannot read the picture ({e})") from e
+  return x.reshape(*x.shape[:2], channels), resized
+
+
 def estimate_noise_sigma(images) -> np.ndarray:
   """Standard deviation of additive white Gaussian noise in each image [B, H, W, C] (values in
   [0, 1] or uint8, reported on the [0, 1] scale): Donoho and Johnstone's (1994) robust estimate,

@@ -119,3 +119,28 @@ def attribute_prompts() -> dict[str, tuple[list[list[str]], tuple[str, ...]]]:
       "colour": ([[f"a {z} {c} {k}" for z in SIZE_NAMES for k in SHAPES] for c in COLOUR_NAMES],
                  COLOUR_NAMES),
   }
+
+
+ATTRIBUTES = ("shape", "colour", "size", "relation", "shape2", "colour2", "size2")
+
+
+def parse_caption(text: str) -> dict[str, str]:
+  """The attributes a caption states, read back as `make_scene` writes them: the first object's
+  shape, colour and size, the relation, and the second object's ('' for what is absent or not
+  a known word). A caption in other words parses as far as its words are this set's."""
+  words = text.lower().split()
+  out = dict.fromkeys(ATTRIBUTES, "")
+  parts = [words, []]
+  for i in range(len(words)):
+    for rel in RELATIONS:
+      r = rel.split()
+      if words[i:i + len(r)] == r:
+        out["relation"] = rel
+        parts = [words[:i], words[i + len(r):]]
+        break
+    if out["relation"]:
+      break
+  for part, suffix in zip(parts, ("", "2")):
+    for attr, vocab in (("shape", SHAPES), ("colour", COLOUR_NAMES), ("size", SIZE_NAMES)):
+      out[attr + suffix] = next((w for w in part if w in vocab), "")
+  return out

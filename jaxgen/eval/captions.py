@@ -95,3 +95,34 @@ def cider_d(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[S
           total[n] += dot / (norm_c * norm_r) * math.exp(-(delta ** 2) / (2 * sigma ** 2))
     scores.append(10.0 * sum(t / len(refs) for t in total) / max_n)
   return sum(scores) / num
+
+
+def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+  """Corpus BLEU-4 and CIDEr-D (both x 100, as caption papers report them) of caption strings
+  against each image's reference strings, and the fraction of exact matches."""
+  cands = [tokenize(c) for c in candidates]
+  refs = [[tokenize(r) for r in rs] for rs in references]
+  exact = sum(c in r for c, r in zip(cands, refs)) / len(cands)
+  return dict(bleu4=100.0 * bleu(cands, refs), cider_d=100.0 * cider_d(cands, refs),
+              exact_match=float(exact))
+
+
+def attribute_accuracy(predicted: Sequence[dict], truth: dict) -> dict:
+  """Per attribute, the fraction of images whose caption states the true value: predicted is
+  one dict of attribute -> value per image (e.g. jaxgen.data.shapes.parse_caption), truth a dict
+  of attribute -> array of true values. An attribute counts only on the images where it has a
+  true value (the relation and the second object's attributes on two-object scenes); `objects`
+  is whether the caption names the right number of objects (one, or two with a relation)."""
+  out = {}
+  n = len(predicted)
+  for attr in predicted[0] if predicted else ():
+    if attr not in truth:
+      continue
+    values = [str(v) for v in truth[attr]]
+    rows = [i for i in range(n) if values[i]]
+    if rows:
+      out[attr] = sum(predicted[i][attr] == values[i] for i in rows) / len(rows)
+  if "relation" in truth and predicted and "relation" in predicted[0]:
+    out["objects"] = sum(bool(p["relation"]) == bool(str(t))
+                         for p, t in zip(predicted, truth["relation"])) / n
+  return out

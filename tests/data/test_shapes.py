@@ -54,3 +54,13 @@ def test_shapes_as_the_embedded_source():
   assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
   assert batch["caption"].shape == (8,) and src.class_names == shapes.SHAPES
   assert [shapes.SHAPES[i] for i in batch["label"]] == list(batch["shape"])
+
+
+def test_parse_caption_reads_back_every_scene():
+  _, captions, attrs = shapes.make_scenes(300, 5)
+  for i, caption in enumerate(captions):
+    assert shapes.parse_caption(caption) == {k: str(attrs[k][i]) for k in shapes.ATTRIBUTES}
+  assert shapes.parse_caption("A Large blue SQUARE above something") == dict(
+      shape="square", colour="blue", size="large", relation="above", shape2="", colour2="",
+      size2="")
+  assert shapes.parse_caption("") == dict.fromkeys(shapes.ATTRIBUTES, "")

@@ -57,3 +57,21 @@ def test_tokenize_and_bad_input():
     bleu([["a"], ["b"]], [[["a"]]])
   with pytest.raises(ConfigError, match="at least one reference"):
     cider_d([["a"]], [[]])
+
+
+def test_attribute_accuracy_counts_each_attribute_where_it_applies():
+  from jaxgen.data.shapes import parse_caption
+  from jaxgen.eval.captions import attribute_accuracy, caption_metrics
+  truth = dict(shape=np.array(["circle", "square", "circle"]),
+               colour=np.array(["red", "blue", "green"]),
+               relation=np.array(["", "above", "left of"]),
+               shape2=np.array(["", "circle", "diamond"]))
+  said = ["a small red circle", "a large blue square below a red circle",
+          "a small green square left of a cyan diamond"]
+  acc = attribute_accuracy([parse_caption(c) for c in said], truth)
+  # shape: 2 of 3; colour: 3 of 3; relation: 1 of the 2 two-object scenes; shape2: 2 of 2;
+  # objects: every caption names the right number of objects
+  assert acc == dict(shape=2 / 3, colour=1.0, relation=0.5, shape2=1.0, objects=1.0)
+  m = caption_metrics(said, [[c] for c in said])
+  assert m == dict(bleu4=100.0, cider_d=pytest.approx(m["cider_d"]), exact_match=1.0)
+  assert caption_metrics(["a red circle"], [["a blue square"]])["bleu4"] == 0.0
