@@ -96,3 +96,33 @@ def test_locked_encoder_from_a_clip_run_stays_fixed(clip_run, tmp_path):
 def test_config_checks(override, message):
   with pytest.raises(ConfigError, match=message):
     config("captioner", override)
+
+
+def test_captioner_with_clips_bpe_tokenizer(tmp_path):
+  """The byte-level BPE tokenizer (a tiny merges list that spells the shapes' words) trains,
+  is stored in the run and decodes captions back to text."""
+  from jaxgen.pipelines import captioning as cp
+  from jaxgen.text.bpe import clip_vocab
+  words = {w for c in shapes.make_scenes(50, 0)[1] for w in c.split()}
+  merges = []
+  for w in sorted(words):
+    pieces = list(w[:-1]) + [w[-1] + "</w>"]
+    while len(pieces) > 1:
+      pair = (pieces[0], pieces[1])
+      if pair not in merges:
+        merges.append(pair)
+      pieces = [pieces[0] + pieces[1]] + pieces[2:]
+  folder = tmp_path / "bpe"
+  folder.mkdir()
+  (folder / "vocab.json").write_text(json.dumps(clip_vocab(merges)))
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  wd = tmp_path / "cap"
+  train(config("captioner", "model.text.tokenizer=bpe", f"model.text.tokenizer_path={folder}",
+               "model.text.context_length=32"), wd, progress=False)
+  model, params, state = cp.load_captioner(str(wd))
+  caption = "a small red circle left of a large cyan diamond"
+  assert model.tokenizer(caption)["lengths"][0] < len(caption)  # the merges apply
+  texts = cp.caption(model, params, state, shapes.make_scenes(2, 1)[0], beam=2)
+  assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+  ids = model.tokenizer(["a large blue square"])["input_ids"]
+  assert model.ids_to_text(ids) == ["a large blue square"]
