@@ -379,12 +379,18 @@ def _clip_sample(run, args, outdir):
   gallery = sorted(set(run.task.train_captions().tolist()))
   best = pipe.nearest_captions(run.task.model, run.params, run.model_state, data["image"],
                                gallery)
-  for i, caption in enumerate(best):
+  return _show_captions(data, best, _out_path(args, outdir / "retrieval_images.png"))
+
+
+def _show_captions(data, captions, path) -> list[pathlib.Path]:
+  """Prints image -> caption lines (with the true caption when the data has one) and writes
+  the images as a strip to `path`."""
+  for i, caption in enumerate(captions):
     truth = data["caption"][i] if "caption" in data else ""
     print(f"image {i}: {caption!r}" + (f"   (true: {str(truth)!r})" if truth else ""))
-  path = _out_path(args, outdir / "retrieval_images.png")
-  return [img.save_png(img.grid(data["image"], ncols=args.num,
-                                scale=img.display_scale(d.image_size)), path)]
+  images = data["image"]
+  return [img.save_png(img.grid(images, ncols=len(images),
+                                scale=img.display_scale(images.shape[1])), path)]
 
 
 def _clip_eval_args(p):
@@ -505,12 +511,7 @@ def _captioner_sample(run, args, outdir):
   data = load_all(load_source(d, d.eval_split), limit=args.num)
   captions = cp.caption(run.task.model, run.params, run.model_state, data["image"],
                         jax.random.PRNGKey(args.seed), **decoding_options(args))
-  for i, caption in enumerate(captions):
-    truth = data["caption"][i] if "caption" in data else ""
-    print(f"image {i}: {caption!r}" + (f"   (true: {str(truth)!r})" if truth else ""))
-  path = _out_path(args, outdir / "captioned_images.png")
-  return [img.save_png(img.grid(data["image"], ncols=args.num,
-                                scale=img.display_scale(d.image_size)), path)]
+  return _show_captions(data, captions, _out_path(args, outdir / "captioned_images.png"))
 
 
 def _captioner_eval_args(p):
