@@ -533,16 +533,25 @@ def _captioner_eval_args(p):
 
 def _caption_scorer(task, data, references):
   """captions -> BLEU-4, CIDEr-D, exact match (and, on the shapes data, the attributes read
-  back from each caption against the scene's truth)."""
+  back from each caption against the scene's truth). On the shapes data a two-object scene has
+  two references, one told from each object, and the attributes are compared in the canonical
+  order (relation 'left of' or 'above'), so that either telling counts as right."""
   from jaxgen.data import shapes
   from jaxgen.eval.captions import attribute_accuracy, caption_metrics
   d = task.config.data
   on_shapes = d.source == "embedded" and d.name == "shapes"
 
+  if on_shapes:  # a two-object scene has two true captions, one from each object
+    references = [shapes.equivalent_captions(r) for refs in references for r in refs[:1]]
+    truth = [shapes.canonical({k: str(data[k][i]) for k in shapes.ATTRIBUTES})
+             for i in range(len(references))]
+    truth = {k: np.array([t[k] for t in truth]) for k in shapes.ATTRIBUTES}
+
   def score(captions):
     out = caption_metrics(captions, references)
     if on_shapes:
-      out["attributes"] = attribute_accuracy([shapes.parse_caption(c) for c in captions], data)
+      out["attributes"] = attribute_accuracy(
+          [shapes.canonical(shapes.parse_caption(c)) for c in captions], truth)
     out["examples"] = list(captions[:3])
     return out
   return score

@@ -144,3 +144,27 @@ def parse_caption(text: str) -> dict[str, str]:
     for attr, vocab in (("shape", SHAPES), ("colour", COLOUR_NAMES), ("size", SIZE_NAMES)):
       out[attr + suffix] = next((w for w in part if w in vocab), "")
   return out
+
+
+_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def canonical(attrs: dict[str, str]) -> dict[str, str]:
+  """The attributes of a two-object scene stated with the relation 'left of' or 'above': "a red
+  circle right of a blue square" is the scene of "a blue square left of a red circle", so both
+  read the same. One-object scenes are returned as they are."""
+  if attrs.get("relation") not in ("right of", "below"):
+    return dict(attrs)
+  return dict(shape=attrs["shape2"], colour=attrs["colour2"], size=attrs["size2"],
+              relation=_INVERSE[attrs["relation"]], shape2=attrs["shape"],
+              colour2=attrs["colour"], size2=attrs["size"])
+
+
+def equivalent_captions(caption: str) -> list[str]:
+  """The caption and, for a two-object scene, the same scene told from the other object ("a X
+  left of a Y" and "a Y right of a X"): the references a caption of this set is scored against."""
+  a = parse_caption(caption)
+  if not a["relation"]:
+    return [caption]
+  first, second = (f"a {a[f'size{s}']} {a[f'colour{s}']} {a[f'shape{s}']}" for s in ("", "2"))
+  return [caption, f"{second} {_INVERSE[a['relation']]} {first}"]

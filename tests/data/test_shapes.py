@@ -64,3 +64,16 @@ def test_parse_caption_reads_back_every_scene():
       shape="square", colour="blue", size="large", relation="above", shape2="", colour2="",
       size2="")
   assert shapes.parse_caption("") == dict.fromkeys(shapes.ATTRIBUTES, "")
+
+
+def test_either_telling_of_a_two_object_scene_reads_the_same():
+  told = "a small red circle right of a large blue square"
+  assert shapes.equivalent_captions(told) == [told, "a large blue square left of a small red "
+                                                    "circle"]
+  a, b = (shapes.canonical(shapes.parse_caption(c)) for c in shapes.equivalent_captions(told))
+  assert a == b and a["relation"] == "left of" and a["shape"] == "square"
+  assert shapes.equivalent_captions("a small red circle") == ["a small red circle"]
+  _, captions, _ = shapes.make_scenes(100, 3)
+  for c in captions:  # telling it from the other object and back gives the caption again
+    other = shapes.equivalent_captions(c)[-1]
+    assert shapes.equivalent_captions(other)[-1] == c
