@@ -20,6 +20,7 @@ from jaxgen.diffusion.schedules import Schedule
 from jaxgen.errors import ConfigError, ShapeError
 
 SAMPLERS = ("ddpm", "ddim", "plms", "euler", "euler_a", "dpmpp_2m")
+FLOW_SAMPLERS = ("euler", "heun")  # the ODE samplers of flow-matching models (prediction "flow")
 KARRAS_SAMPLERS = ("euler", "dpmpp_2m")  # the samplers that take Karras et al.'s sigmas
 SPACINGS = ("trailing", "leading", "linspace")
 # The keyword arguments of `sample` that shape the grid (make_grid's, besides num_steps).
@@ -109,6 +110,10 @@ class Grid(struct.PyTreeNode):
   from level `abar_from` (equal to abar except in PLMS's second row, which restarts from the
   first sample) to `abar_to` (1 is the data). `low_order` marks the rows where DPM-Solver++
   takes a first-order step. The starting noise is multiplied by `init_scale` (a scalar).
+
+  A flow grid (`flow_grid`) steps in flow time instead: t is the time sigma in [0, 1] the model
+  sees (1 = noise) and `t_to` the time the step goes to; its abar columns hold the matching
+  variance-preserving levels, (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2).
   """
   t: jax.Array
   abar: jax.Array
@@ -116,14 +121,18 @@ class Grid(struct.PyTreeNode):
   abar_to: jax.Array
   low_order: jax.Array
   init_scale: jax.Array
+  t_to: jax.Array | None = None
 
   @property
   def num_rows(self) -> int:
     return self.t.shape[0]
 
   def rows(self) -> dict:
-    return dict(t=self.t, abar=self.abar, abar_from=self.abar_from, abar_to=self.abar_to,
+    rows = dict(t=self.t, abar=self.abar, abar_from=self.abar_from, abar_to=self.abar_to,
                 low_order=self.low_order)
+    if self.t_to is not None:
+      rows["t_to"] = self.t_to
+    return rows
 
 
 def _concrete(schedule: Schedule, sampler: str) -> np.ndarray:
@@ -269,6 +278,39 @@ def _plms_grid(schedule: Schedule, ts, ratio: int, fin) -> Grid:
               low_order=jnp.zeros(t.shape, bool), init_scale=jnp.float32(1.0))
 
 
+def flow_shift(sigma, shift):
+  """Stable Diffusion 3's time shift: shift * s / (1 + (shift - 1) * s); shift > 1 spends more
+  of the steps (or of training) at high noise, as larger images need (SD3 sets the shift to
+  sqrt(m / n) for m pixels against a base of n)."""
+  return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def resolution_shift(height: int, width: int, base: int = 256) -> float:
+  """SD3's resolution-dependent shift sqrt(m / n): m = height * width, n = base * base."""
+  return float(np.sqrt(height * width / float(base * base)))
+
+
+def flow_grid(num_steps: int, shift: float = 1.0, num_timesteps: int = 1000) -> Grid:
+  """The time grid of diffusers' FlowMatchEulerDiscreteScheduler (and FlowMatchHeun's steps):
+  num_steps times evenly spaced from 1 down to the training grid's smallest time
+  shift(1 / num_timesteps), shifted, then 0 (the data)."""
+  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ConfigError(f"num_steps must be a positive int, got {num_steps!r}")
+  if shift <= 0:
+    raise ConfigError(f"the time shift must be positive, got {shift}")
+  shift32 = np.float32(shift)
+  smallest = flow_shift(np.float32(1.0) / np.float32(num_timesteps), shift32)  # float32
+  sig = np.linspace(1.0 * num_timesteps, float(smallest) * num_timesteps, num_steps)
+  sig = flow_shift(sig / num_timesteps, float(shift)).astype(np.float32)
+  sig = np.concatenate([sig, [0.0]]).astype(np.float32)
+  s64 = sig.astype(np.float64)
+  levels = (1 - s64) ** 2 / ((1 - s64) ** 2 + s64 ** 2)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return Grid(t=f32(sig[:-1]), abar=f32(levels[:-1]), abar_from=f32(levels[:-1]),
+              abar_to=f32(levels[1:]), low_order=jnp.zeros(num_steps, bool),
+              init_scale=jnp.float32(1.0), t_to=f32(sig[1:]))
+
+
 def _sqrt0(u):
   """sqrt(max(u, 0)) with a zero gradient where u <= 0: coefficients that vanish on the last step
   (sigma, the DDIM direction) would otherwise give inf * 0 = nan in gradients, e.g. for eta."""
@@ -387,6 +429,8 @@ def make_step(denoise: Callable, *, sampler: str = "ddim", prediction: str = "ep
   use_clipped_model_output (GLIDE's rule, jaxgen's default; diffusers' pipelines do not); the
   Euler samplers always do (their ODE direction is x_t - x0).
   """
+  if prediction == "flow":
+    return _flow_step(denoise, sampler, constraint)
   if sampler not in SAMPLERS:
     raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
   check_prediction(prediction)
@@ -450,6 +494,33 @@ def make_step(denoise: Callable, *, sampler: str = "ddim", prediction: str = "ep
   return step
 
 
+def _flow_step(denoise: Callable, sampler: str, constraint: Callable | None) -> Callable:
+  """A flow model's ODE step on a flow grid: denoise(x, sigma[B]) is the velocity
+  dx/dsigma (noise - data, for x = (1 - sigma) data + sigma noise). Euler: x + (s - t) v(x, t).
+  Heun: the mean of v at both ends, the second taken at the Euler point (diffusers'
+  FlowMatchHeunDiscreteScheduler); a step that ends at the data (s = 0) is an Euler step."""
+  if sampler not in FLOW_SAMPLERS:
+    raise ConfigError(f"a flow model samples with {' or '.join(FLOW_SAMPLERS)}, not "
+                      f"{sampler!r}")
+
+  def step(state: SamplerState, inputs):
+    row, key = inputs
+    x = state.x
+    full = lambda v: jnp.full(x.shape[:1], v, jnp.float32)
+    t, t_to = full(row["t"]), full(row["t_to"])
+    v = jnp.asarray(denoise(x, t), jnp.float32)
+    dt = expand(t_to - t, x)
+    x_prev = x + dt * v
+    if sampler == "heun":
+      v2 = jnp.asarray(denoise(x_prev, t_to), jnp.float32)
+      x_prev = jnp.where(expand(t_to > 0, x), x + dt * 0.5 * (v + v2), x_prev)
+    if constraint is not None:
+      x_prev = constraint(x_prev, full(row["abar_to"]), key)
+    return state.replace(x=x_prev, step=state.step + 1), x_prev
+
+  return step
+
+
 def step_inputs(grid: Grid, key):
   """Scan inputs of `grid`: (rows, keys), one key per row."""
   return grid.rows(), jax.random.split(key, grid.num_rows)
@@ -482,11 +553,17 @@ def sample(denoise: Callable, schedule: Schedule, key, shape, *, sampler: str = 
   may be None); like diffusers' `latents` it is multiplied by the grid's init_scale (1 except
   for Euler on 'linspace'/'trailing' grids). eta is DDIM's noise scale (traced). With
   return_trajectory, returns (x_0, xs) where xs [rows + 1, *shape] starts with the scaled x_T.
-  clip_x0, threshold, use_clipped_model_output: see make_step.
+  clip_x0, threshold, use_clipped_model_output: see make_step. prediction="flow": a flow model
+  (denoise gives the velocity) sampled with FLOW_SAMPLERS on `grid` = flow_grid(...).
   """
-  if sampler not in SAMPLERS:
-    raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-  check_prediction(prediction)
+  if prediction == "flow":
+    if grid is None or grid.t_to is None:
+      raise ConfigError("a flow model samples on a flow grid: pass grid=flow_grid(num_steps, "
+                        "shift)")
+  else:
+    if sampler not in SAMPLERS:
+      raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    check_prediction(prediction)
   if grid is None:
     grid = make_grid(schedule, sampler, **grid_options)
   elif grid_options:
