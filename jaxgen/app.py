@@ -26,6 +26,7 @@ TASKS = {
     "classifier": "jaxgen.tasks.classifier:ClassifierTask",
     "clip": "jaxgen.tasks.clip:CLIPTask",
     "ddpm": "jaxgen.tasks.diffusion:DiffusionTask",
+    "dit": "jaxgen.tasks.dit:DiTTask",
     "ldm": "jaxgen.tasks.ldm:LatentDiffusionTask",
     "simclr": "jaxgen.tasks.simclr:SimCLRTask",
     "vae": "jaxgen.tasks.vae:AutoencoderTask",

@@ -322,9 +322,9 @@ def _cmd_denoise(args):
   if args.out and len(args.image) != 1:
     raise ConfigError("--out names one file: give one --image, or --outdir for several")
   run = app.restore_run(args.workdir, args.step, with_state=False)
-  if run.config.task not in ("ddpm", "ldm"):
-    raise ConfigError(f"jaxgen denoise needs a diffusion run (ddpm or ldm); {args.workdir} is a "
-                      f"{run.config.task} run")
+  if run.config.task not in ("ddpm", "dit", "ldm"):
+    raise ConfigError(f"jaxgen denoise needs a diffusion run (ddpm, dit or ldm); {args.workdir} "
+                      f"is a {run.config.task} run")
   channels = run.task.model.image_shape[-1]
   for i, path in enumerate(args.image):
     x = img.read_picture(path, channels)[0][None]

@@ -112,10 +112,20 @@ def _vae_eval(run, key, args):
 
 
 # -- pixel diffusion -----------------------------------------------------------------------------
+SAMPLER_CHOICES = tuple(dict.fromkeys(diffusion.SAMPLERS + diffusion.FLOW_SAMPLERS))
+
+
+def _check_sampler(model, sampler: str) -> None:
+  valid = diffusion.FLOW_SAMPLERS if model.is_flow else diffusion.SAMPLERS
+  if sampler not in valid:
+    kind = "flow-matching" if model.is_flow else "diffusion"
+    raise ConfigError(f"--sampler {sampler}: a {kind} model samples with {', '.join(valid)}")
+
+
 def _ddpm_sample_args(p):
   p.add_argument("--num", type=positive_int, default=64, help="images to draw")
-  p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
-                 help="default: the config's diffusion.sampler")
+  p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
+                 help="default: the config's diffusion.sampler (flow models: euler or heun)")
   _karras_arg(p)
   p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the "
                  "config's diffusion.sample_steps; ddpm usually 1000)")
@@ -145,6 +155,7 @@ def _ddpm_sample(run, args, outdir):
   from jaxgen.pipelines import diffusion as pipe
   model, d = _scheduler_flags(run.task.model, args), run.config.diffusion
   sampler = args.sampler or d.sampler
+  _check_sampler(model, sampler)
   steps = args.steps or (d.num_timesteps if sampler == "ddpm" else d.sample_steps)
   labels, guidance = None, None
   if model.num_classes:
@@ -176,7 +187,7 @@ def _ddpm_sample(run, args, outdir):
 
 def _ddpm_eval_args(p):
   p.add_argument("--num", type=positive_int, default=1000, help="samples to score")
-  p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None)
+  p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None)
   p.add_argument("--steps", type=positive_int, default=None)
   p.add_argument("--guidance", type=float, default=None)
   p.add_argument("--batch", type=positive_int, default=250, help="images per sampler call")
@@ -198,6 +209,7 @@ def evaluate_diffusion(task, params, key, *, num=1000, sampler=None, steps=None,
   from jaxgen.pipelines import diffusion as pipe
   d = task.config.diffusion
   sampler = sampler or d.sampler
+  _check_sampler(task.model, sampler)
   steps = steps or (d.num_timesteps if sampler == "ddpm" else d.sample_steps)
   guidance = d.guidance_scale if guidance is None else guidance
   net = app.load_feature_net(task.config.data, feature_net, progress=progress)
@@ -664,6 +676,7 @@ def _classifier_eval(run, key, args):
 COMMANDS = {
     "vae": Commands(_vae_sample_args, _vae_sample, _limit_arg, _vae_eval),
     "ddpm": Commands(_ddpm_sample_args, _ddpm_sample, _ddpm_eval_args, _ddpm_eval),
+    "dit": Commands(_ddpm_sample_args, _ddpm_sample, _ddpm_eval_args, _ddpm_eval),
     "ldm": Commands(_ldm_sample_args, _ldm_sample, _ldm_eval_args, _ldm_eval),
     "clip": Commands(_clip_sample_args, _clip_sample, _clip_eval_args, _clip_eval),
     "simclr": Commands(_simclr_sample_args, _simclr_sample, _simclr_eval_args, _simclr_eval),

@@ -164,6 +164,15 @@ class DiT(nn.Module):
   def null_label_id(self) -> int:
     return self.num_classes
 
+  @property
+  def downsample_factor(self) -> int:
+    """Image sides must be multiples of this (the patch size)."""
+    return self.patch_size
+
+  @property
+  def levels(self) -> int:
+    return 1
+
   def dims(self) -> tuple[int, int, int]:
     if self.size:
       if self.size not in SIZES:

@@ -23,7 +23,10 @@ from jaxgen.models.unet import UNet
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionModel:
-  """A U-Net and the diffusion process it was trained for (hashable: a static jit argument)."""
+  """A denoising network (a U-Net or a DiT, in the field `unet`) and the process it was trained
+  for (hashable: a static jit argument). objective="flow": a rectified-flow model, which sees
+  the time t in [0, 1] as num_timesteps * t and predicts the velocity; it samples with the
+  euler or heun ODE step on diffusion.flow_grid(steps, flow_shift)."""
   unet: UNet
   image_shape: tuple[int, int, int]
   schedule: str = "linear"
@@ -38,6 +41,8 @@ class DiffusionModel:
   sample_max_value: float = 1.0           # dynamic thresholding's largest scale
   karras: bool = False                    # Karras sigmas for the euler and dpmpp_2m samplers
   final_sigmas: str = "zero"              # euler/dpmpp_2m's last level: zero | sigma_min
+  objective: str = "diffusion"            # diffusion | flow
+  flow_shift: float = 1.0                 # flow models: SD3's time shift of the sampling grid
 
   @property
   def num_classes(self) -> int:
@@ -55,9 +60,20 @@ class DiffusionModel:
     return diffusion.make_schedule(self.schedule, self.num_timesteps, self.beta_start,
                                    self.beta_end)
 
+  @property
+  def is_flow(self) -> bool:
+    return self.objective == "flow"
+
   def apply(self, params, x_t, t, labels=None, *, train: bool = False, key=None):
     rngs = {"dropout": key} if train else None
+    if self.is_flow:  # flow time in [0, 1] -> the network's timestep scale
+      t = jnp.asarray(t, jnp.float32) * self.num_timesteps
     return self.unet.apply(params, x_t, t, labels=labels, train=train, rngs=rngs)
+
+  def refuse_flow(self, what: str) -> None:
+    if self.is_flow:
+      raise ConfigError(f"{what} is implemented for diffusion models; this is a flow-matching "
+                        "model (diffusion.objective=flow): use generate")
 
 
 def check_images(model: DiffusionModel, images, what: str = "images") -> None:
@@ -122,11 +138,19 @@ def generate(model: DiffusionModel, params, key, *, num: int, labels=None, guida
   space if asked). labels: int [num] for a class-conditional model; guidance_scale turns on
   classifier-free guidance (a scalar or one per image)."""
   den = denoiser(model, params, num, labels, guidance_scale)
-  out = diffusion.sample(den, model.make_schedule(), key, (num, *model.image_shape),
-                         sampler=sampler, num_steps=num_steps, prediction=model.prediction,
-                         eta=eta, timesteps=timesteps, spacing=spacing,
-                         **model.sampling_options(sampler),
-                         return_trajectory=return_trajectory)
+  shape = (num, *model.image_shape)
+  if model.is_flow:
+    if timesteps is not None:
+      raise ConfigError("a flow model's grid comes from num_steps and flow_shift, not timesteps")
+    grid = diffusion.flow_grid(num_steps, model.flow_shift, model.num_timesteps)
+    out = diffusion.sample(den, None, key, shape, sampler=sampler, prediction="flow", grid=grid,
+                           return_trajectory=return_trajectory)
+  else:
+    out = diffusion.sample(den, model.make_schedule(), key, shape, sampler=sampler,
+                           num_steps=num_steps, prediction=model.prediction, eta=eta,
+                           timesteps=timesteps, spacing=spacing,
+                           **model.sampling_options(sampler),
+                           return_trajectory=return_trajectory)
   if return_trajectory:
     return from_signed(out[0]), out[1]
   return from_signed(out)
@@ -138,6 +162,7 @@ def inpaint(model: DiffusionModel, params, key, images, mask, *, num: int, label
             guidance_scale=None, sampler: str = "ddim", num_steps: int = 50, eta=0.0,
             spacing: str = "trailing"):
   """Fills the pixels where mask == 0; mask [num, H, W, 1 or C] is 1 on the known pixels."""
+  model.refuse_flow("inpaint")
   check_images(model, images)
   if images.shape[0] != num:
     raise ShapeError(f"inpaint: {images.shape[0]} images given for num={num}.")
@@ -155,6 +180,7 @@ def img2img(model: DiffusionModel, params, key, images, *, strength: float, num:
             labels=None, guidance_scale=None, sampler: str = "ddim", num_steps: int = 50,
             eta=0.0, spacing: str = "trailing"):
   """SDEdit: noise the images to `strength` (0..1] of the schedule and denoise them back."""
+  model.refuse_flow("img2img")
   check_images(model, images)
   den = denoiser(model, params, num, labels, guidance_scale)
   out = diffusion.img2img(den, model.make_schedule(), key, to_signed(images), strength,
@@ -168,6 +194,7 @@ def interpolate(model: DiffusionModel, params, image_a, image_b, *, num: int = 8
                 num_steps: int = 50, label: int | None = None):
   """Deterministic DDIM inversion of two images [H, W, C], slerp of their noises, decoding:
   [num, H, W, C] in [0, 1]. A class-conditional model uses `label` (or the null label)."""
+  model.refuse_flow("interpolate")
   check_images(model, image_a[None], "image_a")
   check_images(model, image_b[None], "image_b")
   if label is not None:
@@ -233,6 +260,7 @@ def denoise(model: DiffusionModel, params, images, key, *, sigma=None, steps: in
   PSNR). Pictures of any size are reflect-padded to a multiple the U-Net can halve and cropped
   back. Images with the same noise level share one call; new levels do not recompile."""
   from jaxgen.images import estimate_noise_sigma
+  model.refuse_flow("denoise")
   x = np.asarray(images)
   if x.ndim != 4 or x.shape[-1] != model.image_shape[-1]:
     raise ShapeError(f"images: expected [batch, height, width, {model.image_shape[-1]}] (this "

@@ -41,17 +41,42 @@ def diffusion_section() -> dict:
       sample_max_value=1.0,       # dynamic thresholding's largest scale
       karras=False,               # Karras et al.'s sigmas for the euler and dpmpp_2m samplers
       final_sigmas="zero",        # euler/euler_a/dpmpp_2m's last level: zero | sigma_min
-      sampler="ddim",             # ddpm | ddim | plms | euler | euler_a | dpmpp_2m: pictures
-                                  # during training and the default of `jaxgen sample`
+      sampler="ddim",             # ddpm | ddim | plms | euler | euler_a | dpmpp_2m (flow models:
+                                  # euler | heun): pictures during training and the default of
+                                  # `jaxgen sample`
       sample_steps=50,
       guidance_scale=3.0,         # classifier-free guidance for conditional pictures
+      objective="diffusion",      # diffusion (the noise schedule and prediction above) | flow
+                                  # (rectified flow: velocity target, ODE sampling)
+      flow_time="logit_normal",   # flow training times: uniform | logit_normal | mode
+      flow_logit_mean=0.0,
+      flow_logit_std=1.0,
+      flow_mode_scale=1.29,
+      flow_shift=1.0,             # SD3's time shift, in training and sampling (> 1: more noise;
+                                  # jaxgen.diffusion.resolution_shift gives sqrt(m / n))
   )
+
+
+OBJECTIVES = ("diffusion", "flow")
 
 
 def validate_diffusion(config) -> None:
   d = config.diffusion
+  if d.objective not in OBJECTIVES:
+    raise ConfigError(f"diffusion.objective must be one of {', '.join(OBJECTIVES)}; got "
+                      f"{d.objective!r}.")
+  flow = d.objective == "flow"
+  samplers = diffusion.FLOW_SAMPLERS if flow else diffusion.SAMPLERS
+  if flow and d.sampler not in samplers:
+    raise ConfigError(f"diffusion.objective=flow samples with {' or '.join(samplers)}; got "
+                      f"diffusion.sampler={d.sampler!r}.")
+  if d.flow_time not in diffusion.flow.TIME_SAMPLINGS:
+    raise ConfigError(f"diffusion.flow_time must be one of "
+                      f"{', '.join(diffusion.flow.TIME_SAMPLINGS)}; got {d.flow_time!r}.")
+  if d.flow_shift <= 0 or d.flow_logit_std <= 0:
+    raise ConfigError("diffusion.flow_shift and diffusion.flow_logit_std must be positive.")
   for key, valid in (("schedule", diffusion.SCHEDULES), ("prediction", diffusion.PREDICTIONS),
-                     ("weighting", diffusion.WEIGHTINGS), ("sampler", diffusion.SAMPLERS)):
+                     ("weighting", diffusion.WEIGHTINGS), ("sampler", samplers)):
     if d[key] not in valid:
       raise ConfigError(f"diffusion.{key} must be one of {', '.join(valid)}; got {d[key]!r}.")
   if d.final_sigmas not in ("zero", "sigma_min"):
@@ -70,14 +95,19 @@ def validate_diffusion(config) -> None:
                       f"(diffusion.num_timesteps); got {d.sample_steps}.")
 
 
-def schedule_kwargs(d) -> dict:
-  return dict(schedule=d.schedule, num_timesteps=d.num_timesteps,
+def schedule_kwargs(d, *, flow: bool = True) -> dict:
+  """The DiffusionModel (flow=True) or LatentDiffusionModel (flow=False) fields of a diffusion
+  section."""
+  out = dict(schedule=d.schedule, num_timesteps=d.num_timesteps,
               beta_start=d.beta_start or None, beta_end=d.beta_end or None,
               prediction=d.prediction, clip_x0=d.clip_x0 or None,
               set_alpha_to_one=d.set_alpha_to_one,
               use_clipped_model_output=d.use_clipped_model_output,
               threshold=d.threshold or None, sample_max_value=d.sample_max_value,
               karras=d.karras, final_sigmas=d.final_sigmas)
+  if flow:
+    out.update(objective=d.objective, flow_shift=d.flow_shift)
+  return out
 
 
 class DiffusionTask(Task):
@@ -119,11 +149,16 @@ class DiffusionTask(Task):
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
     d = config.data
-    self.unet = build.build(UNet, config.model, skip=TRAINING_KEYS, out_channels=d.channels,
-                            attention="self")
+    self.unet = self.build_network(config)
     self.model = pipe.DiffusionModel(self.unet, (d.image_size, d.image_size, d.channels),
                                      **schedule_kwargs(config.diffusion))
     self.schedule = self.model.make_schedule()
+
+  @staticmethod
+  def build_network(config):
+    """The denoising network of the config's model section (a U-Net here; DiT in tasks.dit)."""
+    return build.build(UNet, config.model, skip=TRAINING_KEYS, out_channels=config.data.channels,
+                       attention="self")
 
   # -- training ----------------------------------------------------------------------------
   def init(self, key, batch):
@@ -148,9 +183,14 @@ class DiffusionTask(Task):
     def model_fn(x_t, t):
       return self.model.apply(params, x_t, t, labels, train=True, key=k_dropout)
 
-    per_example = diffusion.diffusion_loss(model_fn, self.schedule, x0, k_loss,
-                                           prediction=d.prediction, weighting=d.weighting,
-                                           gamma=d.min_snr_gamma)
+    if d.objective == "flow":
+      per_example = diffusion.flow.flow_loss(
+          model_fn, x0, k_loss, sampling=d.flow_time, mean=d.flow_logit_mean,
+          std=d.flow_logit_std, mode_scale=d.flow_mode_scale, shift=d.flow_shift)
+    else:
+      per_example = diffusion.diffusion_loss(model_fn, self.schedule, x0, k_loss,
+                                             prediction=d.prediction, weighting=d.weighting,
+                                             gamma=d.min_snr_gamma)
     return per_example.mean(), ({}, model_state)
 
   # -- pictures ----------------------------------------------------------------------------

@@ -85,6 +85,9 @@ class LatentDiffusionTask(Task):
   @staticmethod
   def validate(config):
     validate_diffusion(config)
+    if config.diffusion.objective != "diffusion":
+      raise ConfigError("latent diffusion trains with diffusion.objective=diffusion; flow "
+                        "matching is for the ddpm and dit tasks.")
     m, d = config.model, config.data
     u = m.unet
     t2 = m.text_2
@@ -169,7 +172,7 @@ class LatentDiffusionTask(Task):
         text_2_layer_norm=t2.layer_norm,
         force_zeros_for_empty_prompt=config.ldm.force_zeros_for_empty_prompt,
         tokenize=self.tokenizer, tokenize_2=self.tokenizer_2,
-        **schedule_kwargs(config.diffusion))
+        **schedule_kwargs(config.diffusion, flow=False))
     self.schedule = self.model.make_schedule()
     self.empty = self._tokens([""])
     self.empty = {k: v[0] for k, v in self.empty.items()}
