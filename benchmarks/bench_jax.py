@@ -180,7 +180,7 @@ def residual_bytes(task, state, batch) -> int:
 
 
 def _unet_params(config, params):
-  return params["params"] if config.task == "ddpm" else params["unet"]
+  return params["unet"] if config.task == "ldm" else params["params"]
 
 
 def bench_sampler(task, config, params, n: int, steps_list, quick: bool) -> dict:
@@ -258,7 +258,7 @@ def run_row(name: str, quick: bool) -> dict:
   out = dict(row=name, what=row.what, framework="jaxgen")
   train, state, _ = bench_train(task, config, bs, row.quick_repeats if quick else row.repeats)
   out.update(train)
-  if config.task in ("ddpm", "ldm"):
+  if config.task in ("ddpm", "dit", "ldm"):
     out["unet_params"] = sum(int(np.prod(x.shape))
                              for x in jax.tree.leaves(_unet_params(config, state.params)))
   if row.sample_batch:

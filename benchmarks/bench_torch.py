@@ -79,6 +79,22 @@ def unet2d_condition(config, latent_shape):
       flip_sin_to_cos=u.flip_sin_to_cos, freq_shift=int(u.freq_shift)), len(u.block_channels)
 
 
+def dit(config):
+  """diffusers DiTTransformer2DModel equal to the dit task's DiT (its blocks each hold a copy of
+  the timestep/class embedder: returns that copy's size too)."""
+  from diffusers import DiTTransformer2DModel
+
+  from jaxgen.models.dit import SIZES
+  m, d = config.model, config.data
+  depth, width, heads = SIZES[m.size] if m.size else (m.depth, m.hidden_size, m.heads)
+  model = DiTTransformer2DModel(
+      num_attention_heads=heads, attention_head_dim=width // heads, in_channels=d.channels,
+      out_channels=d.channels, num_layers=depth, sample_size=d.image_size,
+      patch_size=m.patch_size, num_embeds_ada_norm=m.num_classes, norm_eps=m.mlp_eps)
+  copy = sum(p.numel() for p in model.transformer_blocks[0].norm1.emb.parameters())
+  return model, (depth - 1) * copy
+
+
 def abar(config) -> torch.Tensor:
   from jaxgen import diffusion
   d = config.diffusion
@@ -102,7 +118,12 @@ def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
                            list(row.overrides) + [f"data.batch_size={bs}"])
   torch.manual_seed(0)
   conditional = row.torch == "unet2d_condition"
-  if conditional:
+  is_dit = row.torch == "dit"
+  duplicated = 0
+  if is_dit:
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    model, duplicated = dit(config)
+  elif conditional:
     v = config.model.vae
     f = 2 ** (len(v.ch_mult) - 1)
     shape = (config.data.image_size // f, config.data.image_size // f, v.z_channels)
@@ -111,7 +132,8 @@ def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
   else:
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     model, _ = unet2d(config)
-  n_params = sum(p.numel() for p in model.parameters())
+  # a diffusers DiT holds one embedder per block; jaxgen's, like the paper's, one in all
+  n_params = sum(p.numel() for p in model.parameters()) - duplicated
   out = dict(row=name, framework="pytorch", batch=bs, params=n_params,
              torch=torch.__version__, threads=torch.get_num_threads())
   if expect_params:
@@ -144,15 +166,20 @@ def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
 
   def train_step():
     model.train()
-    t = torch.randint(0, ab.shape[0], (bs,))
     eps = torch.randn_like(x0)
-    a = ab[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
     y = None
     if num_classes:
       drop = torch.rand(bs) < config.model.class_dropout
       y = torch.where(drop, torch.full_like(labels, num_classes), labels)
-    loss = F.mse_loss(net(x_t, t, y, context), eps)
+    if config.diffusion.objective == "flow":  # rectified flow, logit-normal times
+      s = torch.sigmoid(torch.randn(bs)).view(-1, 1, 1, 1)
+      x_t = (1 - s) * x0 + s * eps
+      loss = F.mse_loss(net(x_t, 1000 * s.flatten(), y, context), eps - x0)
+    else:
+      t = torch.randint(0, ab.shape[0], (bs,))
+      a = ab[t].view(-1, 1, 1, 1)
+      x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+      loss = F.mse_loss(net(x_t, t, y, context), eps)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if o.grad_clip > 0:

@@ -22,7 +22,7 @@ class Row:
   quick_sample_steps: tuple[int, ...] | None = None
   repeats: int = 5                     # timed train steps (median)
   quick_repeats: int = 3
-  torch: str = ""                      # "unet2d" | "unet2d_condition" | "" (no PyTorch row)
+  torch: str = ""                      # "unet2d" | "unet2d_condition" | "dit" | "" (none)
   quick: bool = True                   # part of --quick
   devices: int = 1                     # simulated CPU devices (XLA_FLAGS) on the CPU backend
   group: str = "speed"                 # "speed": the main table; "memory": the variants table
@@ -85,6 +85,14 @@ ROWS = {r.name: r for r in [
     Row("ldm_sd_like", "SD-1.x-like U-Net at 2/5 width, 32x32x4 latents, 77x768 context",
         "configs/ldm.py", overrides=SD_LIKE, batch=4, sample_batch=2, sample_steps=(10,),
         repeats=3, torch="unet2d_condition", quick=False),
+    Row("dit_small", "class-cond. flow-matching DiT 16x16x1, patch 2, 6x128, configs/dit.py",
+        "configs/dit.py", batch=64, torch="dit"),
+    # DiT-S/2 (the paper's smallest: 12 blocks of width 384, 6 heads) on 32x32x4 latents with
+    # 1000 classes, as for 256x256 ImageNet; random latents stand in for the data.
+    Row("dit_s2", "DiT-S/2 (33M) on 32x32x4 latents, 1000 classes, flow matching",
+        "configs/dit.py:size=S", overrides=("data.image_size=32", "data.channels=4",
+                                            "model.num_classes=1000"),
+        batch=8, repeats=3, torch="dit", quick=False),
     Row("clip", "CLIP-style dual encoder 32x32x3 + 16 tokens, configs/clip.py", "configs/clip.py",
         batch=128),
     Row("vae_sd", "Stable Diffusion's AutoencoderKL (83.7M: 128,256,512,512 x2 blocks) on "
