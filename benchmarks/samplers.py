@@ -1,7 +1,8 @@
 """Sampler wall time and quality: DDPM over all timesteps against DDIM and DPM-Solver++ with
-few steps, for a trained DDPM workdir (or a randomly initialised config for timing only).
+few steps for a diffusion model; Euler and Heun at 5-50 steps for a flow-matching model.
 
 python benchmarks/samplers.py --workdir runs/ddpm_class [--num 1000] [--quality] [--stem NAME]
+                              [--grid ddim:10,ddim:20,ddim:50]
 Writes benchmarks/results/samplers.json and .md. Overhead = time / (steps x one network call).
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from jaxgen.pipelines import diffusion as pipe
 
 GRID = [("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10),
         ("dpmpp_2m", 20), ("dpmpp_2m", 10)]
+FLOW_GRID = [("euler", 50), ("euler", 20), ("euler", 10), ("heun", 25), ("heun", 10),
+             ("heun", 5)]
 
 
 def main():
@@ -30,6 +33,7 @@ def main():
   p.add_argument("--quality", action="store_true", help="also score each setting (slow)")
   p.add_argument("--num", type=int, default=1000, help="samples scored with --quality")
   p.add_argument("--stem", default="samplers", help="results file name under results/")
+  p.add_argument("--grid", default="", help="sampler:steps,... (default: the model kind's)")
   a = p.parse_args()
   runtime.setup_logging()
   runtime.enable_compilation_cache()
@@ -40,7 +44,9 @@ def main():
   labels = (jnp.arange(n) % model.num_classes) if model.num_classes else None
   guidance = run.config.diffusion.guidance_scale if labels is not None else None
   x = jnp.zeros((n, *model.image_shape))
-  t = jnp.zeros((n,), jnp.int32)
+  t = jnp.zeros((n,), jnp.float32 if model.is_flow else jnp.int32)
+  grid = [(s.partition(":")[0], int(s.partition(":")[2])) for s in a.grid.split(",") if s] \
+      or (FLOW_GRID if model.is_flow else GRID)
   # One network evaluation as the sampler makes it (guided: the doubled batch).
   if labels is not None:
     net = jax.jit(lambda p, x, t: model.apply(p, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
@@ -49,7 +55,7 @@ def main():
     net = jax.jit(lambda p, x, t: model.apply(p, x, t))
   one_eval = timed(net, params, x, t, repeats=5)["warm_s"]
   rows = []
-  for sampler, steps in GRID:
+  for sampler, steps in grid:
     if steps > model.num_timesteps:
       continue
     r = timed(pipe.generate, model, params, jax.random.PRNGKey(0), num=n, labels=labels,
@@ -70,6 +76,7 @@ def main():
     cols += ["frechet_distance", "precision", "recall"] + (["class_accuracy"] if labels is not None
                                                          else [])
   path, table = write(a.stem, rows, cols, dict(workdir=a.workdir, step=run.step,
+                                                   objective=model.objective,
                                                    one_network_eval_s=one_eval))
   print(table)
   print(path)
