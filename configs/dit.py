@@ -7,12 +7,39 @@ jaxgen sample --workdir runs/dit --sampler heun --steps 20 --label 7 --guidance 
 jaxgen eval --workdir runs/dit --num 1000
 Arguments: smoke; size=S|B|L|XL (the paper's sizes); patch=N; eps (the diffusion objective with
 eps prediction and DDIM instead of flow matching, for comparison); shift=X (SD3's time shift).
+
+latent: text to image with a latent DiT instead of the U-Net, cross-attending to the text (the
+ldm task of configs/ldm.py: train runs/ldm_autoencoder and runs/clip first, or give ae= and
+clip=); mmdit: the same with MMDiT's joint attention over image and text tokens.
+  jaxgen train --config configs/dit.py:mmdit --workdir runs/mmdit
+  jaxgen generate --workdir runs/mmdit --prompt "a large red circle above a small blue square"
 """
+import pathlib
+
 from jaxgen import app
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def latent_config(flags):
+  """configs/ldm.py with a latent DiT as the denoising network."""
+  passed = [k if v is True else f"{k}={v}" for k, v in flags.items()
+            if k in ("smoke", "ae", "clip")]
+  c = app.load_config(str(HERE / "ldm.py") + (":" + ",".join(passed) if passed else ""))
+  c.model.backbone = "dit"
+  c.model.dit.update(patch_size=2, depth=6, hidden_size=128, heads=4,
+                     text_mode="joint" if flags.get("mmdit") else "cross",
+                     size=str(flags.get("size", "")))
+  if flags.get("smoke"):
+    c.model.dit.update(depth=1, hidden_size=16, heads=2)
+  return c
 
 
 def get_config(arg=None):
-  flags = app.check_arg(arg, ["smoke", "size", "patch", "eps", "shift"])
+  flags = app.check_arg(arg, ["smoke", "size", "patch", "eps", "shift", "latent", "mmdit", "ae",
+                              "clip"])
+  if flags.get("latent") or flags.get("mmdit"):
+    return latent_config(flags)
   c = app.base_config("dit")
   c.data.update(image_size=16, channels=1, batch_size=64)
   c.model.update(patch_size=int(flags.get("patch", 2)), depth=6, hidden_size=128, heads=4,

@@ -92,11 +92,11 @@ class LatentDiffusionModel:
     h = self.image_shape[0] if height is None else int(height)
     w = self.image_shape[1] if width is None else int(width)
     f = self.vae.downsample_factor
-    unit = f * 2 ** (self.unet.levels - 1)
+    unit = f * self.unet.downsample_factor
     if h <= 0 or w <= 0 or h % unit or w % unit:
       raise ShapeError(f"height and width must be positive multiples of {unit} (the autoencoder "
-                       f"downsamples {f}x and the U-Net halves its latents "
-                       f"{self.unet.levels - 1} times); got {h} x {w}.")
+                       f"downsamples {f}x and the denoising network needs latent sides that are "
+                       f"multiples of {self.unet.downsample_factor}); got {h} x {w}.")
     return (h // f, w // f, self.vae.z_channels)
 
   def sampling_options(self, sampler: str, spacing: str | None = None) -> dict:

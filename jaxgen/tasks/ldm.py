@@ -31,6 +31,7 @@ from jaxgen.errors import ConfigError
 from jaxgen.images import map_batches, to_signed
 from jaxgen.models import build
 from jaxgen.models.autoencoder import Autoencoder
+from jaxgen.models.dit import DiT
 from jaxgen.pipelines import text_to_image as t2i
 from jaxgen.pipelines.autoencoder import latent_scale
 from jaxgen.tasks.base import Task
@@ -38,6 +39,11 @@ from jaxgen.tasks.diffusion import diffusion_section, schedule_kwargs, validate_
 from jaxgen.tasks.vae import architecture_keys, autoencoder_module, autoencoder_section
 
 log = logging.getLogger(__name__)
+
+# DiT fields the latent DiT takes from elsewhere: the latents fix out_channels, the text tower
+# context_dim; it has no class labels.
+_DIT_FIXED = ("out_channels", "context_dim", "num_classes")
+
 
 def text_2_section(**overrides) -> dict:
   """model.text_2: SDXL's second text tower (OpenCLIP bigG), reading the first tower's tokens
@@ -63,7 +69,12 @@ class LatentDiffusionTask(Task):
   @staticmethod
   def default_config():
     return {
-        "model": dict(unet=build.conditional_unet_section(), vae=vae_section(),
+        "model": dict(backbone="unet",  # unet | dit (model.dit: a latent DiT; text by
+                                        # cross-attention or MMDiT's joint attention)
+                      unet=build.conditional_unet_section(),
+                      dit=build.section(DiT, exclude=_DIT_FIXED, patch_size=2, depth=4,
+                                        hidden_size=128, heads=4, text_mode="cross"),
+                      vae=vae_section(),
                       text=build.text_section(init="", freeze=True, layer=0,
                                               attention_mask=True,  # False: SD's pipelines
                                               layer_norm=True),     # give the tower none
@@ -91,6 +102,23 @@ class LatentDiffusionTask(Task):
     m, d = config.model, config.data
     u = m.unet
     t2 = m.text_2
+    if m.backbone not in ("unet", "dit"):
+      raise ConfigError(f"model.backbone must be 'unet' or 'dit'; got {m.backbone!r}.")
+    if m.backbone == "dit":
+      if t2.layers:
+        raise ConfigError("model.backbone=dit takes one text tower (model.text_2.layers=0).")
+      if m.dit.text_mode not in ("cross", "joint"):
+        raise ConfigError(f"model.dit.text_mode must be cross or joint; got "
+                          f"{m.dit.text_mode!r}.")
+      width, heads = m.dit.hidden_size, m.dit.heads
+      if m.dit.size:
+        from jaxgen.models.dit import SIZES
+        if m.dit.size not in SIZES:
+          raise ConfigError(f"model.dit.size must be one of {', '.join(SIZES)} or ''.")
+        _, width, heads = SIZES[m.dit.size]
+      if width % heads or width % 4:
+        raise ConfigError(f"the DiT width {width} must be divisible by its heads ({heads}) and "
+                          "by 4.")
     if bool(t2.layers) != bool(u.addition_time_embed_dim):
       raise ConfigError("model.text_2 (a second text tower, SDXL) and model.unet."
                         "addition_time_embed_dim (the U-Net's added conditioning) go together: "
@@ -162,8 +190,12 @@ class LatentDiffusionTask(Task):
     vae_output = config.ldm.vae_output
     if vae_output == "auto":
       vae_output = "sigmoid" if v.likelihood == "bernoulli" else "unit"
-    self.unet = build.conditional_unet(m.unet, v.z_channels,
-                                       t.width + (t2.width if t2.layers else 0))
+    if m.backbone == "dit":
+      self.unet = build.build(DiT, m.dit, where="model.dit", out_channels=v.z_channels,
+                              context_dim=t.width, num_classes=0)
+    else:
+      self.unet = build.conditional_unet(m.unet, v.z_channels,
+                                         t.width + (t2.width if t2.layers else 0))
     self.model = t2i.LatentDiffusionModel(
         self.unet, self.text, self.vae, (d.image_size, d.image_size, d.channels),
         text_layer=t.layer or None, text_mask=t.attention_mask, vae_output=vae_output,

@@ -178,3 +178,21 @@ def test_an_autoencoder_of_another_architecture_is_refused(stages, tmp_path):
   c.model.vae.z_channels = 3
   with pytest.raises(ConfigError, match="z_channels"):
     train(c, tmp_path / "bad", progress=False)
+
+
+@pytest.mark.parametrize("mode", ["latent", "mmdit"])
+def test_latent_dit_text_to_image(stages, tmp_path, capsys, mode):
+  """configs/dit.py:latent (cross-attention to the text) and :mmdit (joint attention) train as
+  ldm runs with a DiT and generate from the command line."""
+  wd = tmp_path / mode
+  train(config("dit", arg=f"{mode},smoke,ae={stages / 'ae'},clip={stages / 'clip'}"), wd,
+        progress=False)
+  run = restore_run(wd)
+  assert run.config.model.backbone == "dit"
+  assert run.task.unet.text_mode == ("joint" if mode == "mmdit" else "cross")
+  main(["generate", "--workdir", str(wd), "--prompt", "a large red circle", "--steps", "2",
+        "--out", str(tmp_path / "x.png")])
+  assert capsys.readouterr().out.split() == [str(tmp_path / "x.png")]
+  with pytest.raises(ShapeError, match="multiples of 8"):
+    t2i.text_to_image(run.task.model, run.params, run.model_state, ["a circle"],
+                      jax.random.PRNGKey(0), steps=2, height=36, width=36)
