@@ -149,3 +149,34 @@ def test_fsdp_and_gradient_accumulation_match_plain_data_parallel(tmp_path):
   """)
   r = run_python(code)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+def test_dit_trains_with_fsdp_on_8_devices(tmp_path):
+  """The DiT's parameters shard over 8 devices (FSDP) and its flow-matching losses equal those
+  of one device."""
+  code = textwrap.dedent(f"""
+      import os, json
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      import sys; sys.path.insert(0, "tests")
+      import jax, numpy as np
+      from jaxgen import runtime
+      runtime.enable_compilation_cache()
+      from helpers import config
+      from jaxgen.app import train
+      from jaxgen.train import make_mesh
+      base = ["train.num_steps=3", "train.sample_every=0", "train.log_every=1",
+              "data.batch_size=16", "model.hidden_size=64", "model.heads=4"]
+      losses = {{}}
+      for name, over, mesh in (("one", base, make_mesh(jax.devices()[:1])),
+                               ("fsdp", base + ["train.fsdp=true"], make_mesh())):
+        s = train(config("dit", *over), f"{tmp_path}/{{name}}", progress=False, mesh=mesh)
+        losses[name] = [json.loads(l)["loss"] for l in open(f"{tmp_path}/{{name}}/metrics.jsonl")]
+        if name == "fsdp":
+          sharded = [x for x in jax.tree.leaves(s.params)
+                     if x.sharding.spec != jax.sharding.PartitionSpec()]
+          assert sharded, "FSDP sharded nothing"
+      np.testing.assert_allclose(losses["fsdp"], losses["one"], rtol=1e-4)
+      print("OK", losses)
+  """)
+  r = run_python(code)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
