@@ -27,6 +27,8 @@ def latent_config(flags):
             if k in ("smoke", "ae", "clip")]
   c = app.load_config(str(HERE / "ldm.py") + (":" + ",".join(passed) if passed else ""))
   c.model.backbone = "dit"
+  # rectified flow, as SD3 trains its MMDiT
+  c.diffusion.update(objective="flow", flow_time="logit_normal", sampler="euler")
   c.model.dit.update(patch_size=2, depth=6, hidden_size=128, heads=4,
                      text_mode="joint" if flags.get("mmdit") else "cross",
                      size=str(flags.get("size", "")))

@@ -249,7 +249,7 @@ def _ldm_sample_args(p):
   p.add_argument("--num", type=positive_int, default=4, help="images per prompt")
   p.add_argument("--steps", type=positive_int, default=None)
   p.add_argument("--guidance", type=float, default=None)
-  p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
+  p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
                  help="default: the config's diffusion.sampler (an imported run: the one its "
                       "scheduler config names)")
   _karras_arg(p)
@@ -299,6 +299,7 @@ def _ldm_sample(run, args, outdir):
     # placeholder, not data to draw held-out captions from.
     raise ConfigError("This run holds imported weights and no data set: give --prompt.")
   prompts = args.prompt or run.task.prompts(run.config.data.eval_split, 4)
+  _check_sampler(run.task.model, args.sampler or d.sampler)
   params = with_loras(run.params, args.lora)
   t0 = time.perf_counter()
   x = t2i.text_to_image(_scheduler_flags(run.task.model, args), params, run.model_state,

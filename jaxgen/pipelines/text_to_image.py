@@ -65,6 +65,9 @@ class LatentDiffusionModel:
   text_2_layer_norm: bool = False
   force_zeros_for_empty_prompt: bool = False  # no negative prompt: zeros as the unconditional
                                               # embeddings (SDXL's pipelines)
+  objective: str = "diffusion"           # diffusion | flow (rectified flow: the network sees
+                                         # num_timesteps * t, predicts the velocity; euler/heun)
+  flow_shift: float = 1.0                # flow: SD3's time shift of the sampling grid
   tokenize: Callable = dataclasses.field(default=None, compare=False, hash=False)
   tokenize_2: Callable = dataclasses.field(default=None, compare=False, hash=False)
 
@@ -75,7 +78,16 @@ class LatentDiffusionModel:
                  self.steps_offset, self.set_alpha_to_one, self.use_clipped_model_output,
                  self.threshold, self.sample_max_value, self.karras, self.final_sigmas,
                  self.text_layer_norm, self.text_2, self.text_2_layer, self.text_2_layer_norm,
-                 self.force_zeros_for_empty_prompt))
+                 self.force_zeros_for_empty_prompt, self.objective, self.flow_shift))
+
+  @property
+  def is_flow(self) -> bool:
+    return self.objective == "flow"
+
+  def refuse_flow(self, what: str) -> None:
+    if self.is_flow:
+      raise ConfigError(f"{what} is implemented for diffusion models; this is a flow-matching "
+                        "model (diffusion.objective=flow): use text_to_image")
 
   @property
   def latent_shape(self) -> tuple[int, int, int]:
@@ -145,6 +157,8 @@ class LatentDiffusionModel:
     rngs = {"dropout": key} if train else None
 
     def denoise(z_t, t, cond):
+      if self.is_flow:  # flow time in [0, 1] -> the network's timestep scale
+        t = jnp.asarray(t, jnp.float32) * self.num_timesteps
       if isinstance(cond, dict):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         return self.unet.apply(params["unet"], z_t, t, context=cond["context"], added=added,
@@ -267,9 +281,14 @@ def _generate(model: LatentDiffusionModel, params, model_state, tok, neg, key, g
                           zero_uncond)
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
   shape = None if latents is not None else (tok["input_ids"].shape[0], *latent_shape)
-  z = diffusion.sample(den, model.make_schedule(), key, shape, x_T=latents,
-                       sampler=sampler, num_steps=num_steps, prediction=model.prediction,
-                       eta=eta, **model.sampling_options(sampler, spacing))
+  if model.is_flow:
+    grid = diffusion.flow_grid(num_steps, model.flow_shift, model.num_timesteps)
+    z = diffusion.sample(den, None, key, shape, x_T=latents, sampler=sampler,
+                         prediction="flow", grid=grid)
+  else:
+    z = diffusion.sample(den, model.make_schedule(), key, shape, x_T=latents,
+                         sampler=sampler, num_steps=num_steps, prediction=model.prediction,
+                         eta=eta, **model.sampling_options(sampler, spacing))
   images = model.decode_latents(model_state, z, batch_size=decode_batch, tile=tile)
   return (images, z) if return_latents else images
 
@@ -345,6 +364,7 @@ def _zero_uncond(model: LatentDiffusionModel, negative_prompt) -> bool:
 @functools.partial(jax.jit, static_argnames=_STATIC + ("strength", "zero_uncond"))
 def _img2img(model, params, model_state, images, tok, neg, key, guidance_scale, eta, *,
              strength, sampler, num_steps, spacing, zero_uncond=False):
+  model.refuse_flow("img2img")
   cond, uncond = _context(model, params, tok, neg, images.shape[1:3], zero_uncond)
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
   k_enc, k_run = jax.random.split(key)
@@ -372,6 +392,7 @@ def image_to_image(model: LatentDiffusionModel, params, model_state, prompts, im
 @functools.partial(jax.jit, static_argnames=_STATIC + ("zero_uncond",))
 def _inpaint(model, params, model_state, images, mask_px, tok, neg, key, guidance_scale, eta, *,
              sampler, num_steps, spacing, zero_uncond=False):
+  model.refuse_flow("inpaint")
   cond, uncond = _context(model, params, tok, neg, images.shape[1:3], zero_uncond)
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
   z0 = model.encode_images(model_state, images)
@@ -451,6 +472,7 @@ def denoise(model: LatentDiffusionModel, params, model_state, images, key, *, si
   there and the result is decoded. Detail the autoencoder cannot represent is lost either way;
   heavy pixel noise partly survives as texture the model may read as content. Sizes must be
   multiples of what the autoencoder and U-Net halve (ShapeError otherwise)."""
+  model.refuse_flow("denoise")
   from jaxgen.images import estimate_noise_sigma
   x = np.asarray(images)
   if x.ndim != 4 or x.shape[-1] != model.image_shape[-1]:

@@ -95,19 +95,16 @@ def validate_diffusion(config) -> None:
                       f"(diffusion.num_timesteps); got {d.sample_steps}.")
 
 
-def schedule_kwargs(d, *, flow: bool = True) -> dict:
-  """The DiffusionModel (flow=True) or LatentDiffusionModel (flow=False) fields of a diffusion
-  section."""
-  out = dict(schedule=d.schedule, num_timesteps=d.num_timesteps,
+def schedule_kwargs(d) -> dict:
+  """The DiffusionModel and LatentDiffusionModel fields of a diffusion section."""
+  return dict(schedule=d.schedule, num_timesteps=d.num_timesteps,
               beta_start=d.beta_start or None, beta_end=d.beta_end or None,
               prediction=d.prediction, clip_x0=d.clip_x0 or None,
               set_alpha_to_one=d.set_alpha_to_one,
               use_clipped_model_output=d.use_clipped_model_output,
               threshold=d.threshold or None, sample_max_value=d.sample_max_value,
-              karras=d.karras, final_sigmas=d.final_sigmas)
-  if flow:
-    out.update(objective=d.objective, flow_shift=d.flow_shift)
-  return out
+              karras=d.karras, final_sigmas=d.final_sigmas, objective=d.objective,
+              flow_shift=d.flow_shift)
 
 
 class DiffusionTask(Task):

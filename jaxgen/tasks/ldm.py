@@ -96,9 +96,6 @@ class LatentDiffusionTask(Task):
   @staticmethod
   def validate(config):
     validate_diffusion(config)
-    if config.diffusion.objective != "diffusion":
-      raise ConfigError("latent diffusion trains with diffusion.objective=diffusion; flow "
-                        "matching is for the ddpm and dit tasks.")
     m, d = config.model, config.data
     u = m.unet
     t2 = m.text_2
@@ -204,7 +201,7 @@ class LatentDiffusionTask(Task):
         text_2_layer_norm=t2.layer_norm,
         force_zeros_for_empty_prompt=config.ldm.force_zeros_for_empty_prompt,
         tokenize=self.tokenizer, tokenize_2=self.tokenizer_2,
-        **schedule_kwargs(config.diffusion, flow=False))
+        **schedule_kwargs(config.diffusion))
     self.schedule = self.model.make_schedule()
     self.empty = self._tokens([""])
     self.empty = {k: v[0] for k, v in self.empty.items()}
@@ -327,9 +324,15 @@ class LatentDiffusionTask(Task):
     tokens = {k: jnp.where(drop, self.empty[k][None], batch[k]) for k in self.empty}
     cond = self.model.condition(params, tokens)
     net = self.model.denoise_fn(params, train=True, key=k_dropout)
-    per_example = diffusion.diffusion_loss(lambda z_t, t: net(z_t, t, cond), self.schedule,
-                                           z0, k_loss, prediction=d.prediction,
-                                           weighting=d.weighting, gamma=d.min_snr_gamma)
+    if d.objective == "flow":
+      per_example = diffusion.flow.flow_loss(
+          lambda z_t, t: net(z_t, t, cond), z0, k_loss, sampling=d.flow_time,
+          mean=d.flow_logit_mean, std=d.flow_logit_std, mode_scale=d.flow_mode_scale,
+          shift=d.flow_shift)
+    else:
+      per_example = diffusion.diffusion_loss(lambda z_t, t: net(z_t, t, cond), self.schedule,
+                                             z0, k_loss, prediction=d.prediction,
+                                             weighting=d.weighting, gamma=d.min_snr_gamma)
     return per_example.mean(), ({}, model_state)
 
   # -- pictures ----------------------------------------------------------------------------

@@ -58,5 +58,3 @@ def test_flow_matching_unet_and_eps_dit(tmp_path):
   train(config("dit", arg="smoke,eps"), tmp_path / "dit_eps", progress=False)
   with pytest.raises(ConfigError, match="objective=flow samples with euler or heun"):
     config("dit", "diffusion.sampler=ddim")
-  with pytest.raises(ConfigError, match="latent diffusion trains with"):
-    config("ldm", "diffusion.objective=flow", "diffusion.sampler=euler")

@@ -188,11 +188,15 @@ def test_latent_dit_text_to_image(stages, tmp_path, capsys, mode):
   train(config("dit", arg=f"{mode},smoke,ae={stages / 'ae'},clip={stages / 'clip'}"), wd,
         progress=False)
   run = restore_run(wd)
-  assert run.config.model.backbone == "dit"
+  assert run.config.model.backbone == "dit" and run.task.model.is_flow
   assert run.task.unet.text_mode == ("joint" if mode == "mmdit" else "cross")
   main(["generate", "--workdir", str(wd), "--prompt", "a large red circle", "--steps", "2",
-        "--out", str(tmp_path / "x.png")])
+        "--sampler", "heun", "--out", str(tmp_path / "x.png")])
   assert capsys.readouterr().out.split() == [str(tmp_path / "x.png")]
+  with pytest.raises(ConfigError, match="flow-matching model"):
+    t2i.image_to_image(run.task.model, run.params, run.model_state, ["a circle"],
+                       np.zeros((1, 32, 32, 3), np.uint8), jax.random.PRNGKey(0), strength=0.5,
+                       steps=2)
   with pytest.raises(ShapeError, match="multiples of 8"):
     t2i.text_to_image(run.task.model, run.params, run.model_state, ["a circle"],
                       jax.random.PRNGKey(0), steps=2, height=36, width=36)
