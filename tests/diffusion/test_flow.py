@@ -108,3 +108,9 @@ def test_the_exact_velocity_minimises_the_loss():
   xt = (1 - t[:, None]) * x0 + t[:, None] * eps
   manual = jnp.mean((exact_velocity(xt, t) - (eps - x0)) ** 2, axis=1)
   np.testing.assert_allclose(flow.flow_loss(exact_velocity, x0, key), manual, rtol=1e-5)
+
+
+def test_flow_sampler_under_pmap():
+  x1 = jax.random.normal(jax.random.PRNGKey(6), (jax.local_device_count(), 3, 2))
+  out = jax.pmap(lambda x: run("euler", 4, x)[0])(x1)
+  np.testing.assert_allclose(out[0], run("euler", 4, x1[0])[0], rtol=1e-6)
