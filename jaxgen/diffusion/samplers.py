@@ -311,6 +311,15 @@ def flow_grid(num_steps: int, shift: float = 1.0, num_timesteps: int = 1000) -> 
               init_scale=jnp.float32(1.0), t_to=f32(sig[1:]))
 
 
+def flow_grid_from(start, num_steps: int) -> Grid:
+  """num_steps evenly spaced flow times from `start` (may be traced) down to 0: the grid that
+  denoises a picture whose noise puts it at flow time `start`."""
+  sig = jnp.asarray(start, jnp.float32) * jnp.linspace(1.0, 0.0, num_steps + 1)
+  levels = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig ** 2)
+  return Grid(t=sig[:-1], abar=levels[:-1], abar_from=levels[:-1], abar_to=levels[1:],
+              low_order=jnp.zeros(num_steps, bool), init_scale=jnp.float32(1.0), t_to=sig[1:])
+
+
 def _sqrt0(u):
   """sqrt(max(u, 0)) with a zero gradient where u <= 0: coefficients that vanish on the last step
   (sigma, the DDIM direction) would otherwise give inf * 0 = nan in gradients, e.g. for eta."""

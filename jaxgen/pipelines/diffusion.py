@@ -237,6 +237,13 @@ def draw(model: DiffusionModel, params, key, num: int, *, sampler: str, steps: i
   return np.concatenate(out), (None if labels_all is None else np.asarray(labels_all))
 
 
+@functools.partial(jax.jit, static_argnames=("model", "num", "steps"))
+def _flow_denoise(model: DiffusionModel, params, x_start, start, *, num: int, steps: int):
+  return diffusion.sample(denoiser(model, params, num), None, jax.random.PRNGKey(0), None,
+                          x_T=x_start, sampler="euler", prediction="flow",
+                          grid=diffusion.flow_grid_from(start, steps))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num", "draws", "sampler"))
 def _denoise(model: DiffusionModel, params, key, y, timesteps, *, num: int, draws: int,
              sampler: str):
@@ -260,7 +267,6 @@ def denoise(model: DiffusionModel, params, images, key, *, sigma=None, steps: in
   PSNR). Pictures of any size are reflect-padded to a multiple the U-Net can halve and cropped
   back. Images with the same noise level share one call; new levels do not recompile."""
   from jaxgen.images import estimate_noise_sigma
-  model.refuse_flow("denoise")
   x = np.asarray(images)
   if x.ndim != 4 or x.shape[-1] != model.image_shape[-1]:
     raise ShapeError(f"images: expected [batch, height, width, {model.image_shape[-1]}] (this "
@@ -280,8 +286,19 @@ def denoise(model: DiffusionModel, params, images, key, *, sigma=None, steps: in
                      f"{model.unet.levels - 1} times)")
   y = np.asarray(to_signed(x), np.float32)
   y = np.pad(y, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
-  schedule = model.make_schedule()
   out = np.empty_like(y)
+  if model.is_flow:
+    # y = x + 2 sigma n in [-1, 1]; (1 - s) y is the flow point at time s = 2 sigma / (1 + 2
+    # sigma), whose noise-to-signal ratio s / (1 - s) is 2 sigma. The ODE is deterministic.
+    if draws != 1:
+      raise ConfigError("a flow model denoises along its deterministic ODE: draws must be 1")
+    for s in np.unique(sig):
+      idx = np.flatnonzero(sig == s)
+      start = 2 * s / (1 + 2 * s)
+      out[idx] = np.asarray(_flow_denoise(model, params, y[idx] * (1 - start),
+                                          jnp.float32(start), num=len(idx), steps=steps))
+    return np.asarray(from_signed(out[:, :h, :w])), np.asarray(sig)
+  schedule = model.make_schedule()
   t_of = np.array([diffusion.timestep_for_sigma(schedule, 2 * s) for s in sig])
   sampler = "ddim" if draws == 1 else "ddpm"
   for i, t in enumerate(np.unique(t_of)):
