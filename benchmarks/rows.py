@@ -87,10 +87,10 @@ ROWS = {r.name: r for r in [
         repeats=3, torch="unet2d_condition", quick=False),
     Row("dit_small", "class-cond. flow-matching DiT 16x16x1, patch 2, 6x128, configs/dit.py",
         "configs/dit.py", batch=64, torch="dit"),
-    # DiT-S/2 (the paper's smallest: 12 blocks of width 384, 6 heads) on 32x32x4 latents with
-    # 1000 classes, as for 256x256 ImageNet; random latents stand in for the data.
-    Row("dit_s2", "DiT-S/2 (33M) on 32x32x4 latents, 1000 classes, flow matching",
-        "configs/dit.py:size=S", overrides=("data.image_size=32", "data.channels=4",
+    # DiT-S/2 (the paper's smallest: 12 blocks of width 384, 6 heads) on 32x32x3 pixels with
+    # 1000 classes: the 256 tokens of the paper's 32x32x4 latents; random images as data.
+    Row("dit_s2", "DiT-S/2 (33M) on 32x32x3, 256 tokens, 1000 classes, flow matching",
+        "configs/dit.py:size=S", overrides=("data.image_size=32", "data.channels=3",
                                             "model.num_classes=1000"),
         batch=8, repeats=3, torch="dit", quick=False),
     Row("clip", "CLIP-style dual encoder 32x32x3 + 16 tokens, configs/clip.py", "configs/clip.py",
