@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.errors import ConfigError, ShapeError
+from jaxgen.models.attention import Attention as _Attention
 from jaxgen.models.layers import attention, timestep_embedding
 
 SIZES = {  # the paper's table 1: depth, hidden size, heads
@@ -45,27 +46,17 @@ def sincos_2d(dim: int, height: int, width: int) -> np.ndarray:
                         axis=1).astype(np.float32)
 
 
+def _attn(heads: int, width: int, dtype, name: str) -> nn.Module:
+  """Multi-head attention with biased q/k/v (the U-Net's module, diffusers' names to_q ...)."""
+  return _Attention(heads, width // heads, qkv_bias=True, dtype=dtype, name=name)
+
+
 def modulate(x, shift, scale):
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
 def _layer_norm(eps: float, name: str):
   return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False, dtype=jnp.float32, name=name)
-
-
-class Attention(nn.Module):
-  """Multi-head attention with biases; q from x, k/v from `context` (default x)."""
-  heads: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, context=None):
-    context = x if context is None else context
-    d = x.shape[-1]
-    dense = lambda name: nn.Dense(d, dtype=self.dtype, name=name)
-    split = lambda t: t.reshape(*t.shape[:2], self.heads, d // self.heads)
-    q, k, v = split(dense("to_q")(x)), split(dense("to_k")(context)), split(dense("to_v")(context))
-    return dense("to_out")(attention(q, k, v).reshape(x.shape))
 
 
 class Mlp(nn.Module):
@@ -94,10 +85,10 @@ class DiTBlock(nn.Module):
     mod = nn.Dense(6 * x.shape[-1], kernel_init=nn.initializers.zeros, name="adaLN_modulation")
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod(nn.silu(c)), 6, axis=-1)
     h = modulate(_layer_norm(self.eps, "norm1")(x), shift1, scale1)
-    x = x + gate1[:, None] * Attention(self.heads, self.dtype, name="attn")(h)
+    x = x + gate1[:, None] * _attn(self.heads, x.shape[-1], self.dtype, "attn")(h)
     if self.cross:
       h = nn.LayerNorm(epsilon=self.eps, dtype=jnp.float32, name="norm_cross")(x)
-      x = x + Attention(self.heads, self.dtype, name="cross_attn")(h, context)
+      x = x + _attn(self.heads, x.shape[-1], self.dtype, "cross_attn")(h, context)
     h = modulate(_layer_norm(self.mlp_eps, "norm2")(x), shift2, scale2)
     return x + gate2[:, None] * Mlp(self.mlp_ratio, self.dtype, name="mlp")(h)
 
