@@ -4,14 +4,16 @@ tower, a 2-layer text transformer over a word-level vocabulary built from the ca
 jaxgen train --config configs/clip.py --workdir runs/clip
 jaxgen eval --workdir runs/clip          (zero-shot shape/colour accuracy, retrieval R@1/R@5)
 Arguments: smoke; siglip (sigmoid loss); vit (ViT image tower); fashion (Fashion-MNIST with
-captions made from the class names); lit=WORKDIR (LiT: lock an image tower from a SimCLR run).
+captions made from the class names); lit=WORKDIR (LiT: lock an image tower from a SimCLR run);
+negatives=K1+K2 (NegCLIP: each caption's twins of these kinds, jaxgen.text.negatives, as extra
+negatives; negatives=none: plain CLIP).
 """
 from jaxgen import app
 from jaxgen.models.build import image_encoder_section
 
 
 def get_config(arg=None):
-  flags = app.check_arg(arg, ["smoke", "siglip", "vit", "fashion", "lit"])
+  flags = app.check_arg(arg, ["smoke", "siglip", "vit", "fashion", "lit", "negatives"])
   c = app.base_config("clip")
   c.data.update(source="embedded", name="shapes", image_size=32, channels=3, batch_size=128)
   c.model.encoder = image_encoder_section(kind="resnet", stage_sizes=(1, 1, 1), width=16,
@@ -20,6 +22,9 @@ def get_config(arg=None):
   c.model.text.update(tokenizer="words", context_length=16, width=64, layers=2, heads=4)
   c.optim.update(name="adamw", lr=2e-3, weight_decay=1e-4, warmup_steps=100, ema_decay=0.0)
   c.train.update(num_steps=1200, log_every=50, sample_every=0, ckpt_every=400)
+  if "negatives" in flags:
+    kinds = str(flags["negatives"])
+    c.model.hard_negatives = () if kinds == "none" else tuple(kinds.split("+"))
   if flags.get("siglip"):
     c.model.loss = "siglip"
   if flags.get("vit"):

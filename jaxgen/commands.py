@@ -332,6 +332,7 @@ def evaluate_text_to_image(task, params, model_state, key, *, num=200, steps=Non
                            guidance=None, judge=None) -> dict:
   """CLIP score and zero-shot prompt-following of images drawn for held-out prompts, beside
   the same measures for the real held-out images and for unconditional samples."""
+  from jaxgen.eval.pixel_judge import pixel_judge
   from jaxgen.eval.prompt_following import prompt_following
   from jaxgen.pipelines import clip as clip_pipe
   from jaxgen.pipelines import text_to_image as t2i
@@ -365,11 +366,14 @@ def evaluate_text_to_image(task, params, model_state, key, *, num=200, steps=Non
   embed_images = lambda x: clip_pipe.embed_images(jm, jp, js, x)
   embed_texts = lambda t: clip_pipe.embed_texts(jm, jp, t)
   out = dict(num_prompts=len(prompts), steps=steps, guidance_scale=g, sampling_seconds=seconds)
+  shapes_data = c.data.source == "embedded" and c.data.name == "shapes"
   for name, images in (("generated", generated), ("real", data["image"]),
                        ("unconditional", unconditional)):
     score = clip_pipe.clip_score(jm, jp, js, images, prompts)["clip_score"]
     out[name] = dict(clip_score=score, **prompt_following(embed_images, embed_texts, images,
                                                           data, class_names))
+    if shapes_data:  # read from the pixels against the prompts, beside the CLIP judge
+      out[name]["pixels"] = pixel_judge(images, prompts)
   return out
 
 

@@ -65,37 +65,69 @@ def nt_xent(z1, z2, temperature=0.1) -> tuple[jax.Array, dict]:
   return loss, {"accuracy": _accuracy(logits, positives)}
 
 
-def clip_loss(img_emb, txt_emb, logit_scale) -> tuple[jax.Array, dict]:
+def _check_negatives(negatives, negative_mask, txt_emb, what: str):
+  if negatives is None:
+    return
+  if negatives.ndim != 2 or negatives.shape[1] != txt_emb.shape[1]:
+    raise ShapeError(f"{what}: hard negatives must be [M, {txt_emb.shape[1]}]; got "
+                     f"{negatives.shape}")
+  if negative_mask is not None and negative_mask.shape != negatives.shape[:1]:
+    raise ShapeError(f"{what}: negative_mask must be [{negatives.shape[0]}]; got "
+                     f"{negative_mask.shape}")
+
+
+def clip_loss(img_emb, txt_emb, logit_scale, negatives=None,
+              negative_mask=None) -> tuple[jax.Array, dict]:
   """CLIP's symmetric InfoNCE (Radford et al. 2021, fig. 3) over N matching pairs [N, D].
 
   `logit_scale` is the learned log inverse temperature (initialised to log(1 / 0.07)); it is
   clipped at log(100) in the forward pass, which also stops its gradient when above the clip.
+  negatives [M, D] (NegCLIP, Yuksekgonul et al. 2023): embeddings of hard-negative texts (the
+  captions' twins, jaxgen.text.negatives), extra columns of every image's softmax over texts;
+  negative_mask [M] bool says which count. The text->image direction is unchanged.
   metrics: image->text and text->image top-1 accuracy, and the scale exp(logit_scale) used.
   """
   _check_pair(img_emb, txt_emb, "clip_loss")
+  _check_negatives(negatives, negative_mask, txt_emb, "clip_loss")
   scale = jnp.exp(jnp.minimum(jnp.asarray(logit_scale, jnp.float32), MAX_LOGIT_SCALE))
+  img = l2_normalize(img_emb)
   # [N images, N texts]
-  logits = scale * _similarity(l2_normalize(img_emb), l2_normalize(txt_emb))
+  logits = scale * _similarity(img, l2_normalize(txt_emb))
   labels = jnp.arange(img_emb.shape[0])
-  loss = 0.5 * (_cross_entropy(logits, labels) + _cross_entropy(logits.T, labels))
-  metrics = {"i2t_accuracy": _accuracy(logits, labels),
+  i2t = logits
+  if negatives is not None:
+    extra = scale * _similarity(img, l2_normalize(negatives))
+    if negative_mask is not None:
+      extra = jnp.where(negative_mask[None, :], extra, _MASK)
+    i2t = jnp.concatenate([logits, extra], axis=1)
+  loss = 0.5 * (_cross_entropy(i2t, labels) + _cross_entropy(logits.T, labels))
+  metrics = {"i2t_accuracy": _accuracy(i2t, labels),
              "t2i_accuracy": _accuracy(logits.T, labels), "logit_scale": scale}
   return loss, metrics
 
 
-def siglip_loss(img_emb, txt_emb, t_prime, bias) -> tuple[jax.Array, dict]:
+def siglip_loss(img_emb, txt_emb, t_prime, bias, negatives=None,
+                negative_mask=None) -> tuple[jax.Array, dict]:
   """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, algorithm 1) over N pairs [N, D].
 
   logits = t * cos(img_i, txt_j) + b with t = exp(t'); labels +1 on the diagonal, -1 elsewhere;
   loss = -sum log sigmoid(labels * logits) / N (paper init: t' = log 10, b = -10).
+  negatives [M, D], negative_mask [M]: hard-negative texts, labelled -1 for every image.
   metrics: image->text top-1 accuracy, t and b.
   """
   _check_pair(img_emb, txt_emb, "siglip_loss")
+  _check_negatives(negatives, negative_mask, txt_emb, "siglip_loss")
   n = img_emb.shape[0]
   t = jnp.exp(jnp.asarray(t_prime, jnp.float32))
   b = jnp.asarray(bias, jnp.float32)
-  logits = t * _similarity(l2_normalize(img_emb), l2_normalize(txt_emb)) + b
+  img = l2_normalize(img_emb)
+  logits = t * _similarity(img, l2_normalize(txt_emb)) + b
   labels = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
   loss = -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
+  if negatives is not None:
+    extra = jax.nn.log_sigmoid(-(t * _similarity(img, l2_normalize(negatives)) + b))
+    if negative_mask is not None:
+      extra = jnp.where(negative_mask[None, :], extra, 0.0)
+    loss = loss - jnp.sum(extra) / n
   metrics = {"i2t_accuracy": _accuracy(logits, jnp.arange(n)), "temperature": t, "bias": b}
   return loss, metrics

@@ -114,6 +114,32 @@ def image_text_retrieval(image_emb, text_emb, *, text_image_ids=None,
   return out
 
 
+def twin_preference(image_emb, embed_texts, captions, kinds=None) -> dict:
+  """How often an image scores its own caption above the caption's hard-negative twin
+  (jaxgen.text.negatives: the relation inverted, or two objects' colours, shapes or sizes
+  exchanged), per kind, over the images whose caption has such a twin (chance 0.5; a tie counts
+  half), and the mean cosine between the caption's and its twin's text embeddings (1: the text
+  tower does not tell them apart). image_emb [N, D] unit norm."""
+  import numpy as np
+
+  from jaxgen.text import negatives
+  out = {}
+  for kind in kinds or negatives.KINDS:
+    pairs = [(i, str(c), t) for i, c in enumerate(captions)
+             if (t := negatives.twin(str(c), kind)) is not None]
+    if not pairs:
+      continue
+    idx = np.array([p[0] for p in pairs])
+    own = np.asarray(embed_texts([p[1] for p in pairs]))
+    other = np.asarray(embed_texts([p[2] for p in pairs]))
+    e = np.asarray(image_emb)[idx]
+    diff = (e * own).sum(-1) - (e * other).sum(-1)
+    out[f"twin_{kind}_preference"] = float(np.mean((diff > 0) + 0.5 * (diff == 0)))
+    out[f"twin_{kind}_text_cosine"] = float(np.mean((own * other).sum(-1)))
+    out[f"twin_{kind}_num"] = len(pairs)
+  return out
+
+
 def dual_encoder_metrics(embed_images, embed_texts, images, captions=None,
                          zero_shot: dict | None = None) -> dict:
   """Held-out metrics of a dual encoder given as predict functions (big_vision's evaluator
@@ -122,7 +148,7 @@ def dual_encoder_metrics(embed_images, embed_texts, images, captions=None,
   zero_shot: name -> (prompts per class, true class index per image): the zero-shot accuracy
   with prompt ensembles, beside chance. captions [N] (str): image<->text recall@1/5, where the
   gallery holds each distinct caption once and a hit is any item with the query's caption
-  (several images share "a small red circle").
+  (several images share "a small red circle"), and `twin_preference` on the captions.
   """
   import numpy as np
   emb = embed_images(images)
@@ -141,4 +167,5 @@ def dual_encoder_metrics(embed_images, embed_texts, images, captions=None,
         out[f"{name}_recall@{k}"] = float(v)
     out["i2t_chance@1"] = 1.0 / len(unique)
     out["t2i_chance@1"] = float(np.mean(np.bincount(caption_id) / len(captions)))
+    out.update(twin_preference(emb, embed_texts, captions))
   return out

@@ -124,10 +124,15 @@ class CaptionedTask(Task):
     return captions_of(src.get(np.arange(len(src))), src.class_names,
                        self.config.model.caption_template)
 
-  def preprocess(self, batch):
+  def batch_captions(self, batch) -> list[str]:
+    """The batch's captions, or for labelled data without captions its class names put into
+    model.caption_template."""
     from jaxgen.data.captions import captions_of
     names = None if "caption" in batch else self.train_source().class_names
-    captions = captions_of(batch, names, self.config.model.caption_template)
-    tok = self.tokenizer(list(captions), truncate=True)  # training data: truncate, never stop
+    return [str(c) for c in captions_of(batch, names, self.config.model.caption_template)]
+
+  def preprocess(self, batch):
+    captions = self.batch_captions(batch)
+    tok = self.tokenizer(captions, truncate=True)  # training data: truncate, never stop
     return dict(batch, input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
                 eos_positions=tok["eos_positions"])

@@ -90,6 +90,41 @@ def test_siglip_loss_matches_numpy(t_prime, b):
   np.testing.assert_allclose(metrics["temperature"], math.exp(t_prime), rtol=1e-6)
 
 
+def np_negclip(img, txt, neg, valid, logit_scale):
+  """NegCLIP (Yuksekgonul et al. 2023): each image's softmax over the batch's texts and the
+  valid hard negatives; the text->image direction as CLIP's."""
+  s = np.exp(min(logit_scale, math.log(100)))
+  x, y, z = normalize(img), normalize(txt), normalize(neg[valid])
+  i2t = [np.log(np.sum(np.exp(s * np.concatenate([x[i] @ y.T, x[i] @ z.T])))) - s * x[i] @ y[i]
+         for i in range(len(x))]
+  t2i = [np.log(np.sum(np.exp(s * y[i] @ x.T))) - s * y[i] @ x[i] for i in range(len(x))]
+  return (np.mean(i2t) + np.mean(t2i)) / 2
+
+
+def np_siglip_negatives(img, txt, neg, valid, t_prime, b):
+  x, z = normalize(img), normalize(neg[valid])
+  extra = np.log1p(np.exp(np.exp(t_prime) * x @ z.T + b)).sum() / len(img)
+  return np_siglip(img, txt, t_prime, b) + extra
+
+
+def test_hard_negatives_match_numpy_and_a_fully_masked_set_changes_nothing():
+  img, txt = pairs(seed=3)
+  neg = np.random.default_rng(4).normal(size=(12, 5)).astype(np.float32)
+  valid = np.random.default_rng(5).uniform(size=12) < 0.6
+  loss, metrics = clip_loss(img, txt, 2.0, neg, valid)
+  np.testing.assert_allclose(loss, np_negclip(img.astype(np.float64), txt, neg, valid, 2.0),
+                             rtol=1e-5)
+  assert float(loss) > float(clip_loss(img, txt, 2.0)[0])  # more negatives: a larger loss
+  none = np.zeros(12, bool)
+  np.testing.assert_allclose(clip_loss(img, txt, 2.0, neg, none)[0],
+                             clip_loss(img, txt, 2.0)[0], rtol=1e-6)
+  np.testing.assert_allclose(siglip_loss(img, txt, 1.0, -2.0, neg, valid)[0],
+                             np_siglip_negatives(img.astype(np.float64), txt, neg, valid, 1.0,
+                                                 -2.0), rtol=1e-5)
+  with pytest.raises(ShapeError, match="hard negatives"):
+    clip_loss(img, txt, 2.0, neg[:, :3], valid)
+
+
 def test_gradients_are_finite_even_for_degenerate_inputs():
   z1, z2 = pairs()
   cases = [(z1, z2), (z1, z1), (np.zeros_like(z1), z2)]  # identical views, a zero embedding

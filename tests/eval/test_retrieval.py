@@ -72,3 +72,28 @@ def test_zero_shot_picks_the_nearest_class_and_ensembles_templates():
                                 np.arange(5))
   with pytest.raises(ShapeError, match="embeddings"):
     retrieval.zero_shot_classify(images, classes[:, :4])
+
+
+def test_twin_preference_of_an_oracle_and_of_a_bag_of_words_tower():
+  from jaxgen.data import shapes
+  from jaxgen.eval.retrieval import twin_preference
+  _, captions, _ = shapes.make_scenes(200, seed=1)
+  vocab = sorted({w for c in captions for w in str(c).split()} | {"right", "below", "left",
+                                                                   "above"})
+
+  def bag(texts, ignore=("left", "right", "above", "below")):  # a tower blind to relations
+    out = np.array([[float(w in t.split() and w not in ignore) for w in vocab] for t in texts])
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+  def exact(texts):  # a tower that tells every caption apart: one direction per caption
+    out = np.array([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=64) for t in texts])
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+  blind = twin_preference(bag(captions), bag, captions)
+  assert blind["twin_relation_preference"] == 0.5
+  np.testing.assert_allclose(blind["twin_relation_text_cosine"], 1.0)
+  assert blind["twin_colour_preference"] == 0.5  # same bag of words, colours exchanged
+  assert blind["twin_relation_num"] == sum("of" in c or "above" in c or "below" in c
+                                           for c in captions)
+  oracle = twin_preference(exact(list(map(str, captions))), exact, captions)
+  assert all(oracle[f"twin_{k}_preference"] == 1.0 for k in ("relation", "colour", "shape"))

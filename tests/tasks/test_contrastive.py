@@ -41,7 +41,8 @@ def test_clip_trains_evaluates_and_embeds(tmp_path, capsys):
   train(config("clip"), wd, progress=False)
   main(["eval", "--workdir", str(wd), "--limit", "200"])
   m = json.loads(capsys.readouterr().out)
-  assert {"zero_shot_shape", "zero_shot_colour", "i2t_recall@1", "t2i_recall@5"} <= set(m)
+  assert {"zero_shot_shape", "zero_shot_colour", "i2t_recall@1", "t2i_recall@5",
+          "twin_relation_preference", "twin_colour_text_cosine"} <= set(m)
   assert m["zero_shot_shape_chance"] == 0.25
   run = restore_run(wd)
   model, params = run.task.model, run.state.ema_params
@@ -55,9 +56,40 @@ def test_clip_trains_evaluates_and_embeds(tmp_path, capsys):
   assert states.shape == (1, 16, 8)  # per-token states for conditioning
 
 
-def test_siglip_loss_trains(tmp_path):
-  state = train(config("clip", arg="smoke,siglip"), tmp_path / "siglip", progress=False)
+def test_siglip_loss_trains_with_hard_negatives(tmp_path):
+  state = train(config("clip", arg="smoke,siglip,negatives=relation+colour"), tmp_path / "siglip",
+                progress=False)
   assert "bias" in state.params["params"]
+
+
+def test_negclip_batches_carry_the_twins_and_the_loss_uses_them():
+  """The task's loss with model.hard_negatives equals clip_loss over the embeddings of the
+  captions and of the twins written by jaxgen.text.negatives."""
+  from jaxgen.app import build_task
+  from jaxgen.contrastive.losses import clip_loss
+  from jaxgen.data import shapes
+  from jaxgen.text.negatives import twins
+  task = build_task(config("clip", arg="smoke,negatives=relation+size"))
+  images, captions, _ = shapes.make_scenes(8, seed=3)
+  batch = task.preprocess({"image": images, "caption": captions})
+  rows = twins(captions, ("relation", "size"))
+  np.testing.assert_array_equal(batch["twin_valid"], [[t is not None for t in r] for r in rows])
+  assert batch["twin_ids"].shape == (8, 2, 16)
+  i, k = np.argwhere(batch["twin_valid"])[0]
+  np.testing.assert_array_equal(batch["twin_ids"][i, k],
+                                task.tokenizer([rows[i][k]])["input_ids"][0])
+  params, state = task.init(jax.random.PRNGKey(0), batch)
+  loss, _ = task.loss_fn(params, state, batch, jax.random.PRNGKey(1))
+  m = task.module
+  v = {**params, **state}
+  img = m.apply(v, images.astype(np.float32) / 127.5 - 1, method=m.embed_image)
+  txt = m.apply(v, batch["input_ids"], batch["attention_mask"], method=m.embed_text)
+  neg = m.apply(v, batch["twin_ids"].reshape(16, -1), batch["twin_mask"].reshape(16, -1),
+                method=m.embed_text)
+  scale = params["params"]["logit_scale"]
+  want, _ = clip_loss(img, txt, scale, neg, batch["twin_valid"].reshape(-1))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert float(loss) > float(clip_loss(img, txt, scale)[0])
 
 
 def test_lit_keeps_the_pretrained_image_tower_fixed(simclr_run, tmp_path):
