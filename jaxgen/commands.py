@@ -313,10 +313,10 @@ def _ldm_sample(run, args, outdir):
   x = jax.block_until_ready(x)
   log.info("%d images in %.1f s (compile included)", len(x), time.perf_counter() - t0)
   for i, p in enumerate(prompts):
-    log.info("row %d: %s", i, p)
+    log.info("column %d: %s", i, p)
   path = _out_path(args, outdir / "text_to_image.png")
-  return [img.save_png(img.grid(x, ncols=args.num,
-                                scale=img.display_scale(min(x.shape[1:3]))), path)]
+  return [img.save_png(img.labelled_grid(x, prompts, scale=img.display_scale(min(x.shape[1:3]))),
+                       path)]
 
 
 def _ldm_eval_args(p):

@@ -104,6 +104,41 @@ def rows(*image_rows, pad: int = 2, scale: int = 1) -> np.ndarray:
   return grid(stacked, ncols=len(image_rows[0]), pad=pad, scale=scale)
 
 
+def labelled_grid(images, labels, pad: int = 2, scale: int = 1,
+                  min_column_px: int = 128) -> np.ndarray:
+  """A grid with one column per label, the label written under its column: images [N, H, W, C]
+  in column-major order (the first N / len(labels) images are column 0); the scale is raised
+  until a column is at least `min_column_px` wide, and labels wrap to the column's width."""
+  import textwrap
+
+  from PIL import ImageDraw, ImageFont
+  images = to_uint8(images)
+  ncols = len(labels)
+  if ncols == 0 or len(images) % ncols:
+    raise ShapeError(f"{len(images)} images do not fill {ncols} labelled columns.")
+  nrows = len(images) // ncols
+  by_row = images.reshape(ncols, nrows, *images.shape[1:]).swapaxes(0, 1)
+  by_row = by_row.reshape(images.shape)
+  w = images.shape[2]
+  scale = max(scale, -(-min_column_px // (w + pad)))
+  picture = grid(by_row, ncols=ncols, pad=pad, scale=scale)
+  font = ImageFont.load_default()
+  left, top, right, bottom = font.getbbox("abcdefghij")
+  char_w, line_h = max(1, (right - left) // 10), (bottom - top) + 3
+  col_w = (w + pad) * scale
+  lines = [textwrap.wrap(str(t), max(1, (col_w - 4) // char_w)) or [""] for t in labels]
+  strip_h = max(len(x) for x in lines) * line_h + 4
+  canvas = Image.new("RGB", (picture.shape[1], picture.shape[0] + strip_h), "white")
+  canvas.paste(Image.fromarray(picture if picture.shape[-1] == 3 else
+                               np.repeat(picture, 3, axis=-1)), (0, 0))
+  draw = ImageDraw.Draw(canvas)
+  for col, text_lines in enumerate(lines):
+    for k, line in enumerate(text_lines):
+      draw.text((pad * scale + col * col_w, picture.shape[0] + 2 + k * line_h), line,
+                fill=(0, 0, 0), font=font)
+  return np.asarray(canvas)
+
+
 def display_scale(size: int) -> int:
   """Nearest-neighbour upscaling so that small images are visible (at least ~64 px)."""
   return max(1, 64 // size)

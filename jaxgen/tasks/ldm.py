@@ -348,8 +348,7 @@ class LatentDiffusionTask(Task):
     x = t2i.text_to_image(self.model, params, model_state, prompts, key, steps=d.sample_steps,
                           guidance_scale=d.guidance_scale, sampler=d.sampler, num_per_prompt=4)
     scale = img.display_scale(self.config.data.image_size)
-    return {"text_to_image": img.grid(x.reshape(len(prompts), 4, *x.shape[1:]).swapaxes(0, 1)
-                                      .reshape(x.shape), ncols=len(prompts), scale=scale)}
+    return {"text_to_image": img.labelled_grid(x, prompts, scale=scale)}
 
 
 def _plain(value):

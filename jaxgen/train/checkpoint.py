@@ -78,8 +78,13 @@ def _model_view(config_dict: dict) -> dict[str, Any]:
           if any(k == s or k.startswith(s + ".") for s in MODEL_SECTIONS)}
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+  """The model keys whose values differ between a saved config and the current one. With
+  `defaults` (the task's base config), a key that the saved config lacks (it was written before
+  jaxgen had that key) reads as its default, so older runs stay loadable."""
   a, b = _model_view(saved), _model_view(current)
+  if defaults:
+    a = {**{k: v for k, v in _model_view(defaults).items() if k not in a}, **a}
   return [f"{k}: checkpoint has {a.get(k, '<missing>')!r}, config has {b.get(k, '<missing>')!r}"
           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
@@ -221,13 +226,14 @@ class Checkpointer:
       except OSError:
         pass  # a read-only workdir: it stays unsealed, and is checked like this again
 
-  def restore(self, step: int, abstract_state, config_dict: dict, item: str = "state"
-              ) -> tuple[Any, dict]:
+  def restore(self, step: int, abstract_state, config_dict: dict, item: str = "state",
+              defaults: dict | None = None) -> tuple[Any, dict]:
     """Restores `step` into the structure and shardings of `abstract_state` after checking that
-    the checkpoint was written by the same model config. item: 'state' or 'weights'."""
+    the checkpoint was written by the same model config (`config_differences` with `defaults`).
+    item: 'state' or 'weights'."""
     sealed = verify_checksums(self._step_dir(step))
     meta = self.read_meta(step)
-    diffs = config_differences(meta.get("config", {}), config_dict)
+    diffs = config_differences(meta.get("config", {}), config_dict, defaults)
     if diffs:
       raise CheckpointError(
           f"Checkpoint {self._step_dir(step)} was written by another model config:\n  "

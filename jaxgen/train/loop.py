@@ -55,10 +55,16 @@ def _abstract_state(init, mesh, fsdp: bool = False):
                       shapes, shardings)
 
 
+def _defaults(config: ml_collections.ConfigDict) -> dict:
+  """The task's base config: what a key missing from an older run's saved config means."""
+  from jaxgen.app import base_config
+  return base_config(config.task).to_dict()
+
+
 def _check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, has_ckpt: bool):
   if has_ckpt and (workdir / "config.json").exists():
     saved = read_config(workdir)  # a damaged config.json: the checkpoint's config
-    diffs = config_differences(saved, config.to_dict())
+    diffs = config_differences(saved, config.to_dict(), _defaults(config))
     if diffs:
       raise CheckpointError(
           f"{workdir} holds a run of another model config:\n  " + "\n  ".join(diffs)
@@ -123,7 +129,7 @@ def _train(task, workdir: pathlib.Path, progress: bool, until_step: int | None, 
 
   start = 0
   if latest is not None:
-    state, meta = ckpt.restore(latest, abstract, config.to_dict())
+    state, meta = ckpt.restore(latest, abstract, config.to_dict(), defaults=_defaults(config))
     start = int(meta["data"]["batches_consumed"])
     saved_data = meta["data"]
     if (saved_data["dataset_size"], saved_data["global_batch"]) != (loader.n, loader.global_batch):
@@ -237,7 +243,8 @@ def restore_state(task, workdir: str | pathlib.Path, step: int, mesh=None) -> Tr
   abstract = _abstract_state(init, mesh, task.config.train.fsdp)
   ckpt = Checkpointer(workdir / "checkpoints", keep=task.config.train.keep_checkpoints)
   try:
-    state, _ = ckpt.restore(step, abstract, task.config.to_dict())
+    state, _ = ckpt.restore(step, abstract, task.config.to_dict(),
+                            defaults=_defaults(task.config))
   finally:
     ckpt.close()
   return state

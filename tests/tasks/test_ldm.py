@@ -162,12 +162,17 @@ def test_generate_and_eval_from_the_command_line(ldm_run, stages, capsys, tmp_pa
   main(["generate", "--workdir", str(ldm_run), "--prompt", "a large yellow circle", "--num", "1",
         "--steps", "2", "--height", "48", "--out", str(tmp_path / "tall.png")])
   capsys.readouterr()
-  with Image.open(tmp_path / "tall.png") as im:  # 48 x 32 images, shown at twice their size
-    assert im.size == (2 * (32 + 4), 2 * (48 + 4))
+  with Image.open(tmp_path / "tall.png") as im:
+    # a 48 x 32 image, enlarged 4x so that its column is 128+ px wide, its prompt written below
+    assert im.size[0] == 4 * (32 + 4) and im.size[1] > 4 * (48 + 4) + 10
+    strip = np.asarray(im.convert("L"))[4 * (48 + 4):]
+    assert (strip < 100).any()
   main(["eval", "--workdir", str(ldm_run), "--num", "10", "--steps", "2"])
   m = json.loads(capsys.readouterr().out)
   for part in ("generated", "real", "unconditional"):
-    assert {"clip_score", "shape_accuracy", "colour_accuracy"} <= set(m[part])
+    assert {"clip_score", "shape_accuracy", "colour_accuracy", "pixels"} <= set(m[part])
+    assert {"relation", "binding", "both_present"} <= set(m[part]["pixels"])
+  assert m["real"]["pixels"]["binding"] == 1.0  # the pixel judge reads real scenes exactly
   with pytest.raises(SystemExit):
     main(["generate", "--workdir", str(stages / "clip"), "--prompt", "x"])
   assert "needs a latent diffusion (ldm) workdir" in capsys.readouterr().err

@@ -103,6 +103,21 @@ def test_checkpoint_of_another_model_config_is_refused(tmp_path):
   assert files_under(wd) == before
 
 
+def test_a_key_older_runs_lack_reads_as_its_default():
+  from jaxgen.app import base_config
+  from jaxgen.train.checkpoint import config_differences
+  current = base_config("clip").to_dict()
+  saved = json.loads(json.dumps(current))
+  del saved["model"]["hard_negatives"]  # written before jaxgen had the key
+  defaults = base_config("clip").to_dict()
+  assert config_differences(saved, current, defaults) == []
+  assert config_differences(saved, current) == [
+      "model.hard_negatives: checkpoint has '<missing>', config has []"]
+  current["model"]["hard_negatives"] = ("relation",)
+  assert config_differences(saved, current, defaults) == [
+      "model.hard_negatives: checkpoint has [], config has ['relation']"]
+
+
 def test_tfds_data_through_the_real_loop(tmp_path):
   import tensorflow_datasets as tfds
   c = config("vae", "data.source=tfds", "data.name=mnist", "train.num_steps=2",
