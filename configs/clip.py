@@ -6,14 +6,16 @@ jaxgen eval --workdir runs/clip          (zero-shot shape/colour accuracy, retri
 Arguments: smoke; siglip (sigmoid loss); vit (ViT image tower); fashion (Fashion-MNIST with
 captions made from the class names); lit=WORKDIR (LiT: lock an image tower from a SimCLR run);
 negatives=K1+K2 (NegCLIP: each caption's twins of these kinds, jaxgen.text.negatives, as extra
-negatives; negatives=none: plain CLIP).
+negatives; negatives=none: plain CLIP); bidirectional (the text tower attends both ways, as
+T5/BERT encoders do, instead of CLIP's causal attention).
 """
 from jaxgen import app
 from jaxgen.models.build import image_encoder_section
 
 
 def get_config(arg=None):
-  flags = app.check_arg(arg, ["smoke", "siglip", "vit", "fashion", "lit", "negatives"])
+  flags = app.check_arg(arg, ["smoke", "siglip", "vit", "fashion", "lit", "negatives",
+                              "bidirectional"])
   c = app.base_config("clip")
   c.data.update(source="embedded", name="shapes", image_size=32, channels=3, batch_size=128)
   c.model.encoder = image_encoder_section(kind="resnet", stage_sizes=(1, 1, 1), width=16,
@@ -25,6 +27,8 @@ def get_config(arg=None):
   if "negatives" in flags:
     kinds = str(flags["negatives"])
     c.model.hard_negatives = () if kinds == "none" else tuple(kinds.split("+"))
+  if flags.get("bidirectional"):
+    c.model.text.causal = False
   if flags.get("siglip"):
     c.model.loss = "siglip"
   if flags.get("vit"):

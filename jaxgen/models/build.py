@@ -144,6 +144,8 @@ def text_section(**overrides) -> dict:
       activation="quick_gelu",
       html_unescape=True,         # bpe: CLIP's text cleaning un-escapes HTML ("&amp;" -> "&");
                                   # transformers' CLIPTokenizer (diffusers pipelines) does not
+      causal=True,                # False: bidirectional attention (every token reads the whole
+                                  # prompt, as T5/BERT encoders do); CLIP's tower is causal
   )
   d.update(overrides)
   return d
@@ -156,7 +158,7 @@ def text_tower(t, tokenizer, projection_dim: int | None = None) -> nn.Module:
                          num_layers=t.layers, num_heads=t.heads,
                          mlp_dim=int(t.mlp_ratio * t.width), max_positions=t.context_length,
                          activation=t.activation, projection_dim=projection_dim,
-                         eos_token_id=tokenizer.eos_id)
+                         eos_token_id=tokenizer.eos_id, causal=t.get("causal", True))
 
 
 def dual_encoder(m, tokenizer) -> nn.Module:

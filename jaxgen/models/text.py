@@ -83,7 +83,9 @@ class TextTransformer(nn.Module):
   CLIP's end token has the largest id in its vocabulary).
 
   attention_mask (optional, 1 = real token) hides padding as keys, as Hugging Face does when
-  given one; the attention is causal, so without it only the padding positions' outputs differ.
+  given one; the attention is causal (CLIP's), so without it only the padding positions' outputs
+  differ. causal=False: every token attends to the whole prompt (a BERT/T5-style encoder), so a
+  word's state can depend on the words after it; then the mask matters everywhere.
   Outputs are float32 (they come from the float32 LayerNorms, or the projection's dtype).
 
   output_hidden_states, layer_index and norm_layer choose the program: under jit, pass them as
@@ -101,6 +103,7 @@ class TextTransformer(nn.Module):
   eos_token_id: int = 49407
   pooling: str = "eos"
   dtype: jnp.dtype = jnp.float32
+  causal: bool = True
 
   def _check(self, input_ids, output_hidden_states, layer_index, norm_layer):
     if self.activation not in ACTIVATIONS:
@@ -140,7 +143,8 @@ class TextTransformer(nn.Module):
                                           embedding_init=nn.initializers.normal(std))
     x = (embed(self.vocab_size, 0.02, "token_embedding")(input_ids)
          + embed(self.max_positions, 0.01, "position_embedding")(jnp.arange(t))[None])
-    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]  # [1, 1, T, S]: causal
+    mask = jnp.tril(jnp.ones((t, t), bool)) if self.causal else jnp.ones((t, t), bool)
+    mask = mask[None, None]  # [1, 1, T, S]
     if attention_mask is not None:
       mask = mask & jnp.asarray(attention_mask, bool)[:, None, None, :]
     hidden = [x]

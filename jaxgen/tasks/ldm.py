@@ -277,6 +277,11 @@ class LatentDiffusionTask(Task):
           or shapes(text) != shapes(params["text"]["params"])):
         raise ConfigError("model.text.init: the clip run's text tower differs from model.text "
                           "(width, layers, heads, context length or vocabulary).")
+      causal = clip.config["model"]["text"].get("causal", True)
+      if causal != m.text.causal:
+        raise ConfigError(f"model.text.init: the clip run's text tower is "
+                          f"{'causal' if causal else 'bidirectional'}; set model.text.causal="
+                          f"{causal}.")
       params = dict(params, text={"params": text})
     return params, model_state
 

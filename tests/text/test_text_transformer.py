@@ -58,6 +58,27 @@ def test_attention_is_causal_and_masks_padding(model):
   assert not np.allclose(c[1, 3:], a[1, 3:])
 
 
+def test_bidirectional_attention_reads_later_tokens_and_hides_padding(model):
+  """causal=False: the same parameters, every token attends to every unmasked token."""
+  m, v = model
+  bi = m.clone(causal=False)
+  changed = IDS.copy()
+  changed[1, 1] = 6  # a later token of row 1
+  a = bi.apply(v, IDS)["last_hidden_state"]
+  b = bi.apply(v, changed)["last_hidden_state"]
+  assert not np.allclose(a[1, 0], b[1, 0])  # the first token's state reads the second
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
+  # padding hidden by the mask: changing padded ids changes no real token's state
+  mask = (np.arange(6) < np.array([[6], [3]])).astype(np.int32)
+  padded = IDS.copy()
+  padded[1, 3:] = 7
+  c, d = (bi.apply(v, x, mask)["last_hidden_state"] for x in (IDS, padded))
+  np.testing.assert_allclose(c[1, :3], d[1, :3], rtol=1e-6, atol=1e-6)
+  # with the same weights, the first token's state is no longer the causal model's
+  assert not np.allclose(bi.apply(v, IDS)["last_hidden_state"][:, 0],
+                         m.apply(v, IDS)["last_hidden_state"][:, 0])
+
+
 def test_bfloat16_compute_keeps_float32_params(model):
   m, v = model
   m16 = m.clone(dtype=jnp.bfloat16)
