@@ -135,7 +135,9 @@ def text_section(**overrides) -> dict:
   """Config keys of a text tower and its tokenizer (`model.text`)."""
   d = dict(
       tokenizer="words",          # words (built from the training captions) | bpe (CLIP's)
-      tokenizer_path="",          # bpe: a folder with vocab.json + merges.txt (SD tokenizer/)
+      tokenizer_path="",          # bpe: a folder with vocab.json + merges.txt (SD tokenizer/);
+                                  # empty: byte-level merges learned from the training captions
+      bpe_merges=2000,            # bpe without tokenizer_path: the most merges to learn
       context_length=16,
       width=64,
       layers=2,

@@ -77,15 +77,22 @@ def check_context_length(context_length: int) -> int:
 
 def from_config(t, captions_fn):
   """The tokenizer a `model.text` section describes. The word tokenizer's vocabulary is built
-  from the training captions (`captions_fn()`, read only here); BPE reads tokenizer_path. A run
-  stores its tokenizer in its workdir (jaxgen.weights), so loading a run never calls this."""
+  from the training captions (`captions_fn()`, read only here); BPE reads tokenizer_path (CLIP's
+  published vocabulary, a Stable Diffusion tokenizer/ folder), or without one learns byte-level
+  merges (at most `bpe_merges`) from the training captions: no word is then unknown. A run stores
+  its tokenizer in its workdir (jaxgen.weights), so loading a run never calls this."""
   if t.tokenizer == "words":
     from jaxgen.text.words import WordTokenizer
     return WordTokenizer.build(captions_fn(), context_length=t.context_length)
   if t.tokenizer == "bpe":
     if not t.tokenizer_path:
-      raise ConfigError("model.text.tokenizer=bpe needs model.text.tokenizer_path (a folder "
-                        "with vocab.json and merges.txt, e.g. a Stable Diffusion tokenizer/).")
+      from jaxgen.text.bpe import BPETokenizer
+      captions = [str(c) for c in captions_fn()]
+      tok = BPETokenizer.learn(captions, t.get("bpe_merges", 2000),
+                               context_length=t.context_length, html_unescape=t.html_unescape)
+      log.info("Learned %d byte-level BPE merges from %d training captions (vocabulary %d).",
+               len(tok.ranks), len(captions), tok.vocab_size)
+      return tok
     from jaxgen.convert.clip_text import load_tokenizer
     return load_tokenizer(t.tokenizer_path, context_length=t.context_length,
                           html_unescape=t.html_unescape)

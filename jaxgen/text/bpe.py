@@ -89,6 +89,61 @@ def clip_vocab(merges: Sequence[tuple[str, str]], specials: Sequence[str] = (BOS
   return vocab
 
 
+def learn_merges(texts: Sequence[str], num_merges: int, *, min_frequency: int = 2,
+                 html_unescape: bool = True) -> list[tuple[str, str]]:
+  """Byte-level BPE merges learned from `texts` in CLIP's format (Sennrich et al. 2016 on the
+  pieces of CLIP's cleaning and pre-tokenisation, bytes as GPT-2's printable characters, '</w>'
+  on each piece's last symbol): repeatedly the most frequent adjacent pair, counted over all
+  pieces, is merged everywhere, until `num_merges` merges or no pair occurs `min_frequency`
+  times. A pair whose result is already a token is skipped (the vocabulary would hold it twice);
+  ties go to the pair that sorts last, so the result does not depend on the texts' order. With
+  `clip_vocab(merges)` every byte is a token: no text has unknown words."""
+  if num_merges < 0:
+    raise DataError(f"num_merges must be >= 0; got {num_merges}")
+  reader = BPETokenizer(clip_vocab([]), [], html_unescape=html_unescape)
+  table = reader.byte_encoder
+  counts: dict[tuple[str, ...], int] = {}
+  for text in texts:
+    for piece in reader.pre_tokenize(reader.clean(str(text))):
+      if piece in reader._specials:
+        continue
+      chars = [table[b] for b in piece.encode("utf-8")]
+      word = (*chars[:-1], chars[-1] + END_OF_WORD)
+      counts[word] = counts.get(word, 0) + 1
+  merges: list[tuple[str, str]] = []
+  made = set(table.values()) | {c + END_OF_WORD for c in table.values()}
+  words = list(counts.items())
+  while len(merges) < num_merges:
+    pairs: dict[tuple[str, str], int] = {}
+    for word, n in words:
+      for pair in zip(word, word[1:]):
+        if pair[0] + pair[1] not in made:
+          pairs[pair] = pairs.get(pair, 0) + n
+    if not pairs:
+      break
+    best = max(pairs, key=lambda p: (pairs[p], p))
+    if pairs[best] < min_frequency:
+      break
+    merges.append(best)
+    joined = best[0] + best[1]
+    made.add(joined)
+    new_words = []
+    for word, n in words:
+      if best[0] in word:
+        out, i = [], 0
+        while i < len(word):  # every non-overlapping occurrence, left to right, as `bpe` does
+          if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+            out.append(joined)
+            i += 2
+          else:
+            out.append(word[i])
+            i += 1
+        word = tuple(out)
+      new_words.append((word, n))
+    words = new_words
+  return merges
+
+
 class BPETokenizer:
   r"""CLIP's tokenizer. `tokenizer(texts)` -> dict(input_ids, attention_mask, lengths,
   eos_positions) of numpy int32 arrays, as described in `jaxgen.text.pack`; `encode`/`decode` for
@@ -166,6 +221,28 @@ class BPETokenizer:
     first 48,894 merges, which give CLIP's 49,408 tokens (None takes every merge in the file)."""
     merges = read_merges(merges_file, num_merges)
     return cls(clip_vocab(merges), merges, **kwargs)
+
+  @classmethod
+  def learn(cls, texts: Sequence[str], num_merges: int, *, min_frequency: int = 2,
+            **kwargs) -> BPETokenizer:
+    """A byte-level BPE tokenizer with merges learned from `texts` (`learn_merges`)."""
+    merges = learn_merges(texts, num_merges, min_frequency=min_frequency,
+                          html_unescape=kwargs.get("html_unescape", True))
+    return cls(clip_vocab(merges), merges, **kwargs)
+
+  def save(self, folder: str | os.PathLike) -> None:
+    """Writes Hugging Face's vocab.json + merges.txt into `folder` (each written then renamed);
+    `from_files` and transformers' CLIPTokenizer read them back."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    merges = sorted(self.ranks, key=self.ranks.get)
+    files = {"vocab.json": json.dumps(self.vocab, ensure_ascii=False),
+             "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)}
+    for name, text in files.items():
+      tmp = os.path.join(folder, name + ".tmp")
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+      os.replace(tmp, os.path.join(folder, name))
 
   @property
   def vocab_size(self) -> int:

@@ -48,7 +48,8 @@ def save_tokenizer(workdir: str | pathlib.Path, config, tokenizer, source: str |
                    ) -> pathlib.Path | None:
   """Stores the run's tokenizer in WORKDIR/tokenizer (atomic per file). A word tokenizer is
   saved from `tokenizer`; a BPE one is copied from `source`, the folder it was read from (default:
-  the config's model.text.tokenizer_path), so `tokenizer` may be None when `source` is given."""
+  the config's model.text.tokenizer_path), so `tokenizer` may be None when `source` is given, or
+  written from `tokenizer` when it was learned (no tokenizer_path)."""
   text = _text_section(config)
   if text is None or (tokenizer is None and source is None):
     return None
@@ -56,6 +57,9 @@ def save_tokenizer(workdir: str | pathlib.Path, config, tokenizer, source: str |
   if text["tokenizer"] == "words":
     d.mkdir(parents=True, exist_ok=True)
     tokenizer.save(d / WORDS_FILE)
+    return d
+  if not (source or text["tokenizer_path"]):  # merges learned from the training captions
+    tokenizer.save(d)
     return d
   src = pathlib.Path(source or text["tokenizer_path"])
   if src.resolve() == d.resolve():

@@ -56,10 +56,20 @@ def test_clip_trains_evaluates_and_embeds(tmp_path, capsys):
   assert states.shape == (1, 16, 8)  # per-token states for conditioning
 
 
-def test_siglip_loss_trains_with_hard_negatives(tmp_path):
-  state = train(config("clip", arg="smoke,siglip,negatives=relation+colour"), tmp_path / "siglip",
-                progress=False)
+def test_siglip_loss_trains_with_hard_negatives_and_a_learned_bpe(tmp_path):
+  """SigLIP with NegCLIP twins, and a byte-level BPE learned from the captions (no vocabulary
+  given): saved in the workdir, the restored run tokenizes as the trained one did."""
+  wd = tmp_path / "siglip"
+  state = train(config("clip", "model.text.tokenizer=bpe", "model.text.context_length=24",
+                       arg="smoke,siglip,negatives=relation+colour"), wd, progress=False)
   assert "bias" in state.params["params"]
+  assert (wd / "tokenizer" / "merges.txt").exists()
+  run = restore_run(wd)
+  tok = run.task.tokenizer
+  ids = tok(["a large red circle left of a small blue square", "a purple hexagon"])
+  assert tok.unk_id not in ids["input_ids"][1][1:ids["lengths"][1] - 1]  # (unk = end token)
+  assert tok.decode(ids["input_ids"][0][:ids["lengths"][0]]) == (
+      "a large red circle left of a small blue square")
 
 
 def test_negclip_batches_carry_the_twins_and_the_loss_uses_them():

@@ -240,3 +240,48 @@ def test_bang_padding_leaves_typed_bangs_alone(trained):
   ids = tok(["wow!"])["input_ids"][0]
   assert tok.pad_id == 0 and ids[-1] == 0
   assert tok.vocab["!</w>"] in ids[:tok(["wow!"])["lengths"][0]]
+
+
+# --- merges learned from captions (no vocabulary given) -----------------------------------------
+
+def test_learned_merges_equal_the_reference_trainer():
+  from jaxgen.text.bpe import learn_merges
+  corpus = CORPUS.replace("'", " ")  # the reference's pattern has no contractions
+  lines = corpus.split("\n")
+  want = train_merges(corpus, 300)
+  assert len(want) > 150
+  assert learn_merges(lines, 300, min_frequency=1) == want
+  # the order of the texts does not matter; min_frequency stops early
+  assert learn_merges(lines[::-1], 300, min_frequency=1) == want
+  few = learn_merges(lines, 300, min_frequency=3)
+  assert 0 < len(few) < 100 and few == want[:len(few)]
+
+
+def test_hand_worked_learning():
+  """Sennrich et al.'s example with CLIP's '</w>' on the last symbol: e s (9) and s t</w> (9)
+  tie, and the pair that sorts last wins; then es t</w>, l o (7), then e w, n e and w est</w>
+  tie at 6."""
+  from jaxgen.text.bpe import learn_merges
+  texts = ["low"] * 5 + ["lower"] * 2 + ["newest"] * 6 + ["widest"] * 3
+  assert learn_merges(texts, 4) == [("s", "t</w>"), ("e", "st</w>"), ("l", "o"),
+                                    ("w", "est</w>")]
+
+
+def test_a_learned_tokenizer_has_no_unknown_words_and_saves_for_transformers(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from jaxgen.data import shapes
+  _, captions, _ = shapes.make_scenes(500, seed=0)
+  tok = BPETokenizer.learn(list(captions), 2000, context_length=32, html_unescape=False)
+  assert 20 < len(tok.ranks) < 2000  # the captions run out of pairs seen twice
+  for s in ["a large red circle left of a small blue square", "a huge crimson hexagon!",
+            "Ελληνικά 日本語 café", "circles and squares, 3 of them"]:
+    ids = tok.encode(s)
+    assert tok.unk_id not in ids or s.count("<|endoftext|>")
+    assert tok.decode(ids).replace(" ", "") == tok.clean(s).replace(" ", "")
+  assert len(tok.encode("a large red circle")) == 4  # whole words of the captions
+  tok.save(tmp_path)
+  ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path), model_max_length=32)
+  again = BPETokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt",
+                                  context_length=32, html_unescape=False)
+  for s in STRINGS[:25]:
+    assert again.encode(s) == tok.encode(s) == ref(s, add_special_tokens=False)["input_ids"], s
