@@ -1,13 +1,17 @@
 """CLIP-style dual encoder on the procedural captioned shapes (32x32 RGB): a small ResNet image
-tower, a 2-layer text transformer over a word-level vocabulary built from the captions.
+tower, a 2-layer text transformer over a word-level vocabulary built from the captions. On the
+shapes the text tower attends both ways and every caption's twins (relation inverted; colours,
+shapes, sizes exchanged between the objects) are extra negatives (NegCLIP): a causal tower
+trained on plain CLIP batches scores "X left of Y" and "X right of Y" alike (twin preference
+49% against 72%; benchmarks/relations.py).
 
 jaxgen train --config configs/clip.py --workdir runs/clip
-jaxgen eval --workdir runs/clip          (zero-shot shape/colour accuracy, retrieval R@1/R@5)
+jaxgen eval --workdir runs/clip          (zero-shot shape/colour accuracy, retrieval R@1/R@5,
+                                          how often an image prefers its caption to each twin)
 Arguments: smoke; siglip (sigmoid loss); vit (ViT image tower); fashion (Fashion-MNIST with
 captions made from the class names); lit=WORKDIR (LiT: lock an image tower from a SimCLR run);
-negatives=K1+K2 (NegCLIP: each caption's twins of these kinds, jaxgen.text.negatives, as extra
-negatives; negatives=none: plain CLIP); bidirectional (the text tower attends both ways, as
-T5/BERT encoders do, instead of CLIP's causal attention).
+negatives=K1+K2 (the kinds of twins, jaxgen.text.negatives; negatives=none: plain CLIP); causal
+(CLIP's causal text tower instead of the bidirectional one).
 """
 from jaxgen import app
 from jaxgen.models.build import image_encoder_section
@@ -15,7 +19,7 @@ from jaxgen.models.build import image_encoder_section
 
 def get_config(arg=None):
   flags = app.check_arg(arg, ["smoke", "siglip", "vit", "fashion", "lit", "negatives",
-                              "bidirectional"])
+                              "causal"])
   c = app.base_config("clip")
   c.data.update(source="embedded", name="shapes", image_size=32, channels=3, batch_size=128)
   c.model.encoder = image_encoder_section(kind="resnet", stage_sizes=(1, 1, 1), width=16,
@@ -24,15 +28,15 @@ def get_config(arg=None):
   c.model.text.update(tokenizer="words", context_length=16, width=64, layers=2, heads=4)
   c.optim.update(name="adamw", lr=2e-3, weight_decay=1e-4, warmup_steps=100, ema_decay=0.0)
   c.train.update(num_steps=1200, log_every=50, sample_every=0, ckpt_every=400)
-  if "negatives" in flags:
-    kinds = str(flags["negatives"])
-    c.model.hard_negatives = () if kinds == "none" else tuple(kinds.split("+"))
-  if flags.get("bidirectional"):
-    c.model.text.causal = False
+  kinds = str(flags.get("negatives", "relation+colour+shape+size"))
+  c.model.hard_negatives = () if kinds == "none" else tuple(kinds.split("+"))
+  c.model.text.causal = bool(flags.get("causal", False))
   if flags.get("siglip"):
     c.model.loss = "siglip"
   if flags.get("vit"):
     c.model.encoder = image_encoder_section(kind="vit", patch_size=4, width=64, depth=4, heads=4)
+  if flags.get("fashion") or "lit" in flags:
+    c.model.hard_negatives = ()  # captions from class names have no twins
   if flags.get("fashion"):
     c.data.update(name="fashion_mnist_small", image_size=28, channels=1)
     c.model.text.context_length = 8

@@ -8,8 +8,9 @@ the frozen text tower of configs/clip.py. Train those two first:
   jaxgen generate --workdir runs/ldm --prompt "a large red circle left of a small blue square"
 
 Arguments: smoke; ae=WORKDIR and clip=WORKDIR (other runs than runs/...); scratch (train the text
-tower with the U-Net instead of loading and freezing the clip run's); bidirectional (a text tower
-whose tokens attend both ways: with scratch, or with a clip run trained so).
+tower with the U-Net instead of loading and freezing the clip run's); causal (a causal text tower,
+CLIP's, as clip runs trained with configs/clip.py:causal have; the default tower attends both
+ways, as configs/clip.py's does).
 """
 import pathlib
 
@@ -19,7 +20,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def get_config(arg=None):
-  flags = app.check_arg(arg, ["smoke", "ae", "clip", "scratch", "bidirectional"])
+  flags = app.check_arg(arg, ["smoke", "ae", "clip", "scratch", "causal"])
   smoke = ":smoke" if flags.get("smoke") else ""
   c = app.base_config("ldm")
   c.data.update(source="embedded", name="shapes", image_size=32, channels=3, batch_size=64)
@@ -32,8 +33,8 @@ def get_config(arg=None):
   c.ldm.judge = c.model.text.init
   if flags.get("scratch"):
     c.model.text.update(init="", freeze=False)
-  if flags.get("bidirectional"):
-    c.model.text.causal = False
+  if flags.get("causal"):
+    c.model.text.causal = True
   c.model.unet.update(block_channels=(64, 128), layers_per_block=1, attn_levels=(True, True),
                       num_heads=4, groups=16)
   c.model.prompt_dropout = 0.1
