@@ -10,8 +10,13 @@ Text-to-image runs (--t2i WORKDIRS): the pixel judge's and the CLIP judge's figu
 run's newest `jaxgen eval` result (WORKDIR/eval_stepN.json), generated beside real and
 unconditional.
 
+Does the trained denoiser use the relation at all (--loss WORKDIRS)? Its training loss on
+held-out two-object scenes with their own caption and with the relation twin, at several noise
+levels, the same noise for both: equal losses mean the network ignores the relation words.
+
 python benchmarks/relations.py --clip runs/clip runs/clip_neg --t2i runs/ldm runs/dit_latent
-Writes benchmarks/results/relations_text.{json,md} and relations_t2i.{json,md}.
+Writes benchmarks/results/relations_text.{json,md}, relations_t2i.{json,md} and
+relations_loss.{json,md}.
 """
 from __future__ import annotations
 
@@ -94,11 +99,54 @@ def t2i_rows(workdirs):
   return rows
 
 
+def loss_rows(workdirs, num, levels=(0.2, 0.5, 0.8, 0.95)):
+  """Per run and noise level (a fraction of the schedule, or flow time): the mean loss with the
+  true caption and with its relation twin, and how often the true one is lower (chance 0.5)."""
+  import jax
+  import jax.numpy as jnp
+  rows = []
+  for wd in workdirs:
+    run = app.restore_run(wd)
+    task, model = run.task, run.task.model
+    data = load_all(load_source(run.config.data, run.config.data.eval_split), limit=4 * num)
+    keep = [i for i, c in enumerate(data["caption"]) if twin(str(c), "relation")][:num]
+    captions = [str(data["caption"][i]) for i in keep]
+    z0 = model.encode_images(run.model_state, data["image"][keep], key=jax.random.PRNGKey(0))
+    net = model.denoise_fn(run.params)
+
+    def losses(texts, level, key):
+      tok = task.tokenizer(texts)
+      cond = model.condition(run.params, {k: jnp.asarray(tok[k]) for k in task.empty})
+      eps = jax.random.normal(key, z0.shape)
+      if model.is_flow:
+        t = jnp.full((len(texts),), level, jnp.float32)
+        out, target = net((1 - level) * z0 + level * eps, t, cond), eps - z0
+      else:
+        step = int(level * (task.schedule.num_timesteps - 1))
+        abar = task.schedule.abar[step]
+        z_t = jnp.sqrt(abar) * z0 + jnp.sqrt(1 - abar) * eps
+        out = net(z_t, jnp.full((len(texts),), step), cond)
+        target = eps if run.config.diffusion.prediction == "eps" else None
+        if target is None:
+          raise SystemExit(f"{wd}: --loss reads eps-prediction or flow runs.")
+      return np.asarray(((out - target) ** 2).mean((1, 2, 3)))
+
+    for level in levels:
+      key = jax.random.PRNGKey(int(level * 1000))
+      own = losses(captions, level, key)
+      other = losses([twin(c, "relation") for c in captions], level, key)
+      rows.append(dict(run=wd, objective="flow" if model.is_flow else "eps", noise_level=level,
+                       loss_own=float(own.mean()), loss_twin=float(other.mean()),
+                       own_lower=float(np.mean(own < other)), scenes=len(captions)))
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--clip", nargs="*", default=[], help="clip workdirs")
   p.add_argument("--t2i", nargs="*", default=[], help="text-to-image workdirs, evaluated")
+  p.add_argument("--loss", nargs="*", default=[], help="text-to-image workdirs (loss test)")
   p.add_argument("--num", type=int, default=1000, help="held-out scenes for the text towers")
   a = p.parse_args()
   runtime.setup_logging()
@@ -109,6 +157,10 @@ def main():
   if a.t2i:
     rows = t2i_rows(a.t2i)
     for path in write("relations_t2i", rows, list(rows[0]), {}):
+      print(path)
+  if a.loss:
+    rows = loss_rows(a.loss, min(a.num, 200))
+    for path in write("relations_loss", rows, list(rows[0]), {}):
       print(path)
 
 

@@ -55,16 +55,16 @@ def _abstract_state(init, mesh, fsdp: bool = False):
                       shapes, shardings)
 
 
-def _defaults(config: ml_collections.ConfigDict) -> dict:
+def _defaults(task) -> dict:
   """The task's base config: what a key missing from an older run's saved config means."""
-  from jaxgen.app import base_config
-  return base_config(config.task).to_dict()
+  return config_lib.compose(task.config.task, type(task).default_config()).to_dict()
 
 
-def _check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, has_ckpt: bool):
+def _check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, has_ckpt: bool,
+                   defaults: dict):
   if has_ckpt and (workdir / "config.json").exists():
     saved = read_config(workdir)  # a damaged config.json: the checkpoint's config
-    diffs = config_differences(saved, config.to_dict(), _defaults(config))
+    diffs = config_differences(saved, config.to_dict(), defaults)
     if diffs:
       raise CheckpointError(
           f"{workdir} holds a run of another model config:\n  " + "\n  ".join(diffs)
@@ -118,7 +118,7 @@ def _train(task, workdir: pathlib.Path, progress: bool, until_step: int | None, 
   load_source(c.data, c.data.eval_split)
   ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
   latest = ckpt.latest_step()
-  _check_workdir(workdir, config, latest is not None)
+  _check_workdir(workdir, config, latest is not None, _defaults(task))
   init, schedule = _state_factory(task, config, loader.get(0))
   abstract = _abstract_state(init, mesh, t.fsdp)
   state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
@@ -129,7 +129,7 @@ def _train(task, workdir: pathlib.Path, progress: bool, until_step: int | None, 
 
   start = 0
   if latest is not None:
-    state, meta = ckpt.restore(latest, abstract, config.to_dict(), defaults=_defaults(config))
+    state, meta = ckpt.restore(latest, abstract, config.to_dict(), defaults=_defaults(task))
     start = int(meta["data"]["batches_consumed"])
     saved_data = meta["data"]
     if (saved_data["dataset_size"], saved_data["global_batch"]) != (loader.n, loader.global_batch):
@@ -244,7 +244,7 @@ def restore_state(task, workdir: str | pathlib.Path, step: int, mesh=None) -> Tr
   ckpt = Checkpointer(workdir / "checkpoints", keep=task.config.train.keep_checkpoints)
   try:
     state, _ = ckpt.restore(step, abstract, task.config.to_dict(),
-                            defaults=_defaults(task.config))
+                            defaults=_defaults(task))
   finally:
     ckpt.close()
   return state
