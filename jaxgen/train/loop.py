@@ -55,9 +55,14 @@ def _abstract_state(init, mesh, fsdp: bool = False):
                       shapes, shardings)
 
 
-def _defaults(task) -> dict:
+def _defaults(task) -> dict | None:
   """The task's base config: what a key missing from an older run's saved config means."""
-  return config_lib.compose(task.config.task, type(task).default_config()).to_dict()
+  inner = getattr(task, "task", task)  # a LoRA task wraps the task of its base run
+  try:
+    sections = type(inner).default_config()
+  except NotImplementedError:
+    return None
+  return config_lib.compose(task.config.task, sections).to_dict()
 
 
 def _check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, has_ckpt: bool,
