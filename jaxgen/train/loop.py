@@ -57,7 +57,7 @@ def _abstract_state(init, mesh, fsdp: bool = False):
 
 def _defaults(task) -> dict | None:
   """The task's base config: what a key missing from an older run's saved config means."""
-  inner = getattr(task, "task", task)  # a LoRA task wraps the task of its base run
+  inner = getattr(task, "base", task)  # a LoRA task wraps the task of its base run
   try:
     sections = type(inner).default_config()
   except NotImplementedError:
