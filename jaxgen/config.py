@@ -26,6 +26,7 @@ def compose(task: str, task_sections: dict[str, dict]) -> ml_collections.ConfigD
   c = ml_collections.ConfigDict()
   c.task = task
   c.seed = 0
+  c.attention = "auto"            # auto | xla | chunked | cudnn (models.layers.set_attention)
   c.data = dict(
       source="embedded",          # embedded | tfds | folder | npz
       name="fashion_mnist_small",  # embedded or TFDS name
@@ -231,6 +232,10 @@ def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
 def validate_shared(config: ml_collections.ConfigDict) -> None:
   """Checks the value ranges and combinations of the shared sections (data, optim, train)."""
   d, t, o = config.data, config.train, config.optim
+  from jaxgen.models.layers import IMPLEMENTATIONS
+  if config.attention not in IMPLEMENTATIONS:
+    raise ConfigError(f"attention must be one of {', '.join(IMPLEMENTATIONS)}; got "
+                      f"{config.attention!r}.")
   if d.source not in ("embedded", "tfds", "folder", "npz"):
     raise ConfigError(f"data.source must be embedded, tfds, folder or npz; got {d.source!r}.")
   if d.source in ("folder", "npz") and not d.path:

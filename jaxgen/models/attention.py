@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.models.layers import attention, group_norm
+from jaxgen.models.layers import attention, group_norm, timestep_embedding
 from jaxgen.models.ops import Dropout
 
 
@@ -79,10 +79,26 @@ class BasicTransformerBlock(nn.Module):
         norm("norm3")(x), train=train)
 
 
+def position_embedding_2d(h: int, w: int, dim: int) -> jax.Array:
+  """[h * w, dim] float32, row-major: the first half of the channels a sinusoidal embedding of
+  the row, the second of the column (max period 10000), both over the index scaled to the unit
+  square's 64-cell grid so that the embedding of a place does not depend on the resolution."""
+  if dim % 4:
+    raise ValueError(f"a 2D position embedding needs channels divisible by 4, got {dim}")
+  rows = jnp.repeat(jnp.arange(h, dtype=jnp.float32) * (64.0 / h), w)
+  cols = jnp.tile(jnp.arange(w, dtype=jnp.float32) * (64.0 / w), h)
+  return jnp.concatenate([timestep_embedding(rows, dim // 2, flip_sin_to_cos=False),
+                          timestep_embedding(cols, dim // 2, flip_sin_to_cos=False)], axis=-1)
+
+
 class Transformer2D(nn.Module):
   """GroupNorm, proj_in, `depth` transformer blocks over the H*W positions, proj_out, residual.
 
   proj_in/proj_out are 1x1 convs (SD 1.x) or Dense layers (`use_linear_projection`, SD 2.x).
+  `position_embedding` adds a fixed 2D sine-cosine embedding of each position's row and column
+  after proj_in (no parameters; Stable Diffusion has none), so that the queries of the
+  cross-attention know where they are: a prompt's "left of" can only be drawn by a network
+  whose features say which side a position is on.
   """
   heads: int
   head_dim: int
@@ -91,6 +107,7 @@ class Transformer2D(nn.Module):
   use_linear_projection: bool = False
   groups: int = 32
   dropout: float = 0.0
+  position_embedding: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -103,6 +120,8 @@ class Transformer2D(nn.Module):
       y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
     else:
       y = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
+    if self.position_embedding:
+      y = y + position_embedding_2d(h, w, inner).astype(y.dtype)
     for n in range(self.depth):
       y = BasicTransformerBlock(self.heads, self.head_dim, self.context_dim, self.dropout,
                                 dtype=self.dtype, name=f"transformer_blocks_{n}")(

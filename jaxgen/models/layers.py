@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.errors import ConfigError
 from jaxgen.models.ops import Dropout, GroupNorm
 
 
@@ -84,9 +85,45 @@ class Upsample(nn.Module):
     return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
 
 
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
+# "auto" chunks when a head's logits would hold more than this many entries (64x64 latents'
+# self-attention has 4096^2 = 16.8M; 32x32 has 1M and stays materialised).
+CHUNK_ABOVE = 2 ** 20
+_implementation = "auto"
+
+
+def set_attention(implementation: str) -> None:
+  """How every jaxgen attention computes from now on (read when a function is traced): "xla"
+  materialises the logits; "chunked" (jaxgen.models.chunked_attention) never does, O(T + S)
+  memory in forward and backward; "cudnn" is jax.nn.dot_product_attention's fused kernel
+  (GPU, float16/bfloat16); "auto" takes cudnn on a GPU for half-precision inputs, else chunked
+  for long sequences (T * S > CHUNK_ABOVE) and xla for the rest. The config key `attention`
+  sets it for a task (jaxgen.app.build_task)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ConfigError(f"attention must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  global _implementation
+  _implementation = implementation
+
+
+def attention_implementation(q, k) -> str:
+  """What attention(q, k, ...) runs under the current setting."""
+  if _implementation != "auto":
+    return _implementation
+  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "chunked" if q.shape[1] * k.shape[1] > CHUNK_ABOVE else "xla"
+
+
 def attention(q, k, v, mask=None):
   """Scaled dot-product attention. q [B, T, N, H], k/v [B, S, N, H]; mask broadcasts to
-  [B, N, T, S] (True = attend). Softmax in float32 whatever the inputs' dtype."""
+  [B, N, T, S] (True = attend). Softmax in float32 whatever the inputs' dtype (except cudnn's
+  kernel, which keeps the inputs' half precision). See set_attention for the implementations."""
+  impl = attention_implementation(q, k)
+  if impl == "chunked":
+    from jaxgen.models.chunked_attention import chunked_attention
+    return chunked_attention(q, k, v, mask)
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
   scale = 1.0 / math.sqrt(q.shape[-1])
   # Accumulate q.k in float32 even for bfloat16 inputs (Stable Diffusion 2's upcast_attention).
   logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale

@@ -63,6 +63,7 @@ class UNet(nn.Module):
   transformer_depth: int | Sequence[int] = 1
   context_dim: int | None = None              # None: no cross-attention
   use_linear_projection: bool = False         # transformer proj_in/out: Dense (SD2) or 1x1 conv
+  position_embedding: bool = False            # transformer: fixed 2D sin-cos after proj_in
   num_classes: int = 0                        # 0: unconditional
   null_label: bool = True                     # an extra last embedding row for the null label
   dropout: float = 0.0
@@ -113,6 +114,8 @@ class UNet(nn.Module):
         raise ConfigError(f"block channels {c} not divisible by {heads} attention heads")
     if self.context_dim is not None and self.attention != "transformer":
       raise ConfigError("context_dim (cross-attention) needs attention='transformer'")
+    if self.position_embedding and self.attention != "transformer":
+      raise ConfigError("position_embedding needs attention='transformer'")
 
   def _check_inputs(self, x, t, labels, context):
     if x.ndim != 4:
@@ -163,7 +166,8 @@ class UNet(nn.Module):
       return self._block(mdl, x, train=None)
     depth = _per_level(self.transformer_depth, self.levels, "transformer_depth")[level]
     mdl = Transformer2D(heads, c // heads, depth, self.context_dim, self.use_linear_projection,
-                        self.groups, dtype=self.dtype, name=name)
+                        self.groups, position_embedding=self.position_embedding,
+                        dtype=self.dtype, name=name)
     if context is None:
       return self._block(mdl, x, train=train)
     return self._block(mdl, x, context, train=train)

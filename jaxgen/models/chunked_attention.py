@@ -1,0 +1,182 @@
+"""Attention whose memory grows linearly with the sequence (Rabe & Staats 2021, "Self-attention
+does not need O(n^2) memory"; the backward pass as in FlashAttention, Dao et al. 2022).
+
+Keys and values are visited in chunks with an online softmax (running maximum and sum), and
+queries in chunks, so the [T, S] logits never exist whole. The backward pass is a custom VJP
+that keeps only the output and the log-sum-exp of each query's logits and recomputes each
+block's probabilities from them; its memory is linear too. Logits, softmax statistics and the
+accumulators are float32 whatever the inputs' dtype; the output has v's dtype.
+
+Layout as in jaxgen.models.layers.attention: q [B, T, N, H], k/v [B, S, N, H], mask broadcasting
+to [B, N, T, S] with True = attend. A query whose keys are all masked gets the mean of the
+values, as the materialised softmax over equal logits gives.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+MASKED = float(jnp.finfo(jnp.float32).min)  # a masked key's logit: what the reference uses
+
+
+def _pad_to(x, axis: int, multiple: int):
+  n = x.shape[axis]
+  pad = -n % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _prepare_mask(mask, b, n, t, s, tp, sp):
+  """The mask as [B or 1, N or 1, T or 1, S or 1] bool, padded to the chunk multiples; None
+  stays None. Singleton dimensions stay singleton, so that a key-padding mask costs O(S)."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask, bool)
+  if mask.ndim > 4:
+    raise ValueError(f"attention mask has {mask.ndim} dimensions; it must broadcast to "
+                     f"[batch, heads, queries, keys] = {[b, n, t, s]}")
+  mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  want = (b, n, t, s)
+  for have, full in zip(mask.shape, want):
+    if have not in (1, full):
+      raise ValueError(f"attention mask of shape {list(mask.shape)} does not broadcast to "
+                       f"[batch, heads, queries, keys] = {want}")
+  if mask.shape[2] == t:
+    mask = _pad_to(mask, 2, tp)
+  if mask.shape[3] == s:
+    mask = _pad_to(mask, 3, sp)
+  return mask
+
+
+def _block_mask(mask, qi, q_chunk, ki, k_chunk):
+  """The [B|1, N|1, q_chunk|1, k_chunk|1] piece of a prepared mask."""
+  if mask.shape[2] != 1:
+    mask = jax.lax.dynamic_slice_in_dim(mask, qi * q_chunk, q_chunk, axis=2)
+  if mask.shape[3] != 1:
+    mask = jax.lax.dynamic_slice_in_dim(mask, ki * k_chunk, k_chunk, axis=3)
+  return mask
+
+
+def _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale):
+  """Masked float32 logits [B, N, q_chunk, k_chunk] of one block; keys past s (padding) are
+  -inf so that they never count, masked keys get MASKED as in the reference."""
+  logits = jnp.einsum("btnh,bsnh->bnts", q_blk, k_blk,
+                      preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(_block_mask(mask, qi, q_chunk, ki, k_chunk), logits, MASKED)
+  key_pos = ki * k_chunk + jnp.arange(k_chunk)
+  return jnp.where(key_pos < s, logits, -jnp.inf)
+
+
+def _forward(q, k, v, mask, s, q_chunk, k_chunk):
+  """Padded q [B, Tp, N, H], k/v [B, Sp, N, H] -> (out float32 [B, Tp, N, H], lse [B, N, Tp])."""
+  b, tp, n, h = q.shape
+  scale = 1.0 / math.sqrt(h)
+  nk = k.shape[1] // k_chunk
+
+  def one_query_block(qi):
+    q_blk = jax.lax.dynamic_slice_in_dim(q, qi * q_chunk, q_chunk, axis=1)
+
+    def step(carry, ki):
+      m, total, acc = carry
+      k_blk = jax.lax.dynamic_slice_in_dim(k, ki * k_chunk, k_chunk, axis=1)
+      v_blk = jax.lax.dynamic_slice_in_dim(v, ki * k_chunk, k_chunk, axis=1)
+      logits = _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale)
+      m_new = jnp.maximum(m, logits.max(-1))
+      p = jnp.exp(logits - m_new[..., None])
+      corr = jnp.exp(m - m_new)
+      total = total * corr + p.sum(-1)
+      acc = acc * corr.transpose(0, 2, 1)[..., None] + jnp.einsum(
+          "bnts,bsnh->btnh", p, v_blk.astype(jnp.float32))
+      return (m_new, total, acc), None
+
+    init = (jnp.full((b, n, q_chunk), -jnp.inf, jnp.float32),
+            jnp.zeros((b, n, q_chunk), jnp.float32),
+            jnp.zeros((b, q_chunk, n, h), jnp.float32))
+    (m, total, acc), _ = jax.lax.scan(step, init, jnp.arange(nk))
+    out = acc / total.transpose(0, 2, 1)[..., None]
+    return out, m + jnp.log(total)
+
+  outs, lses = jax.lax.map(one_query_block, jnp.arange(tp // q_chunk))
+  # [nq, B, qc, N, H] -> [B, Tp, N, H]; [nq, B, N, qc] -> [B, N, Tp]
+  out = jnp.moveaxis(outs, 0, 1).reshape(b, tp, n, h)
+  lse = jnp.moveaxis(lses, 0, 2).reshape(b, n, tp)
+  return out, lse
+
+
+def _backward(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
+  """Gradients of q, k, v (float32, padded) from the saved output and log-sum-exp."""
+  b, tp, n, h = q.shape
+  sp = k.shape[1]
+  scale = 1.0 / math.sqrt(h)
+  nq = tp // q_chunk
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.einsum("btnh,btnh->bnt", d_out, out)  # rowsum(dO * O)
+
+  def one_key_block(dq, ki):
+    k_blk = jax.lax.dynamic_slice_in_dim(k, ki * k_chunk, k_chunk, axis=1)
+    v_blk = jax.lax.dynamic_slice_in_dim(v, ki * k_chunk, k_chunk, axis=1)
+
+    def step(carry, qi):
+      dk, dv = carry
+      sl = lambda x, axis=1: jax.lax.dynamic_slice_in_dim(x, qi * q_chunk, q_chunk, axis=axis)
+      q_blk, do_blk = sl(q), sl(d_out)
+      logits = _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale)
+      p = jnp.exp(logits - sl(lse, 2)[..., None])  # [B, N, qc, kc]
+      dv = dv + jnp.einsum("bnts,btnh->bsnh", p, do_blk)
+      dp = jnp.einsum("btnh,bsnh->bnts", do_blk, v_blk.astype(jnp.float32))
+      ds = p * (dp - sl(delta, 2)[..., None]) * scale
+      dk = dk + jnp.einsum("bnts,btnh->bsnh", ds, q_blk.astype(jnp.float32))
+      dq_blk = jnp.einsum("bnts,bsnh->btnh", ds, k_blk.astype(jnp.float32))
+      return (dk, dv), dq_blk
+
+    zeros = jnp.zeros((b, k_chunk, n, h), jnp.float32)
+    (dk, dv), dq_blocks = jax.lax.scan(step, (zeros, zeros), jnp.arange(nq))
+    dq = dq + jnp.moveaxis(dq_blocks, 0, 1).reshape(b, tp, n, h)
+    return dq, (dk, dv)
+
+  dq, (dks, dvs) = jax.lax.scan(one_key_block, jnp.zeros((b, tp, n, h), jnp.float32),
+                                jnp.arange(sp // k_chunk))
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, sp, n, h)
+  return dq, unblock(dks), unblock(dvs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, mask, s, q_chunk, k_chunk):
+  return _forward(q, k, v, mask, s, q_chunk, k_chunk)[0]
+
+
+def _attention_fwd(q, k, v, mask, s, q_chunk, k_chunk):
+  out, lse = _forward(q, k, v, mask, s, q_chunk, k_chunk)
+  return out, (q, k, v, mask, out, lse)
+
+
+def _attention_bwd(s, q_chunk, k_chunk, residuals, d_out):
+  q, k, v, mask, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def chunked_attention(q, k, v, mask=None, *, q_chunk: int = 512, k_chunk: int = 1024):
+  """Scaled dot-product attention in O(T + S) memory. q [B, T, N, H], k/v [B, S, N, H]; mask
+  broadcasts to [B, N, T, S] (True = attend). Chunks larger than the sequence shrink to it."""
+  if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[::2] != k.shape[::2] or \
+      q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"attention expects q [B, T, N, H] and k, v [B, S, N, H]; got "
+                     f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+  b, t, n, _ = q.shape
+  s = k.shape[1]
+  q_chunk, k_chunk = min(q_chunk, t), min(k_chunk, s)
+  qp, kp, vp = _pad_to(q, 1, q_chunk), _pad_to(k, 1, k_chunk), _pad_to(v, 1, k_chunk)
+  mask = _prepare_mask(mask, b, n, t, s, q_chunk, k_chunk)
+  out = _attention(qp, kp, vp, mask, s, q_chunk, k_chunk)
+  return out[:, :t].astype(v.dtype)
