@@ -262,7 +262,7 @@ def run_row(name: str, quick: bool) -> dict:
     out["unet_params"] = sum(int(np.prod(x.shape))
                              for x in jax.tree.leaves(_unet_params(config, state.params)))
   if row.sample_batch:
-    out.update(bench_sampler(task, config, state.ema_params, row.sample_batch, row.steps(quick),
+    out.update(bench_sampler(task, config, state.ema_params, row.sample_n(quick), row.steps(quick),
                              quick))
   out["rss_peak_end_bytes"] = peak_rss_bytes()
   return out

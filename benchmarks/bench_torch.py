@@ -9,6 +9,9 @@ Train step: forward, MSE to the noise, backward, global-norm clipping and EMA wh
 them (as jaxgen's step does), torch.optim.AdamW (fused when this torch has it for CPU tensors).
 Sampler: a DDIM loop of N network calls (batched classifier-free guidance where jaxgen guides)
 with the DDIM update, under inference_mode. Threads: torch.set_num_threads(os.cpu_count()).
+On a GPU (benchmarks/gpu.py): JAXGEN_BENCH_DEVICE=cuda places model and data there and
+synchronises before each clock read; JAXGEN_BENCH_BF16=1 runs the network under bfloat16
+autocast, as jaxgen's bfloat16 compute.
 """
 from __future__ import annotations
 
@@ -27,14 +30,27 @@ from common import median_time as _median_time
 from common import peak_rss_bytes
 from rows import ROWS
 
+DEVICE = os.environ.get("JAXGEN_BENCH_DEVICE", "cpu")
+BF16 = os.environ.get("JAXGEN_BENCH_BF16", "") == "1"
+
+
+def _sync(result):
+  if DEVICE.startswith("cuda"):
+    torch.cuda.synchronize()
+  return result
+
 
 def median_time(fn, repeats: int = 5, warmup: int = 1, min_seconds: float = 0.0) -> dict:
   return _median_time(fn, repeats=repeats, warmup=warmup, min_seconds=min_seconds,
-                      block=lambda r: r)
+                      block=_sync)
+
+
+def _autocast():
+  return torch.autocast(device_type=DEVICE.split(":")[0], dtype=torch.bfloat16, enabled=BF16)
 
 
 def matmul_peak(n: int = 3072) -> dict:
-  a, b = torch.randn(n, n), torch.randn(n, n)
+  a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
   t = median_time(lambda: a @ b, repeats=7, warmup=2)
   return dict(n=n, median_s=t["median_s"], flops_per_s=2.0 * n ** 3 / t["median_s"])
 
@@ -134,8 +150,10 @@ def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
     model, _ = unet2d(config)
   # a diffusers DiT holds one embedder per block; jaxgen's, like the paper's, one in all
   n_params = sum(p.numel() for p in model.parameters()) - duplicated
+  model = model.to(DEVICE)
   out = dict(row=name, framework="pytorch", batch=bs, params=n_params,
-             torch=torch.__version__, threads=torch.get_num_threads())
+             torch=torch.__version__, threads=torch.get_num_threads(), device=DEVICE,
+             bf16_autocast=BF16)
   if expect_params:
     rel = abs(n_params - expect_params) / expect_params
     out["params_rel_diff"] = rel
@@ -152,31 +170,32 @@ def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
     out["adamw"] = "default"
   params = [p for p in model.parameters()]
   ema = [p.detach().clone() for p in params]
-  ab = abar(config)
+  ab = abar(config).to(DEVICE)
   h, w, c = shape
   num_classes = 0 if conditional else config.model.num_classes
-  x0 = torch.randn(bs, c, h, w)
-  labels = torch.arange(bs) % max(num_classes, 1)
-  context = torch.randn(bs, ctx_len, ctx_dim) if conditional else None
+  x0 = torch.randn(bs, c, h, w, device=DEVICE)
+  labels = torch.arange(bs, device=DEVICE) % max(num_classes, 1)
+  context = torch.randn(bs, ctx_len, ctx_dim, device=DEVICE) if conditional else None
 
   def net(x, t, y=None, ctx=None):
-    if conditional:
-      return model(x, t, encoder_hidden_states=ctx).sample
-    return model(x, t, class_labels=y).sample
+    with _autocast():
+      if conditional:
+        return model(x, t, encoder_hidden_states=ctx).sample.float()
+      return model(x, t, class_labels=y).sample.float()
 
   def train_step():
     model.train()
     eps = torch.randn_like(x0)
     y = None
     if num_classes:
-      drop = torch.rand(bs) < config.model.class_dropout
+      drop = torch.rand(bs, device=DEVICE) < config.model.class_dropout
       y = torch.where(drop, torch.full_like(labels, num_classes), labels)
     if config.diffusion.objective == "flow":  # rectified flow, logit-normal times
-      s = torch.sigmoid(torch.randn(bs)).view(-1, 1, 1, 1)
+      s = torch.sigmoid(torch.randn(bs, device=DEVICE)).view(-1, 1, 1, 1)
       x_t = (1 - s) * x0 + s * eps
       loss = F.mse_loss(net(x_t, 1000 * s.flatten(), y, context), eps - x0)
     else:
-      t = torch.randint(0, ab.shape[0], (bs,))
+      t = torch.randint(0, ab.shape[0], (bs,), device=DEVICE)
       a = ab[t].view(-1, 1, 1, 1)
       x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
       loss = F.mse_loss(net(x_t, t, y, context), eps)
@@ -191,7 +210,7 @@ def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
     return loss
 
   t0 = time.perf_counter()
-  train_step()
+  _sync(train_step())
   out["first_step_s"] = time.perf_counter() - t0
   r = median_time(train_step, repeats=row.quick_repeats if quick else row.repeats, warmup=1,
                   min_seconds=2.0)
@@ -199,18 +218,18 @@ def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
              train_images_per_s=bs / r["median_s"], rss_peak_bytes=peak_rss_bytes())
 
   if row.sample_batch:
-    n = row.sample_batch
+    n = row.sample_n(quick)
     guided = conditional or num_classes > 0
     g = config.diffusion.guidance_scale
     m = 2 if guided else 1
-    ys = torch.cat([labels[:n] % max(num_classes, 1), torch.full((n,), num_classes)]) \
-        if num_classes else None
-    ctxs = torch.randn(m * n, ctx_len, ctx_dim) if conditional else None
+    ys = torch.cat([labels[:n] % max(num_classes, 1),
+                    torch.full((n,), num_classes, device=DEVICE)]) if num_classes else None
+    ctxs = torch.randn(m * n, ctx_len, ctx_dim, device=DEVICE) if conditional else None
     clip = config.diffusion.clip_x0 or None
 
     def eps_of(x, t):
       xin = torch.cat([x, x]) if guided else x
-      out_ = net(xin, torch.full((xin.shape[0],), t), ys, ctxs)
+      out_ = net(xin, torch.full((xin.shape[0],), t, device=DEVICE), ys, ctxs)
       if not guided:
         return out_
       cond, uncond = out_.chunk(2)
@@ -219,12 +238,12 @@ def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
     def sample(steps):
       model.eval()
       with torch.inference_mode():
-        x = torch.randn(n, c, h, w)
+        x = torch.randn(n, c, h, w, device=DEVICE)
         ts = trailing_timesteps(ab.shape[0], steps)
         for i, t in enumerate(ts):
           eps = eps_of(x, t)
           a_t = ab[t]
-          a_s = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+          a_s = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=DEVICE)
           x0_ = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
           if clip:
             x0_ = x0_.clamp(-clip, clip)
@@ -233,7 +252,7 @@ def run_row(name: str, quick: bool, expect_params: int | None) -> dict:
         return x
 
     model.eval()
-    xb = torch.randn(n, c, h, w)
+    xb = torch.randn(n, c, h, w, device=DEVICE)
     with torch.inference_mode():
       one = median_time(lambda: eps_of(xb, 500), repeats=5 if quick else 10, warmup=1,
                         min_seconds=1.0)

@@ -18,6 +18,7 @@ class Row:
   batch: int = 64                      # training images per step
   quick_batch: int | None = None       # --quick: a smaller batch (None: the same)
   sample_batch: int = 0                # images per sampler call; 0: no sampler columns
+  quick_sample_batch: int | None = None  # --quick: fewer (None: the same)
   sample_steps: tuple[int, ...] = ()
   quick_sample_steps: tuple[int, ...] | None = None
   repeats: int = 5                     # timed train steps (median)
@@ -33,6 +34,9 @@ class Row:
 
   def train_batch(self, quick: bool) -> int:
     return self.quick_batch if quick and self.quick_batch else self.batch
+
+  def sample_n(self, quick: bool) -> int:
+    return self.quick_sample_batch if quick and self.quick_sample_batch else self.sample_batch
 
   def steps(self, quick: bool) -> tuple[int, ...]:
     if quick and self.quick_sample_steps is not None:
@@ -69,6 +73,36 @@ CLIP_B32 = ("model.encoder.patch_size=32", "model.encoder.width=768", "model.enc
             "model.encoder.heads=12", "data.image_size=224", "model.text.width=512",
             "model.text.layers=12", "model.text.heads=8", "model.text.context_length=77",
             "model.embed_dim=512")
+
+# Paper-size rows for one GPU, in bfloat16 (benchmarks/gpu.py): the DDPM paper's CIFAR-10 U-Net
+# at its batch of 128; Stable Diffusion 1.5's U-Net widths (320, 640, 1280, 1280; 860M) on its
+# 64x64x4 latents (here of 256x256 images through the factor-4 shapes autoencoder); DiT-XL/2
+# (675M) on 256 tokens (32x32x3 pixels in 2x2 patches) with 1000 classes; CLIP ViT-B/32 at a batch
+# of 256 (float32: the towers have no bfloat16 switch). quick_batch: a dry run on the CPU.
+SD15 = ("model.unet.block_channels=320,640,1280,1280", "model.unet.layers_per_block=2",
+        "model.unet.attn_levels=True,True,True,False", "model.unet.num_heads=8",
+        "model.unet.groups=32", "model.unet.use_linear_projection=False", "data.image_size=256",
+        "model.text.width=768", "model.text.heads=12", "model.text.layers=1",
+        "model.text.context_length=77", "model.unet.dtype=bfloat16")
+GPU_ROWS = [
+    Row("gpu_ddpm_cifar10", "DDPM paper CIFAR-10 U-Net (35.7M), batch 128, bfloat16",
+        "configs/ddpm.py:cifar10", overrides=("model.dtype=bfloat16",), batch=128,
+        quick_batch=2, sample_batch=128, quick_sample_batch=1, sample_steps=(50,),
+        quick_sample_steps=(2,), repeats=10, torch="unet2d", quick=False,
+        group="gpu"),
+    Row("gpu_ldm_sd15", "SD 1.5-size U-Net (860M) on 64x64x4 latents, 77x768 context, batch 16, "
+        "bfloat16", "configs/ldm.py", overrides=SD15, batch=16, quick_batch=1, sample_batch=8,
+        quick_sample_batch=1, sample_steps=(50,), quick_sample_steps=(2,), repeats=5,
+        torch="unet2d_condition", quick=False, group="gpu"),
+    Row("gpu_dit_xl2", "DiT-XL/2 (675M) on 32x32x3 (256 tokens), 1000 classes, batch 64, "
+        "bfloat16", "configs/dit.py:size=XL", overrides=(
+            "data.image_size=32", "data.channels=3", "model.num_classes=1000",
+            "model.dtype=bfloat16"), batch=64, quick_batch=2, repeats=5, torch="dit", quick=False,
+        group="gpu"),
+    Row("gpu_clip_b32", "CLIP ViT-B/32 at 224x224 + 12-layer text tower, batch 256",
+        "configs/clip.py:vit", overrides=CLIP_B32, batch=256, quick_batch=2, repeats=5,
+        quick=False, group="gpu"),
+]
 
 ROWS = {r.name: r for r in [
     Row("vae", "VAE, 28x28x1, configs/vae.py", "configs/vae.py", batch=64),
@@ -112,4 +146,5 @@ ROWS = {r.name: r for r in [
           ("accum4", "4 accumulated micro-batches", ("optim.grad_accum_steps=4",), 1),
           ("dp8", "data parallel over 8 simulated devices", (), 8),
           ("fsdp8", "FSDP over 8 simulated devices", ("train.fsdp=true",), 8)]],
+    *GPU_ROWS,
 ]}

@@ -247,8 +247,8 @@ def main():
         write_tables(stem, json.loads(path.read_text()))
     return
   t_start = time.perf_counter()
-  names = [n for n in a.only.split(",") if n] or [n for n, r in ROWS.items()
-                                                  if r.quick or not a.quick]
+  names = [n for n in a.only.split(",") if n] or [
+      n for n, r in ROWS.items() if (r.quick or not a.quick) and r.group != "gpu"]
   unknown = [n for n in names if n not in ROWS]
   if unknown:
     p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
