@@ -119,6 +119,12 @@ ROWS = {r.name: r for r in [
     Row("ldm_sd_like", "SD-1.x-like U-Net at 2/5 width, 32x32x4 latents, 77x768 context",
         "configs/ldm.py", overrides=SD_LIKE, batch=4, sample_batch=2, sample_steps=(10,),
         repeats=3, torch="unet2d_condition", quick=False),
+    # Both cores on a small model: the same step data-parallel over two host devices (one per
+    # core, XLA_FLAGS=--xla_force_host_platform_device_count=2), batch split between them.
+    Row("ddpm_small_dp2", "ddpm_small data-parallel over 2 host devices", "configs/ddpm_class.py",
+        batch=64, devices=2, quick=False),
+    Row("ldm_small_dp2", "ldm_small data-parallel over 2 host devices", "configs/ldm.py",
+        batch=64, devices=2, quick=False),
     Row("dit_small", "class-cond. flow-matching DiT 16x16x1, patch 2, 6x128, configs/dit.py",
         "configs/dit.py", batch=64, torch="dit"),
     # DiT-S/2 (the paper's smallest: 12 blocks of width 384, 6 heads) on 32x32x3 pixels with

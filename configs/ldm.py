@@ -7,10 +7,17 @@ the frozen text tower of configs/clip.py. Train those two first:
   jaxgen train --config configs/ldm.py --workdir runs/ldm
   jaxgen generate --workdir runs/ldm --prompt "a large red circle left of a small blue square"
 
+The U-Net's transformer blocks add a fixed 2D position embedding to their positions, and it is
+trained with rectified flow at uniformly drawn times (Euler sampler): without the first the
+cross-attention queries do not know where they are, and with eps-prediction the layout, decided
+at high noise, weighs little in the loss; together they take the prompt's spatial relation
+from chance to 97% (README, "Prompt following").
+
 Arguments: smoke; ae=WORKDIR and clip=WORKDIR (other runs than runs/...); scratch (train the text
 tower with the U-Net instead of loading and freezing the clip run's); causal (a causal text tower,
 CLIP's, as clip runs trained with configs/clip.py:causal have; the default tower attends both
-ways, as configs/clip.py's does).
+ways, as configs/clip.py's does); eps (the earlier recipe: eps-prediction, DDIM, no position
+embedding).
 """
 import pathlib
 
@@ -20,7 +27,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def get_config(arg=None):
-  flags = app.check_arg(arg, ["smoke", "ae", "clip", "scratch", "causal"])
+  flags = app.check_arg(arg, ["smoke", "ae", "clip", "scratch", "causal", "eps"])
   smoke = ":smoke" if flags.get("smoke") else ""
   c = app.base_config("ldm")
   c.data.update(source="embedded", name="shapes", image_size=32, channels=3, batch_size=64)
@@ -36,10 +43,14 @@ def get_config(arg=None):
   if flags.get("causal"):
     c.model.text.causal = True
   c.model.unet.update(block_channels=(64, 128), layers_per_block=1, attn_levels=(True, True),
-                      num_heads=4, groups=16)
+                      num_heads=4, groups=16, position_embedding=True)
   c.model.prompt_dropout = 0.1
   c.diffusion.update(schedule="scaled_linear", num_timesteps=1000, prediction="eps",
-                     clip_x0=0.0, sampler="ddim", sample_steps=50, guidance_scale=4.0)
+                     clip_x0=0.0, objective="flow", flow_time="uniform", sampler="euler",
+                     sample_steps=50, guidance_scale=4.0)
+  if flags.get("eps"):
+    c.model.unet.position_embedding = False
+    c.diffusion.update(objective="eps", sampler="ddim")
   c.optim.update(lr=1e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995, grad_clip=1.0)
   c.train.update(num_steps=3000, log_every=50, sample_every=1000, ckpt_every=500)
   if flags.get("smoke"):

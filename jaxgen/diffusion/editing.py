@@ -13,6 +13,7 @@ from jaxgen.diffusion.process import check_prediction, expand, to_x0_eps
 from jaxgen.diffusion.samplers import (
   GRID_OPTIONS,
   check_timesteps,
+  flow_grid,
   make_grid,
   make_timesteps,
   sample,
@@ -22,16 +23,25 @@ from jaxgen.distributions import slerp
 from jaxgen.errors import ConfigError
 
 
+def flow_level(abar) -> jax.Array:
+  """The flow time sigma whose interpolation (1 - sigma) x + sigma noise has the signal-to-noise
+  ratio of variance-preserving level abar: (1 - sigma) / sigma = sqrt(abar / (1 - abar))."""
+  abar = jnp.asarray(abar, jnp.float32)
+  return jnp.sqrt(1.0 - abar) / (jnp.sqrt(abar) + jnp.sqrt(1.0 - abar))
+
+
 def inpaint(denoise: Callable, schedule: Schedule, key, x_known, mask, **sample_kwargs):
   """Fills the pixels where mask == 0; mask == 1 marks known pixels (broadcast to x_known).
 
   After every step the known pixels are replaced by x_known noised to the new level with fresh
   noise (Lugmayr et al. 2022 without resampling); the last step puts x_known back exactly.
-  A soft mask blends. Other keyword arguments go to `sample`.
+  A soft mask blends. Other keyword arguments go to `sample`; with prediction="flow" (a flow
+  grid) the known pixels are interpolated to the step's flow time instead.
   """
   x_known = jnp.asarray(x_known, jnp.float32)
   mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), x_known.shape)
   user_constraint = sample_kwargs.pop("constraint", None)
+  flow = sample_kwargs.get("prediction") == "flow"
 
   def constraint(x_prev, abar_prev, key):
     key_noise, key_user = jax.random.split(key)
@@ -39,8 +49,12 @@ def inpaint(denoise: Callable, schedule: Schedule, key, x_known, mask, **sample_
       x_prev = user_constraint(x_prev, abar_prev, key_user)
     # At the data (abar = 1) this is 1 * x_known + 0 * noise: the known pixels come back exact.
     a = expand(abar_prev, x_known)
-    known = (jnp.sqrt(a) * x_known
-             + jnp.sqrt(1.0 - a) * jax.random.normal(key_noise, x_known.shape))
+    noise = jax.random.normal(key_noise, x_known.shape)
+    if flow:
+      sigma = flow_level(a)
+      known = (1.0 - sigma) * x_known + sigma * noise
+    else:
+      known = jnp.sqrt(a) * x_known + jnp.sqrt(1.0 - a) * noise
     return mask * known + (1.0 - mask) * x_prev
 
   return sample(denoise, schedule, key, x_known.shape, constraint=constraint, **sample_kwargs)
@@ -73,6 +87,23 @@ def img2img(denoise: Callable, schedule: Schedule, key, x0, strength: float, *,
   x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * jax.random.normal(key_noise, x0.shape)
   return sample(denoise, schedule, key_sample, x0.shape, sampler=sampler, grid=grid, x_T=x_t,
                 **sample_kwargs)
+
+
+def flow_img2img(velocity: Callable, key, x0, strength: float, *, sampler: str = "euler",
+                 num_steps: int = 50, shift: float = 1.0, num_timesteps: int = 1000):
+  """SDEdit for a flow model (as diffusers' SD3 img2img): interpolate x0 towards noise to the
+  flow time of the grid's step at fraction `strength` (a Python float in (0, 1]), then run the
+  remaining steps of flow_grid(num_steps, shift)."""
+  if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+    raise ConfigError(f"img2img strength must be a number in (0, 1], got {strength!r}")
+  n_run = max(1, min(num_steps, math.floor(num_steps * strength + 1e-9)))
+  grid = flow_grid(num_steps, shift, num_timesteps, skip=num_steps - n_run)
+  x0 = jnp.asarray(x0, jnp.float32)
+  key_noise, key_sample = jax.random.split(key)
+  sigma = grid.t[0]
+  x_t = (1.0 - sigma) * x0 + sigma * jax.random.normal(key_noise, x0.shape)
+  return sample(velocity, None, key_sample, None, sampler=sampler, prediction="flow", grid=grid,
+                x_T=x_t)
 
 
 def ddim_invert(denoise: Callable, schedule: Schedule, x0, num_steps: int = 50, *,

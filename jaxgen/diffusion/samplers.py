@@ -290,10 +290,12 @@ def resolution_shift(height: int, width: int, base: int = 256) -> float:
   return float(np.sqrt(height * width / float(base * base)))
 
 
-def flow_grid(num_steps: int, shift: float = 1.0, num_timesteps: int = 1000) -> Grid:
+def flow_grid(num_steps: int, shift: float = 1.0, num_timesteps: int = 1000, *,
+              skip: int = 0) -> Grid:
   """The time grid of diffusers' FlowMatchEulerDiscreteScheduler (and FlowMatchHeun's steps):
   num_steps times evenly spaced from 1 down to the training grid's smallest time
-  shift(1 / num_timesteps), shifted, then 0 (the data)."""
+  shift(1 / num_timesteps), shifted, then 0 (the data). skip: leave out the first `skip` steps
+  (img2img, as diffusers' SD3 img2img pipeline starts at a fraction of the same grid)."""
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ConfigError(f"num_steps must be a positive int, got {num_steps!r}")
   if shift <= 0:
@@ -306,9 +308,9 @@ def flow_grid(num_steps: int, shift: float = 1.0, num_timesteps: int = 1000) -> 
   s64 = sig.astype(np.float64)
   levels = (1 - s64) ** 2 / ((1 - s64) ** 2 + s64 ** 2)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  return Grid(t=f32(sig[:-1]), abar=f32(levels[:-1]), abar_from=f32(levels[:-1]),
-              abar_to=f32(levels[1:]), low_order=jnp.zeros(num_steps, bool),
-              init_scale=jnp.float32(1.0), t_to=f32(sig[1:]))
+  return _drop_rows(Grid(t=f32(sig[:-1]), abar=f32(levels[:-1]), abar_from=f32(levels[:-1]),
+                         abar_to=f32(levels[1:]), low_order=jnp.zeros(num_steps, bool),
+                         init_scale=jnp.float32(1.0), t_to=f32(sig[1:])), skip)
 
 
 def flow_grid_from(start, num_steps: int) -> Grid:

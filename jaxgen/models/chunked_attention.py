@@ -66,7 +66,7 @@ def _block_mask(mask, qi, q_chunk, ki, k_chunk):
 def _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale):
   """Masked float32 logits [B, N, q_chunk, k_chunk] of one block; keys past s (padding) are
   -inf so that they never count, masked keys get MASKED as in the reference."""
-  logits = jnp.einsum("btnh,bsnh->bnts", q_blk, k_blk,
+  logits = jnp.einsum("bnth,bnsh->bnts", q_blk, k_blk,
                       preferred_element_type=jnp.float32) * scale
   if mask is not None:
     logits = jnp.where(_block_mask(mask, qi, q_chunk, ki, k_chunk), logits, MASKED)
@@ -75,75 +75,75 @@ def _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale):
 
 
 def _forward(q, k, v, mask, s, q_chunk, k_chunk):
-  """Padded q [B, Tp, N, H], k/v [B, Sp, N, H] -> (out float32 [B, Tp, N, H], lse [B, N, Tp])."""
-  b, tp, n, h = q.shape
+  """Padded q [B, N, Tp, H], k/v [B, N, Sp, H] -> (out float32 [B, N, Tp, H], lse [B, N, Tp])."""
+  b, n, tp, h = q.shape
   scale = 1.0 / math.sqrt(h)
-  nk = k.shape[1] // k_chunk
+  nk = k.shape[2] // k_chunk
 
   def one_query_block(qi):
-    q_blk = jax.lax.dynamic_slice_in_dim(q, qi * q_chunk, q_chunk, axis=1)
+    q_blk = jax.lax.dynamic_slice_in_dim(q, qi * q_chunk, q_chunk, axis=2)
 
     def step(carry, ki):
       m, total, acc = carry
-      k_blk = jax.lax.dynamic_slice_in_dim(k, ki * k_chunk, k_chunk, axis=1)
-      v_blk = jax.lax.dynamic_slice_in_dim(v, ki * k_chunk, k_chunk, axis=1)
+      k_blk = jax.lax.dynamic_slice_in_dim(k, ki * k_chunk, k_chunk, axis=2)
+      v_blk = jax.lax.dynamic_slice_in_dim(v, ki * k_chunk, k_chunk, axis=2)
       logits = _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale)
       m_new = jnp.maximum(m, logits.max(-1))
       p = jnp.exp(logits - m_new[..., None])
       corr = jnp.exp(m - m_new)
       total = total * corr + p.sum(-1)
-      acc = acc * corr.transpose(0, 2, 1)[..., None] + jnp.einsum(
-          "bnts,bsnh->btnh", p, v_blk.astype(jnp.float32))
+      acc = acc * corr[..., None] + jnp.einsum("bnts,bnsh->bnth", p,
+                                                 v_blk.astype(jnp.float32))
       return (m_new, total, acc), None
 
     init = (jnp.full((b, n, q_chunk), -jnp.inf, jnp.float32),
             jnp.zeros((b, n, q_chunk), jnp.float32),
-            jnp.zeros((b, q_chunk, n, h), jnp.float32))
+            jnp.zeros((b, n, q_chunk, h), jnp.float32))
     (m, total, acc), _ = jax.lax.scan(step, init, jnp.arange(nk))
-    out = acc / total.transpose(0, 2, 1)[..., None]
+    out = acc / total[..., None]
     return out, m + jnp.log(total)
 
   outs, lses = jax.lax.map(one_query_block, jnp.arange(tp // q_chunk))
-  # [nq, B, qc, N, H] -> [B, Tp, N, H]; [nq, B, N, qc] -> [B, N, Tp]
-  out = jnp.moveaxis(outs, 0, 1).reshape(b, tp, n, h)
+  # [nq, B, N, qc, H] -> [B, N, Tp, H]; [nq, B, N, qc] -> [B, N, Tp]
+  out = jnp.moveaxis(outs, 0, 2).reshape(b, n, tp, h)
   lse = jnp.moveaxis(lses, 0, 2).reshape(b, n, tp)
   return out, lse
 
 
 def _backward(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
   """Gradients of q, k, v (float32, padded) from the saved output and log-sum-exp."""
-  b, tp, n, h = q.shape
-  sp = k.shape[1]
+  b, n, tp, h = q.shape
+  sp = k.shape[2]
   scale = 1.0 / math.sqrt(h)
   nq = tp // q_chunk
   d_out = d_out.astype(jnp.float32)
-  delta = jnp.einsum("btnh,btnh->bnt", d_out, out)  # rowsum(dO * O)
+  delta = jnp.einsum("bnth,bnth->bnt", d_out, out)  # rowsum(dO * O)
 
   def one_key_block(dq, ki):
-    k_blk = jax.lax.dynamic_slice_in_dim(k, ki * k_chunk, k_chunk, axis=1)
-    v_blk = jax.lax.dynamic_slice_in_dim(v, ki * k_chunk, k_chunk, axis=1)
+    k_blk = jax.lax.dynamic_slice_in_dim(k, ki * k_chunk, k_chunk, axis=2)
+    v_blk = jax.lax.dynamic_slice_in_dim(v, ki * k_chunk, k_chunk, axis=2)
 
     def step(carry, qi):
       dk, dv = carry
-      sl = lambda x, axis=1: jax.lax.dynamic_slice_in_dim(x, qi * q_chunk, q_chunk, axis=axis)
+      sl = lambda x: jax.lax.dynamic_slice_in_dim(x, qi * q_chunk, q_chunk, axis=2)
       q_blk, do_blk = sl(q), sl(d_out)
       logits = _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale)
-      p = jnp.exp(logits - sl(lse, 2)[..., None])  # [B, N, qc, kc]
-      dv = dv + jnp.einsum("bnts,btnh->bsnh", p, do_blk)
-      dp = jnp.einsum("btnh,bsnh->bnts", do_blk, v_blk.astype(jnp.float32))
-      ds = p * (dp - sl(delta, 2)[..., None]) * scale
-      dk = dk + jnp.einsum("bnts,btnh->bsnh", ds, q_blk.astype(jnp.float32))
-      dq_blk = jnp.einsum("bnts,bsnh->btnh", ds, k_blk.astype(jnp.float32))
+      p = jnp.exp(logits - sl(lse)[..., None])  # [B, N, qc, kc]
+      dv = dv + jnp.einsum("bnts,bnth->bnsh", p, do_blk)
+      dp = jnp.einsum("bnth,bnsh->bnts", do_blk, v_blk.astype(jnp.float32))
+      ds = p * (dp - sl(delta)[..., None]) * scale
+      dk = dk + jnp.einsum("bnts,bnth->bnsh", ds, q_blk.astype(jnp.float32))
+      dq_blk = jnp.einsum("bnts,bnsh->bnth", ds, k_blk.astype(jnp.float32))
       return (dk, dv), dq_blk
 
-    zeros = jnp.zeros((b, k_chunk, n, h), jnp.float32)
+    zeros = jnp.zeros((b, n, k_chunk, h), jnp.float32)
     (dk, dv), dq_blocks = jax.lax.scan(step, (zeros, zeros), jnp.arange(nq))
-    dq = dq + jnp.moveaxis(dq_blocks, 0, 1).reshape(b, tp, n, h)
+    dq = dq + jnp.moveaxis(dq_blocks, 0, 2).reshape(b, n, tp, h)
     return dq, (dk, dv)
 
-  dq, (dks, dvs) = jax.lax.scan(one_key_block, jnp.zeros((b, tp, n, h), jnp.float32),
+  dq, (dks, dvs) = jax.lax.scan(one_key_block, jnp.zeros((b, n, tp, h), jnp.float32),
                                 jnp.arange(sp // k_chunk))
-  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, sp, n, h)
+  unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, n, sp, h)
   return dq, unblock(dks), unblock(dvs)
 
 
@@ -176,7 +176,8 @@ def chunked_attention(q, k, v, mask=None, *, q_chunk: int = 512, k_chunk: int = 
   b, t, n, _ = q.shape
   s = k.shape[1]
   q_chunk, k_chunk = min(q_chunk, t), min(k_chunk, s)
-  qp, kp, vp = _pad_to(q, 1, q_chunk), _pad_to(k, 1, k_chunk), _pad_to(v, 1, k_chunk)
+  heads_first = lambda x, c: _pad_to(jnp.swapaxes(x, 1, 2), 2, c)  # [B, N, T, H]: plain matmuls
+  qp, kp, vp = heads_first(q, q_chunk), heads_first(k, k_chunk), heads_first(v, k_chunk)
   mask = _prepare_mask(mask, b, n, t, s, q_chunk, k_chunk)
   out = _attention(qp, kp, vp, mask, s, q_chunk, k_chunk)
-  return out[:, :t].astype(v.dtype)
+  return jnp.swapaxes(out[:, :, :t], 1, 2).astype(v.dtype)

@@ -84,6 +84,11 @@ class LatentDiffusionModel:
   def is_flow(self) -> bool:
     return self.objective == "flow"
 
+  @property
+  def default_sampler(self) -> str:
+    """What the pipelines sample with when no sampler is named."""
+    return "euler" if self.is_flow else "ddim"
+
   def refuse_flow(self, what: str) -> None:
     if self.is_flow:
       raise ConfigError(f"{what} is implemented for diffusion models; this is a flow-matching "
@@ -323,7 +328,7 @@ def _tokens(model: LatentDiffusionModel, prompts: Sequence[str], negative_prompt
 
 def text_to_image(model: LatentDiffusionModel, params, model_state, prompts: Sequence[str], key,
                   *, steps: int = 50, guidance_scale=5.0, negative_prompt=None,
-                  sampler: str = "ddim", num_per_prompt: int = 1, eta=0.0,
+                  sampler: str | None = None, num_per_prompt: int = 1, eta=0.0,
                   spacing: str | None = None, decode_batch: int | None = None,
                   tile: int | None = None, truncate: bool = False, latents=None,
                   return_latents: bool = False, height: int | None = None,
@@ -349,7 +354,8 @@ def text_to_image(model: LatentDiffusionModel, params, model_state, prompts: Seq
       raise ShapeError(f"latents: expected shape {list(want)} (one per image: prompts x "
                        f"num_per_prompt), got {list(latents.shape)}.")
   return _generate(model, params, model_state, tok, neg, key, guidance_scale, eta, latents,
-                   sampler=sampler, num_steps=steps, spacing=spacing, decode_batch=decode_batch,
+                   sampler=sampler or model.default_sampler, num_steps=steps, spacing=spacing,
+                   decode_batch=decode_batch,
                    tile=tile, return_latents=return_latents, latent_shape=tuple(latent_shape),
                    zero_uncond=_zero_uncond(model, negative_prompt))
 
@@ -364,20 +370,23 @@ def _zero_uncond(model: LatentDiffusionModel, negative_prompt) -> bool:
 @functools.partial(jax.jit, static_argnames=_STATIC + ("strength", "zero_uncond"))
 def _img2img(model, params, model_state, images, tok, neg, key, guidance_scale, eta, *,
              strength, sampler, num_steps, spacing, zero_uncond=False):
-  model.refuse_flow("img2img")
   cond, uncond = _context(model, params, tok, neg, images.shape[1:3], zero_uncond)
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
   k_enc, k_run = jax.random.split(key)
   z0 = model.encode_images(model_state, images)
-  z = diffusion.img2img(den, model.make_schedule(), k_run, z0, strength, num_steps=num_steps,
-                        sampler=sampler, prediction=model.prediction, eta=eta,
-                        **model.sampling_options(sampler, spacing))
+  if model.is_flow:
+    z = diffusion.flow_img2img(den, k_run, z0, strength, sampler=sampler, num_steps=num_steps,
+                               shift=model.flow_shift, num_timesteps=model.num_timesteps)
+  else:
+    z = diffusion.img2img(den, model.make_schedule(), k_run, z0, strength,
+                          num_steps=num_steps, sampler=sampler, prediction=model.prediction,
+                          eta=eta, **model.sampling_options(sampler, spacing))
   return model.decode_latents(model_state, z)
 
 
 def image_to_image(model: LatentDiffusionModel, params, model_state, prompts, images, key, *,
                    strength: float = 0.6, steps: int = 50, guidance_scale=5.0,
-                   negative_prompt=None, sampler: str = "ddim", eta=0.0,
+                   negative_prompt=None, sampler: str | None = None, eta=0.0,
                    spacing: str | None = None):
   """SDEdit in latent space: encode `images` (one per prompt), noise them to `strength`, denoise
   towards the prompts, decode."""
@@ -385,14 +394,14 @@ def image_to_image(model: LatentDiffusionModel, params, model_state, prompts, im
   _check_images(model, images, len([prompts] if isinstance(prompts, str) else prompts))
   tok, neg = _tokens(model, prompts, negative_prompt, 1)
   return _img2img(model, params, model_state, images, tok, neg, key, guidance_scale, eta,
-                  strength=strength, sampler=sampler, num_steps=steps, spacing=spacing,
+                  strength=strength, sampler=sampler or model.default_sampler,
+                  num_steps=steps, spacing=spacing,
                   zero_uncond=_zero_uncond(model, negative_prompt))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("zero_uncond",))
 def _inpaint(model, params, model_state, images, mask_px, tok, neg, key, guidance_scale, eta, *,
              sampler, num_steps, spacing, zero_uncond=False):
-  model.refuse_flow("inpaint")
   cond, uncond = _context(model, params, tok, neg, images.shape[1:3], zero_uncond)
   den = diffusion.guided_denoiser(model.denoise_fn(params), cond, uncond, guidance_scale)
   z0 = model.encode_images(model_state, images)
@@ -400,16 +409,21 @@ def _inpaint(model, params, model_state, images, mask_px, tok, neg, key, guidanc
   b, h, w, _ = mask_px.shape
   # A latent is known only if every pixel it covers is known (min-pooling the mask).
   known = mask_px.reshape(b, h // f, f, w // f, f, 1).min(axis=(2, 4))
-  z = diffusion.inpaint(den, model.make_schedule(), key, z0, known, sampler=sampler,
-                        num_steps=num_steps, prediction=model.prediction, eta=eta,
-                        **model.sampling_options(sampler, spacing))
+  if model.is_flow:
+    z = diffusion.inpaint(den, None, key, z0, known, sampler=sampler, prediction="flow",
+                          grid=diffusion.flow_grid(num_steps, model.flow_shift,
+                                                   model.num_timesteps))
+  else:
+    z = diffusion.inpaint(den, model.make_schedule(), key, z0, known, sampler=sampler,
+                          num_steps=num_steps, prediction=model.prediction, eta=eta,
+                          **model.sampling_options(sampler, spacing))
   out = model.decode_latents(model_state, z)
   return mask_px * to_unit(images) + (1.0 - mask_px) * out  # known pixels exactly as given
 
 
 def inpaint(model: LatentDiffusionModel, params, model_state, prompts, images, mask, key, *,
-            steps: int = 50, guidance_scale=5.0, negative_prompt=None, sampler: str = "ddim",
-            eta=0.0, spacing: str | None = None):
+            steps: int = 50, guidance_scale=5.0, negative_prompt=None,
+            sampler: str | None = None, eta=0.0, spacing: str | None = None):
   """Fills the pixels where mask == 0 (mask [B, H, W, 1], 1 = keep) to match the prompts."""
   images = np.asarray(images)
   n = len([prompts] if isinstance(prompts, str) else prompts)
@@ -420,7 +434,7 @@ def inpaint(model: LatentDiffusionModel, params, model_state, prompts, images, m
                      f"{list(mask.shape)}.")
   tok, neg = _tokens(model, prompts, negative_prompt, 1)
   return _inpaint(model, params, model_state, images, mask, tok, neg, key, guidance_scale, eta,
-                  sampler=sampler, num_steps=steps, spacing=spacing,
+                  sampler=sampler or model.default_sampler, num_steps=steps, spacing=spacing,
                   zero_uncond=_zero_uncond(model, negative_prompt))
 
 

@@ -114,3 +114,40 @@ def test_flow_sampler_under_pmap():
   x1 = jax.random.normal(jax.random.PRNGKey(6), (jax.local_device_count(), 3, 2))
   out = jax.pmap(lambda x: run("euler", 4, x)[0])(x1)
   np.testing.assert_allclose(out[0], run("euler", 4, x1[0])[0], rtol=1e-6)
+
+
+X_STAR = jnp.array([[0.3, -1.2, 2.0, 0.5]])
+
+
+def to_point(x, t):
+  """The exact velocity when all data is the point X_STAR: x_t = (1 - t) X_STAR + t eps gives
+  eps - X_STAR = (x_t - X_STAR) / t. Euler follows it exactly, so every start lands on X_STAR."""
+  return (x - X_STAR) / jnp.reshape(t, (-1, 1))
+
+
+def test_flow_img2img_starts_at_the_strength_and_lands_on_the_data():
+  x0 = jnp.array([[1.0, 1.0, -1.0, 0.0]])
+  for strength in (0.3, 0.5, 1.0):
+    out = diffusion.flow_img2img(to_point, jax.random.PRNGKey(0), x0, strength, num_steps=10)
+    np.testing.assert_allclose(out, X_STAR, atol=1e-5)
+  # it runs the last floor(10 * 0.3) = 3 steps of the 10-step grid, starting from its time
+  grid = diffusion.flow_grid(10, skip=7)
+  assert grid.num_rows == 3
+  np.testing.assert_allclose(grid.t, diffusion.flow_grid(10).t[7:])
+  with pytest.raises(Exception, match="strength"):
+    diffusion.flow_img2img(to_point, jax.random.PRNGKey(0), x0, 0.0)
+
+
+def test_flow_inpainting_keeps_the_known_values_exactly():
+  known = jnp.array([[9.0, 9.0, 9.0, 9.0]])
+  mask = jnp.array([[1.0, 0.0, 1.0, 0.0]])
+  out = diffusion.inpaint(to_point, None, jax.random.PRNGKey(1), known, mask, sampler="euler",
+                          prediction="flow", grid=diffusion.flow_grid(8))
+  np.testing.assert_allclose(out, mask * known + (1 - mask) * X_STAR, atol=1e-5)
+
+
+def test_flow_level_inverts_the_grid_levels():
+  grid = diffusion.flow_grid(12, shift=3.0)
+  from jaxgen.diffusion.editing import flow_level
+  np.testing.assert_allclose(flow_level(grid.abar), grid.t, atol=1e-5)
+  assert float(flow_level(1.0)) == 0.0

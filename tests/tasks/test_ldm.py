@@ -80,7 +80,7 @@ def test_vmap_over_seeds_equals_separate_calls(ldm_run):
   model, params, state = run.task.model, run.params, run.model_state
   tok, neg = t2i._tokens(model, ["a small green diamond"], None, 1)
   f = lambda key: t2i._generate(model, params, state, tok, neg, key, 3.0, 0.0,
-                                sampler="ddim", num_steps=2, spacing="trailing",
+                                sampler=model.default_sampler, num_steps=2, spacing="trailing",
                                 decode_batch=None, tile=None)
   keys = jax.random.split(jax.random.PRNGKey(5), 3)
   both = jax.vmap(f)(keys)
@@ -89,8 +89,9 @@ def test_vmap_over_seeds_equals_separate_calls(ldm_run):
 
 
 def test_starting_latents_in_and_final_latents_out(ldm_run):
-  """Given starting latents, text_to_image ignores the key and equals a plain guided DDIM run
-  from them (the reference), decoded; the final latents come back on request."""
+  """Given starting latents, text_to_image ignores the key and equals a plain guided run of the
+  shared sampler from them (the reference: Euler on the flow grid, as configs/ldm.py trains
+  with flow matching), decoded; the final latents come back on request."""
   run = restore_run(ldm_run)
   model, params, state = run.task.model, run.params, run.model_state
   z_T = jax.random.normal(jax.random.PRNGKey(3), (2, *model.latent_shape))
@@ -105,9 +106,10 @@ def test_starting_latents_in_and_final_latents_out(ldm_run):
       model.denoise_fn(params), model.encode_text(params, tok["input_ids"],
                                                   tok["attention_mask"]),
       model.encode_text(params, neg["input_ids"], neg["attention_mask"]), 4.0)
-  ref = diffusion.sample(den, model.make_schedule(), jax.random.PRNGKey(0), None, x_T=z_T,
-                         num_steps=3, prediction=model.prediction,
-                         **model.sampling_options("ddim"))
+  assert model.is_flow
+  ref = diffusion.sample(den, None, jax.random.PRNGKey(0), None, x_T=z_T, sampler="euler",
+                         prediction="flow", grid=diffusion.flow_grid(3, model.flow_shift,
+                                                                     model.num_timesteps))
   np.testing.assert_allclose(z, ref, atol=1e-4)
   np.testing.assert_allclose(a, model.decode_latents(state, ref), atol=1e-4)
   with pytest.raises(ShapeError, match=r"latents: expected shape \[2, 8, 8, 4\]"):
@@ -198,10 +200,10 @@ def test_latent_dit_text_to_image(stages, tmp_path, capsys, mode):
   main(["generate", "--workdir", str(wd), "--prompt", "a large red circle", "--steps", "2",
         "--sampler", "heun", "--out", str(tmp_path / "x.png")])
   assert capsys.readouterr().out.split() == [str(tmp_path / "x.png")]
-  with pytest.raises(ConfigError, match="flow-matching model"):
-    t2i.image_to_image(run.task.model, run.params, run.model_state, ["a circle"],
-                       np.zeros((1, 32, 32, 3), np.uint8), jax.random.PRNGKey(0), strength=0.5,
-                       steps=2)
+  edited = t2i.image_to_image(run.task.model, run.params, run.model_state, ["a circle"],
+                              np.zeros((1, 32, 32, 3), np.uint8), jax.random.PRNGKey(0),
+                              strength=0.5, steps=2)  # flow SDEdit, Euler by default
+  assert edited.shape == (1, 32, 32, 3) and np.isfinite(np.asarray(edited)).all()
   with pytest.raises(ShapeError, match="multiples of 8"):
     t2i.text_to_image(run.task.model, run.params, run.model_state, ["a circle"],
                       jax.random.PRNGKey(0), steps=2, height=36, width=36)
