@@ -75,7 +75,7 @@ def main():
           "recompiles"]
   path, table = write("text_to_image", rows, cols,
                       dict(model=what, image_shape=list(model.image_shape),
-                           latent_shape=list(model.latent_shape), sampler="ddim",
+                           latent_shape=list(model.latent_shape), sampler=model.default_sampler,
                            note="warm calls vary prompts, seed and guidance scale"))
   print(table)
   print(path)

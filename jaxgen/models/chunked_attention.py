@@ -166,7 +166,7 @@ def _attention_bwd(s, q_chunk, k_chunk, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def chunked_attention(q, k, v, mask=None, *, q_chunk: int = 512, k_chunk: int = 1024):
+def chunked_attention(q, k, v, mask=None, *, q_chunk: int = 256, k_chunk: int = 1024):
   """Scaled dot-product attention in O(T + S) memory. q [B, T, N, H], k/v [B, S, N, H]; mask
   broadcasts to [B, N, T, S] (True = attend). Chunks larger than the sequence shrink to it."""
   if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[::2] != k.shape[::2] or \

@@ -86,9 +86,12 @@ class Upsample(nn.Module):
 
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
-# "auto" chunks when a head's logits would hold more than this many entries (64x64 latents'
-# self-attention has 4096^2 = 16.8M; 32x32 has 1M and stays materialised).
+# "auto" chunks when a head's logits would hold more than this many entries: on accelerators
+# from 64x64 latents on (4096^2 = 16.8M; 32x32 has 1M and stays materialised), on the CPU from
+# 64 x 64 (its cache favours 256-query blocks: 3-4x faster forward and backward than the
+# materialised softmax from 256 to 4096 positions, benchmarks/results/attention.md).
 CHUNK_ABOVE = 2 ** 20
+CPU_CHUNK_ABOVE = 64 * 64
 _implementation = "auto"
 
 
@@ -97,8 +100,8 @@ def set_attention(implementation: str) -> None:
   materialises the logits; "chunked" (jaxgen.models.chunked_attention) never does, O(T + S)
   memory in forward and backward; "cudnn" is jax.nn.dot_product_attention's fused kernel
   (GPU, float16/bfloat16); "auto" takes cudnn on a GPU for half-precision inputs, else chunked
-  for long sequences (T * S > CHUNK_ABOVE) and xla for the rest. The config key `attention`
-  sets it for a task (jaxgen.app.build_task)."""
+  for long sequences (T * S > CHUNK_ABOVE, on the CPU > CPU_CHUNK_ABOVE) and xla for the rest.
+  The config key `attention` sets it for a task (jaxgen.app.build_task)."""
   if implementation not in IMPLEMENTATIONS:
     raise ConfigError(f"attention must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   global _implementation
@@ -109,9 +112,11 @@ def attention_implementation(q, k) -> str:
   """What attention(q, k, ...) runs under the current setting."""
   if _implementation != "auto":
     return _implementation
-  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+  backend = jax.default_backend()
+  if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     return "cudnn"
-  return "chunked" if q.shape[1] * k.shape[1] > CHUNK_ABOVE else "xla"
+  above = CPU_CHUNK_ABOVE if backend == "cpu" else CHUNK_ABOVE
+  return "chunked" if q.shape[1] * k.shape[1] > above else "xla"
 
 
 def attention(q, k, v, mask=None):

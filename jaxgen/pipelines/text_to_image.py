@@ -234,21 +234,21 @@ def _tiled(decode, z, *, tile: int, overlap: int, factor: int):
   if not 0 <= overlap < tile:
     raise ConfigError(f"tile overlap {overlap} must be in [0, tile={tile})")
   ys, xs = _tile_starts(h, tile, tile - overlap), _tile_starts(w, tile, tile - overlap)
-  out = weight = None
-  for y in ys:
-    for x in xs:
-      th, tw = min(tile, h), min(tile, w)
-      piece = decode(z[:, y:y + th, x:x + tw])
-      wy = _ramp(th * factor, overlap * factor, y == ys[0], y == ys[-1])
-      wx = _ramp(tw * factor, overlap * factor, x == xs[0], x == xs[-1])
-      wgt = jnp.asarray(wy[:, None] * wx[None, :])[None, :, :, None]
-      if out is None:
-        out = jnp.zeros((b, h * factor, w * factor, piece.shape[-1]), piece.dtype)
-        weight = jnp.zeros((1, h * factor, w * factor, 1), jnp.float32)
-      win = (slice(None), slice(y * factor, (y + th) * factor),
-             slice(x * factor, (x + tw) * factor))
-      out = out.at[win].add(piece * wgt)
-      weight = weight.at[win].add(wgt)
+  th, tw = min(tile, h), min(tile, w)
+  starts = [(y, x) for y in ys for x in xs]
+  # Every tile has the same size: decode them one after another (lax.map), so that one tile's
+  # activations are live at a time; an unrolled loop lets XLA overlap them all.
+  pieces = jax.lax.map(decode, jnp.stack([z[:, y:y + th, x:x + tw] for y, x in starts]))
+  out = jnp.zeros((b, h * factor, w * factor, pieces.shape[-1]), pieces.dtype)
+  weight = jnp.zeros((1, h * factor, w * factor, 1), jnp.float32)
+  for piece, (y, x) in zip(pieces, starts):
+    wy = _ramp(th * factor, overlap * factor, y == ys[0], y == ys[-1])
+    wx = _ramp(tw * factor, overlap * factor, x == xs[0], x == xs[-1])
+    wgt = jnp.asarray(wy[:, None] * wx[None, :])[None, :, :, None]
+    win = (slice(None), slice(y * factor, (y + th) * factor),
+           slice(x * factor, (x + tw) * factor))
+    out = out.at[win].add(piece * wgt)
+    weight = weight.at[win].add(wgt)
   return out / weight
 
 
