@@ -51,7 +51,7 @@ def get_config(arg=None):
                      sample_steps=50, guidance_scale=4.0)
   if flags.get("eps"):
     c.model.unet.position_embedding = False
-    c.diffusion.update(objective="eps", sampler="ddim")
+    c.diffusion.update(objective="diffusion", sampler="ddim")
   c.optim.update(lr=1e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995, grad_clip=1.0)
   c.train.update(num_steps=3000, log_every=50, sample_every=1000, ckpt_every=500)
   if flags.get("smoke"):

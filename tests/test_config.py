@@ -79,3 +79,16 @@ def test_every_config_file_and_its_smoke_variant_load():
       continue
     app.load_config(str(f))
     app.load_config(f"{f}:smoke")
+
+
+def test_ldm_default_recipe_and_the_earlier_one():
+  """configs/ldm.py trains with flow matching at uniform times and a position embedding in the
+  U-Net's attention (the recipe that draws the prompt's relation); ':eps' is the earlier one."""
+  c = app.load_config(f"{REPO}/configs/ldm.py:smoke")
+  assert (c.diffusion.objective, c.diffusion.flow_time, c.diffusion.sampler) == (
+      "flow", "uniform", "euler")
+  assert c.model.unet.position_embedding
+  e = app.load_config(f"{REPO}/configs/ldm.py:smoke,eps")
+  assert (e.diffusion.objective, e.diffusion.prediction, e.diffusion.sampler) == (
+      "diffusion", "eps", "ddim")
+  assert not e.model.unet.position_embedding
