@@ -9,8 +9,9 @@ the frozen text tower of configs/clip.py. Train those two first:
 
 The U-Net is trained with rectified flow at uniformly drawn times (Euler sampler), and its
 transformer blocks add a fixed 2D position embedding to their positions: with eps-prediction the
-layout, decided at high noise, weighs little in the loss and the prompt's spatial relation was
-drawn at chance; flow at uniform times on the NegCLIP tower gets it right in 90% of held-out
+layout, decided at high noise, weighs little in the loss. On the plain causal CLIP tower the
+prompt's spatial relation was drawn at chance whatever the objective; on the NegCLIP
+bidirectional tower of configs/clip.py, flow at uniform times gets it right in 90% of held-out
 prompts, and with the position embedding (the cross-attention queries then know where they
 are) in 97% (README, "Prompt following").
 
