@@ -91,9 +91,9 @@ def img2img(denoise: Callable, schedule: Schedule, key, x0, strength: float, *,
 
 def flow_img2img(velocity: Callable, key, x0, strength: float, *, sampler: str = "euler",
                  num_steps: int = 50, shift: float = 1.0, num_timesteps: int = 1000):
-  """SDEdit for a flow model (as diffusers' SD3 img2img): interpolate x0 towards noise to the
-  flow time of the grid's step at fraction `strength` (a Python float in (0, 1]), then run the
-  remaining steps of flow_grid(num_steps, shift)."""
+  """SDEdit for a flow model (the start rule of diffusers' SD3 img2img; not compared with it):
+  interpolate x0 towards noise to the flow time of the grid's step at fraction `strength` (a
+  Python float in (0, 1]), then run the remaining steps of flow_grid(num_steps, shift)."""
   if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
     raise ConfigError(f"img2img strength must be a number in (0, 1], got {strength!r}")
   n_run = max(1, min(num_steps, math.floor(num_steps * strength + 1e-9)))

@@ -295,7 +295,7 @@ def flow_grid(num_steps: int, shift: float = 1.0, num_timesteps: int = 1000, *,
   """The time grid of diffusers' FlowMatchEulerDiscreteScheduler (and FlowMatchHeun's steps):
   num_steps times evenly spaced from 1 down to the training grid's smallest time
   shift(1 / num_timesteps), shifted, then 0 (the data). skip: leave out the first `skip` steps
-  (img2img, as diffusers' SD3 img2img pipeline starts at a fraction of the same grid)."""
+  (img2img: start at a fraction of the same grid)."""
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ConfigError(f"num_steps must be a positive int, got {num_steps!r}")
   if shift <= 0:
