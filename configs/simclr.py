@@ -2,16 +2,17 @@
 
 jaxgen train --config configs/simclr.py --workdir runs/simclr
 jaxgen eval --workdir runs/simclr --baselines      (linear probe and k-NN vs pixels, random)
-Arguments: smoke; vit (a small ViT encoder instead); lars (LARS with the paper's lr scaling).
+Arguments: smoke; vit (a small ViT encoder instead); lars (LARS with the paper's lr scaling);
+size=N (image size; 16 for configs/vary.py).
 """
 from jaxgen import app
 from jaxgen.models.build import image_encoder_section
 
 
 def get_config(arg=None):
-  flags = app.check_arg(arg, ["smoke", "vit", "lars"])
+  flags = app.check_arg(arg, ["smoke", "vit", "lars", "size"])
   c = app.base_config("simclr")
-  c.data.update(image_size=28, channels=1, batch_size=256)
+  c.data.update(image_size=int(flags.get("size", 28)), channels=1, batch_size=256)
   c.model.encoder = image_encoder_section(kind="resnet", stage_sizes=(1, 1, 1), width=16,
                                           norm="batch", cifar_stem=True)
   c.model.update(proj_hidden=128, proj_dim=64, temperature=0.2, aug_strength=0.5,

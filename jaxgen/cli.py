@@ -22,6 +22,7 @@ commands:
   eval     held-out metrics of a trained workdir, printed and written as JSON
   caption  describe your own pictures with a captioner workdir (or a clip run's retrieval)
   denoise  remove Gaussian noise from your own pictures with a pixel diffusion workdir
+  vary     variations of your own pictures with an embedding-conditioned diffusion workdir
   import   turn a Stable Diffusion checkpoint (diffusers folder or file) into an ldm workdir
   verify   check a workdir's checkpoints against their checksums
 
@@ -32,6 +33,7 @@ Examples:
   jaxgen eval --workdir runs/ddpm_class --num 1000 --baselines
   jaxgen caption --workdir runs/captioner --image picture.png --beam 4
   jaxgen denoise --workdir runs/ddpm_class --image noisy.png --out clean.png
+  jaxgen vary --workdir runs/vary --image picture.png --num 8 --guidance 3
   jaxgen import --diffusers ~/models/stable-diffusion-v1-5 --workdir runs/sd15
 
 Run 'jaxgen COMMAND --help' for a command's options."""
@@ -247,6 +249,35 @@ def build_parser(help_for: str | None = None, task: str | None = None
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
 
   p = sub.add_parser(
+      "vary", help="variations of your own pictures with an embedding-conditioned diffusion run",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Variations of PNG/JPEG pictures with the diffusion model in WORKDIR (a ddpm "
+                  "run conditioned on a frozen SimCLR/CLIP image embedding, e.g. "
+                  "configs/vary.py): each picture is embedded by the run's frozen tower and NUM "
+                  "samples are drawn conditioned on that embedding, with classifier-free "
+                  "guidance G. They keep what the encoder sees and vary the rest. Pictures are "
+                  "converted to the model's channels; another size is resized (shorter side) "
+                  "and centre-cropped to the model's, with a warning. Writes one picture per "
+                  "input (the input, then its variations) and prints its path.",
+      epilog="Example:\n  jaxgen vary --workdir runs/vary --image shoe.png --num 8 --guidance 3\n"
+             "  jaxgen vary --workdir runs/vary --image a.png --image b.png --outdir varied/")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--image", action="append", required=True, help="a picture (repeat for several)")
+  from jaxgen.commands import positive_int
+  p.add_argument("--num", type=positive_int, default=8, help="variations per picture")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="classifier-free guidance scale (default: the run's "
+                      "diffusion.guidance_scale; 1: the conditional model alone)")
+  p.add_argument("--sampler", default=None, help="default: the run's diffusion.sampler")
+  p.add_argument("--steps", type=positive_int, default=None,
+                 help="default: the run's diffusion.sample_steps")
+  p.add_argument("--out", default=None, help="output file (one --image)")
+  p.add_argument("--outdir", default=None, help="output folder (default: beside each image, "
+                                                "NAME_variations.png)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+
+  p = sub.add_parser(
       "verify", help="check a workdir's checkpoints against their checksums",
       description="Check every checkpoint in WORKDIR (or --step N) against the SHA-256 "
                   "checksums written when it was saved. A checkpoint without checksums (its "
@@ -343,6 +374,35 @@ def _cmd_denoise(args):
     dest = pathlib.Path(args.out) if args.out else (
         pathlib.Path(args.outdir) if args.outdir else src.parent) / f"{src.stem}_denoised.png"
     print(img.save_png(img.to_uint8(out[0]), dest))
+
+
+def _cmd_vary(args):
+  import jax
+
+  from jaxgen import app, commands
+  from jaxgen import images as img
+  if args.out and len(args.image) != 1:
+    raise ConfigError("--out names one file: give one --image, or --outdir for several")
+  run = app.restore_run(args.workdir, args.step, with_state=False)
+  model = getattr(run.task, "model", None)
+  if run.config.task != "ddpm" or model.embedder is None:
+    raise ConfigError(f"jaxgen vary needs a ddpm run conditioned on image embeddings (trained "
+                      f"with model.embedding.init, e.g. configs/vary.py); {args.workdir} is not "
+                      "one")
+  sampler = args.sampler or run.config.diffusion.sampler
+  commands.check_sampler(model, sampler)
+  size, channels = model.image_shape[0], model.image_shape[-1]
+  for i, path in enumerate(args.image):
+    x, resized = img.read_picture(path, channels, size)
+    if resized:
+      log.warning("%s: resized and centre-cropped to the model's %dx%d", path, size, size)
+    picture = run.task.variation_grid(run.params, run.model_state, jax.random.PRNGKey(
+        args.seed + i), images=x[None], num=args.num, guidance=args.guidance,
+        steps=args.steps, sampler=sampler)
+    src = pathlib.Path(path)
+    dest = pathlib.Path(args.out) if args.out else (
+        pathlib.Path(args.outdir) if args.outdir else src.parent) / f"{src.stem}_variations.png"
+    print(img.save_png(picture, dest))
 
 
 def _cmd_caption(args):
@@ -443,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
       _cmd_denoise(args)
     elif args.command == "caption":
       _cmd_caption(args)
+    elif args.command == "vary":
+      _cmd_vary(args)
     elif args.command == "verify":
       _cmd_verify(args)
   except JaxgenError as e:

@@ -115,7 +115,7 @@ def _vae_eval(run, key, args):
 SAMPLER_CHOICES = tuple(dict.fromkeys(diffusion.SAMPLERS + diffusion.FLOW_SAMPLERS))
 
 
-def _check_sampler(model, sampler: str) -> None:
+def check_sampler(model, sampler: str) -> None:
   valid = diffusion.FLOW_SAMPLERS if model.is_flow else diffusion.SAMPLERS
   if sampler not in valid:
     kind = "flow-matching" if model.is_flow else "diffusion"
@@ -155,7 +155,7 @@ def _ddpm_sample(run, args, outdir):
   from jaxgen.pipelines import diffusion as pipe
   model, d = _scheduler_flags(run.task.model, args), run.config.diffusion
   sampler = args.sampler or d.sampler
-  _check_sampler(model, sampler)
+  check_sampler(model, sampler)
   steps = args.steps or (d.num_timesteps if sampler == "ddpm" else d.sample_steps)
   labels, guidance = None, None
   if model.num_classes:
@@ -198,18 +198,55 @@ def _ddpm_eval_args(p):
   p.add_argument("--baselines", action="store_true",
                  help="also score held-out images the feature network never saw, training "
                       "images (which it saw) and uniform noise")
+  p.add_argument("--variations", type=int, default=250, metavar="N",
+                 help="runs conditioned on image embeddings: also score variations of N held-out "
+                      "images (0: off)")
+  p.add_argument("--per-source", dest="per_source", type=positive_int, default=4,
+                 help="--variations: variations per held-out image")
+
+
+def evaluate_variations(task, params, model_state, key, net, *, sources=250, per_source=4,
+                        sampler, steps, guidance, batch=250) -> dict:
+  """How faithful the variations of `sources` held-out images are (jaxgen.eval.variations), read
+  by the metric's classifier `net` (not the conditioning tower): class agreement against
+  chance, feature similarity against random pairs; and the classifier's accuracy on the sources
+  themselves (its ceiling)."""
+  from jaxgen.eval.variations import faithfulness
+  from jaxgen.pipelines import diffusion as pipe
+  data = load_all(load_source(task.config.data, task.config.data.eval_split), limit=sources)
+  if "label" not in data:
+    raise ConfigError("--variations: the held-out split has no labels to compare classes with.")
+  chunk = max(1, batch // per_source)
+  varied = []
+  for i, lo in enumerate(range(0, len(data["image"]), chunk)):
+    x = pipe.vary(task.model, params, model_state, jax.random.fold_in(key, i),
+                  data["image"][lo:lo + chunk], num=per_source, guidance_scale=guidance,
+                  sampler=sampler, num_steps=steps)
+    varied.append(img.to_uint8(x.reshape(-1, *x.shape[2:])))
+  varied = np.concatenate(varied)
+  src_f, src_logits = net(data["image"])
+  var_f, var_logits = net(varied)
+  n = len(data["image"])
+  out = faithfulness(src_f, data["label"], var_f.reshape(n, per_source, -1),
+                     var_logits.reshape(n, per_source, -1))
+  out["source_accuracy"] = float(np.mean(np.argmax(src_logits, -1) == data["label"]))
+  out["guidance_scale"] = guidance
+  return out
 
 
 def evaluate_diffusion(task, params, key, *, num=1000, sampler=None, steps=None, guidance=None,
                        batch=250, feature_net=None, inception=None, baselines=False,
-                       progress=True) -> dict:
+                       progress=True, model_state=None, variations=0, per_source=4) -> dict:
   """Frechet distance, precision/recall, density/coverage (and class accuracy) of `num`
-  samples against held-out images, in the offline feature network's space."""
+  samples against held-out images, in the offline feature network's space; for a model
+  conditioned on image embeddings, the samples are unconditional (zero embedding) and
+  `variations` > 0 held-out images also get `per_source` variations each, scored by
+  evaluate_variations."""
   from jaxgen.eval import quality
   from jaxgen.pipelines import diffusion as pipe
   d = task.config.diffusion
   sampler = sampler or d.sampler
-  _check_sampler(task.model, sampler)
+  check_sampler(task.model, sampler)
   steps = steps or (d.num_timesteps if sampler == "ddpm" else d.sample_steps)
   guidance = d.guidance_scale if guidance is None else guidance
   net = app.load_feature_net(task.config.data, feature_net, progress=progress)
@@ -230,6 +267,10 @@ def evaluate_diffusion(task, params, key, *, num=1000, sampler=None, steps=None,
     out["inception_fid"] = frechet_distance(*feature_stats(real_f), *feature_stats(fake_f))
   if baselines:
     out["baselines"] = quality.baselines(task.config.data, net, num)
+  if getattr(task.model, "embedder", None) is not None and variations:
+    out["variations"] = evaluate_variations(
+        task, params, model_state, jax.random.fold_in(key, 1), net, sources=variations,
+        per_source=per_source, sampler=sampler, steps=steps, guidance=guidance, batch=batch)
   return out
 
 
@@ -237,7 +278,8 @@ def _ddpm_eval(run, key, args):
   return evaluate_diffusion(run.task, run.params, key, num=args.num, sampler=args.sampler,
                             steps=args.steps, guidance=args.guidance, batch=args.batch,
                             feature_net=args.feature_net, inception=args.inception,
-                            baselines=args.baselines)
+                            baselines=args.baselines, model_state=run.model_state,
+                            variations=args.variations, per_source=args.per_source)
 
 
 # -- latent text to image ------------------------------------------------------------------------
@@ -299,7 +341,7 @@ def _ldm_sample(run, args, outdir):
     # placeholder, not data to draw held-out captions from.
     raise ConfigError("This run holds imported weights and no data set: give --prompt.")
   prompts = args.prompt or run.task.prompts(run.config.data.eval_split, 4)
-  _check_sampler(run.task.model, args.sampler or d.sampler)
+  check_sampler(run.task.model, args.sampler or d.sampler)
   params = with_loras(run.params, args.lora)
   t0 = time.perf_counter()
   x = t2i.text_to_image(_scheduler_flags(run.task.model, args), params, run.model_state,

@@ -194,7 +194,8 @@ def captioner(m, tokenizer) -> nn.Module:
 
 # UNet fields the text-conditioned U-Net (latent diffusion) takes from elsewhere: the latents fix
 # out_channels, the text tower's width context_dim; it has no class labels.
-_CONDITIONAL_UNET_FIXED = ("out_channels", "attention", "context_dim", "num_classes", "null_label")
+_CONDITIONAL_UNET_FIXED = ("out_channels", "attention", "context_dim", "num_classes", "null_label",
+                           "embedding_dim")
 
 
 def conditional_unet_section(**overrides) -> dict:

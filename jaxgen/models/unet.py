@@ -79,6 +79,9 @@ class UNet(nn.Module):
   # MLP onto the time embedding (added). addition_embed_dim = P + N * addition_time_embed_dim.
   addition_time_embed_dim: int = 0            # 0: none
   addition_embed_dim: int = 0
+  # An image embedding [B, embedding_dim] (a frozen SimCLR/CLIP tower's; zeros: none) projected
+  # by an MLP onto the time embedding (added): image variations, RCG.
+  embedding_dim: int = 0                      # 0: none
   dtype: Any = jnp.float32                    # compute dtype; params, norms, softmax stay float32
   remat: bool = False                         # recompute each ResBlock/attention in backward
 
@@ -117,7 +120,7 @@ class UNet(nn.Module):
     if self.position_embedding and self.attention != "transformer":
       raise ConfigError("position_embedding needs attention='transformer'")
 
-  def _check_inputs(self, x, t, labels, context):
+  def _check_inputs(self, x, t, labels, context, embedding=None):
     if x.ndim != 4:
       raise ShapeError(f"x: expected [batch, height, width, channels] (NHWC), got "
                        f"{list(x.shape)}")
@@ -135,6 +138,12 @@ class UNet(nn.Module):
                         f"(num_classes={self.num_classes}); pass null_label_id for none")
     if labels is not None and jnp.shape(labels) != (b,):
       raise ShapeError(f"labels: expected shape [{b}], got {list(jnp.shape(labels))}")
+    if (embedding is None) != (not self.embedding_dim):
+      raise ConfigError(f"an embedding [batch, D] is given exactly when the U-Net takes one "
+                        f"(embedding_dim={self.embedding_dim}; zeros: no embedding)")
+    if embedding is not None and jnp.shape(embedding) != (b, self.embedding_dim):
+      raise ShapeError(f"embedding: expected [{b}, {self.embedding_dim}], got "
+                       f"{list(jnp.shape(embedding))}")
     if context is not None and self.context_dim is None:
       raise ConfigError("context given to a U-Net built without cross-attention "
                         "(context_dim=None)")
@@ -173,11 +182,13 @@ class UNet(nn.Module):
     return self._block(mdl, x, context, train=train)
 
   @nn.compact
-  def __call__(self, x, t, *, labels=None, context=None, added=None, train: bool = False):
+  def __call__(self, x, t, *, labels=None, context=None, added=None, embedding=None,
+               train: bool = False):
     """added: {"text_embeds": [B, P], "time_ids": [B, N]} for a U-Net with SDXL's added
-    conditioning (addition_time_embed_dim > 0), else None."""
+    conditioning (addition_time_embed_dim > 0), else None. embedding: [B, embedding_dim] for a
+    U-Net conditioned on an image embedding (zeros: unconditional), else None."""
     self.check_config()
-    self._check_inputs(x, t, labels, context)
+    self._check_inputs(x, t, labels, context, embedding)
     if bool(self.addition_time_embed_dim) != (added is not None):
       raise ConfigError("added conditioning ({'text_embeds', 'time_ids'}) is given exactly when "
                         f"the U-Net has it (addition_time_embed_dim="
@@ -195,6 +206,9 @@ class UNet(nn.Module):
       table = nn.Embed(self.num_classes + int(self.null_label), emb.shape[-1],
                        name="class_embedding")
       emb = emb + table(labels).astype(emb.dtype)
+    if embedding is not None:
+      emb = emb + TimestepEmbedding(emb.shape[-1], self.dtype, name="embedding_proj")(
+          jnp.asarray(embedding, jnp.float32))
     if added is not None:
       ids = jnp.asarray(added["time_ids"], jnp.float32)
       if ids.ndim != 2 or ids.shape[0] != b:

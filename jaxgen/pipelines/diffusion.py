@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +44,18 @@ class DiffusionModel:
   final_sigmas: str = "zero"              # euler/dpmpp_2m's last level: zero | sigma_min
   objective: str = "diffusion"            # diffusion | flow
   flow_shift: float = 1.0                 # flow models: SD3's time shift of the sampling grid
+  # The frozen image embedder (jaxgen.models.embedder) of a model conditioned on image
+  # embeddings; its variables are model_state["embedder"].
+  embedder: Any = None
 
   @property
   def num_classes(self) -> int:
     return self.unet.num_classes
+
+  @property
+  def embedding_dim(self) -> int:
+    """The size of the image embedding the network is conditioned on (0: none)."""
+    return getattr(self.unet, "embedding_dim", 0)
 
   def sampling_options(self, sampler: str) -> dict:
     """The keyword arguments of diffusion.sample that follow this model's scheduler settings."""
@@ -64,11 +73,15 @@ class DiffusionModel:
   def is_flow(self) -> bool:
     return self.objective == "flow"
 
-  def apply(self, params, x_t, t, labels=None, *, train: bool = False, key=None):
+  def apply(self, params, x_t, t, labels=None, *, train: bool = False, key=None,
+            embeddings=None):
+    """The network's output; labels for a class-conditional model, embeddings [B, D] for an
+    embedding-conditioned one (zeros: unconditional)."""
     rngs = {"dropout": key} if train else None
     if self.is_flow:  # flow time in [0, 1] -> the network's timestep scale
       t = jnp.asarray(t, jnp.float32) * self.num_timesteps
-    return self.unet.apply(params, x_t, t, labels=labels, train=train, rngs=rngs)
+    extra = {"embedding": embeddings} if self.embedding_dim else {}
+    return self.unet.apply(params, x_t, t, labels=labels, train=train, rngs=rngs, **extra)
 
   def refuse_flow(self, what: str) -> None:
     if self.is_flow:
@@ -80,7 +93,24 @@ def check_images(model: DiffusionModel, images, what: str = "images") -> None:
   _check_shape(images, model.image_shape, what)
 
 
-def _check_conditioning(model: DiffusionModel, num: int, labels, guidance_scale) -> None:
+def _check_conditioning(model: DiffusionModel, num: int, labels, guidance_scale,
+                        embeddings=None) -> None:
+  if model.embedding_dim:
+    if labels is not None:
+      raise ConfigError("This model is conditioned on image embeddings, not labels: pass "
+                        "embeddings (e.g. from embed_images).")
+    if embeddings is None:
+      if guidance_scale is not None:
+        raise ConfigError("guidance_scale needs embeddings: classifier-free guidance pushes "
+                          "samples towards an embedding.")
+      return
+    if jnp.shape(embeddings) != (num, model.embedding_dim):
+      raise ShapeError(f"embeddings must have shape [{num}, {model.embedding_dim}] (one per "
+                       f"image), got {list(jnp.shape(embeddings))}.")
+    return
+  if embeddings is not None:
+    raise ConfigError("This model takes no image embeddings (it was not trained on them: "
+                      "model.embedding.init is empty).")
   if labels is None:
     if guidance_scale is not None:
       raise ConfigError("guidance_scale needs labels: classifier-free guidance pushes samples "
@@ -100,10 +130,21 @@ def _check_conditioning(model: DiffusionModel, num: int, labels, guidance_scale)
                       f"{sorted(set(concrete.tolist()))}.")
 
 
-def denoiser(model: DiffusionModel, params, num: int, labels=None, guidance_scale=None):
+def denoiser(model: DiffusionModel, params, num: int, labels=None, guidance_scale=None,
+             embeddings=None):
   """denoise(x_t, t) for the samplers: unconditional (null label on a class-conditional
-  model), conditional, or with classifier-free guidance when guidance_scale is given."""
-  _check_conditioning(model, num, labels, guidance_scale)
+  model, zero embedding on an embedding-conditioned one), conditional, or with classifier-free
+  guidance when guidance_scale is given."""
+  _check_conditioning(model, num, labels, guidance_scale, embeddings)
+  if model.embedding_dim:
+    null = jnp.zeros((num, model.embedding_dim), jnp.float32)
+    fn = lambda x_t, t, e: model.apply(params, x_t, t, embeddings=e)
+    if embeddings is None:
+      return lambda x_t, t: fn(x_t, t, null)
+    embeddings = jnp.asarray(embeddings, jnp.float32)
+    if guidance_scale is None:
+      return lambda x_t, t: fn(x_t, t, embeddings)
+    return diffusion.guided_denoiser(fn, embeddings, null, guidance_scale)
   null = jnp.full((num,), model.unet.null_label_id, jnp.int32) if model.num_classes else None
   if labels is None:
     return lambda x_t, t: model.apply(params, x_t, t, null)
@@ -121,10 +162,11 @@ def _checked(jitted):
   """The user-facing function: checks the request where its values are known (outside any
   trace), then calls the jitted program. `.jitted` exposes it (e.g. to count compilations)."""
   @functools.wraps(jitted)
-  def call(model, params, *args, num: int, labels=None, guidance_scale=None, **kwargs):
-    _check_conditioning(model, num, labels, guidance_scale)
+  def call(model, params, *args, num: int, labels=None, guidance_scale=None, embeddings=None,
+           **kwargs):
+    _check_conditioning(model, num, labels, guidance_scale, embeddings)
     return jitted(model, params, *args, num=num, labels=labels, guidance_scale=guidance_scale,
-                  **kwargs)
+                  embeddings=embeddings, **kwargs)
   call.jitted = jitted
   return call
 
@@ -132,12 +174,13 @@ def _checked(jitted):
 @_checked
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def generate(model: DiffusionModel, params, key, *, num: int, labels=None, guidance_scale=None,
-             sampler: str = "ddim", num_steps: int = 50, eta=0.0, timesteps=None,
-             spacing: str = "trailing", return_trajectory: bool = False):
+             embeddings=None, sampler: str = "ddim", num_steps: int = 50, eta=0.0,
+             timesteps=None, spacing: str = "trailing", return_trajectory: bool = False):
   """`num` images [num, H, W, C] in [0, 1] (and the trajectory [steps+1, num, H, W, C] in model
-  space if asked). labels: int [num] for a class-conditional model; guidance_scale turns on
-  classifier-free guidance (a scalar or one per image)."""
-  den = denoiser(model, params, num, labels, guidance_scale)
+  space if asked). labels: int [num] for a class-conditional model; embeddings [num, D] for an
+  embedding-conditioned one; guidance_scale turns on classifier-free guidance (a scalar or one
+  per image)."""
+  den = denoiser(model, params, num, labels, guidance_scale, embeddings)
   shape = (num, *model.image_shape)
   if model.is_flow:
     if timesteps is not None:
@@ -159,15 +202,15 @@ def generate(model: DiffusionModel, params, key, *, num: int, labels=None, guida
 @_checked
 @functools.partial(jax.jit, static_argnames=_STATIC[:4] + ("spacing",))
 def inpaint(model: DiffusionModel, params, key, images, mask, *, num: int, labels=None,
-            guidance_scale=None, sampler: str = "ddim", num_steps: int = 50, eta=0.0,
-            spacing: str = "trailing"):
+            guidance_scale=None, embeddings=None, sampler: str = "ddim", num_steps: int = 50,
+            eta=0.0, spacing: str = "trailing"):
   """Fills the pixels where mask == 0; mask [num, H, W, 1 or C] is 1 on the known pixels."""
   model.refuse_flow("inpaint")
   check_images(model, images)
   if images.shape[0] != num:
     raise ShapeError(f"inpaint: {images.shape[0]} images given for num={num}.")
   mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), images.shape)
-  den = denoiser(model, params, num, labels, guidance_scale)
+  den = denoiser(model, params, num, labels, guidance_scale, embeddings)
   out = diffusion.inpaint(den, model.make_schedule(), key, to_signed(images), mask,
                           sampler=sampler, num_steps=num_steps, prediction=model.prediction,
                           eta=eta, spacing=spacing, **model.sampling_options(sampler))
@@ -177,12 +220,12 @@ def inpaint(model: DiffusionModel, params, key, images, mask, *, num: int, label
 @_checked
 @functools.partial(jax.jit, static_argnames=_STATIC[:4] + ("spacing", "strength"))
 def img2img(model: DiffusionModel, params, key, images, *, strength: float, num: int,
-            labels=None, guidance_scale=None, sampler: str = "ddim", num_steps: int = 50,
-            eta=0.0, spacing: str = "trailing"):
+            labels=None, guidance_scale=None, embeddings=None, sampler: str = "ddim",
+            num_steps: int = 50, eta=0.0, spacing: str = "trailing"):
   """SDEdit: noise the images to `strength` (0..1] of the schedule and denoise them back."""
   model.refuse_flow("img2img")
   check_images(model, images)
-  den = denoiser(model, params, num, labels, guidance_scale)
+  den = denoiser(model, params, num, labels, guidance_scale, embeddings)
   out = diffusion.img2img(den, model.make_schedule(), key, to_signed(images), strength,
                           sampler=sampler, num_steps=num_steps, prediction=model.prediction,
                           eta=eta, spacing=spacing, **model.sampling_options(sampler))
@@ -205,12 +248,52 @@ def interpolate(model: DiffusionModel, params, image_a, image_b, *, num: int = 8
 
   def den(x_t, t):  # inversion runs on 2 images, decoding on `num`: labels follow the batch
     y = None if fill is None else jnp.full(x_t.shape[:1], fill, jnp.int32)
-    return model.apply(params, x_t, t, y)
+    e = jnp.zeros((x_t.shape[0], model.embedding_dim)) if model.embedding_dim else None
+    return model.apply(params, x_t, t, y, embeddings=e)
 
   out = diffusion.interpolate(den, model.make_schedule(), to_signed(image_a),
                               to_signed(image_b), num, num_steps,
                               prediction=model.prediction)
   return from_signed(out)
+
+
+# -- image embeddings: variations ----------------------------------------------------------------
+def _require_embedder(model: DiffusionModel, what: str) -> None:
+  if model.embedder is None:
+    raise ConfigError(f"{what} needs a model conditioned on image embeddings (a ddpm run "
+                      "trained with model.embedding.init, e.g. configs/vary.py); this one is not.")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(model: DiffusionModel, embedder_vars, images):
+  return model.embedder.apply(embedder_vars, to_signed(images))
+
+
+def embed_images(model: DiffusionModel, model_state, images, batch_size: int = 256) -> np.ndarray:
+  """The frozen embedder's embeddings [N, D] (unit norm x sqrt(D)) of images [N, H, W, C]
+  (uint8 or [0, 1]) of the model's shape: what the model was conditioned on in training."""
+  from jaxgen.images import map_batches
+  _require_embedder(model, "embed_images")
+  images = np.asarray(images)
+  check_images(model, images)
+  return map_batches(lambda x: _embed(model, model_state["embedder"], x), images, batch_size)
+
+
+def vary(model: DiffusionModel, params, model_state, key, images, *, num: int = 8,
+         guidance_scale=3.0, sampler: str | None = None, num_steps: int = 50) -> np.ndarray:
+  """Image variations: `num` samples [B, num, H, W, C] in [0, 1] for each of the images
+  [B, H, W, C], conditioned on the image's embedding (what the frozen encoder sees in it) with
+  classifier-free guidance `guidance_scale` (None: the conditional model alone). The rest (what
+  the encoder is invariant to) varies from sample to sample."""
+  _require_embedder(model, "vary")
+  emb = embed_images(model, model_state, images)
+  b = emb.shape[0]
+  emb = np.repeat(emb, num, axis=0)
+  g = None if guidance_scale is None else jnp.float32(guidance_scale)
+  sampler = sampler or ("euler" if model.is_flow else "ddim")
+  x = generate(model, params, key, num=b * num, embeddings=jnp.asarray(emb), guidance_scale=g,
+               sampler=sampler, num_steps=num_steps)
+  return np.asarray(x).reshape(b, num, *model.image_shape)
 
 
 def grid_labels(model: DiffusionModel, n: int):

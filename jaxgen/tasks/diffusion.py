@@ -1,10 +1,20 @@
 """Denoising diffusion in pixel space (DDPM): a U-Net trained on the forward process, optionally
-class-conditional with label dropout for classifier-free guidance.
+class-conditional with label dropout for classifier-free guidance, or conditioned on the frozen
+image embedding of a SimCLR or CLIP run (`model.embedding`: image variations), with embedding
+dropout for guidance.
+
+An embedding-conditioned run keeps the frozen embedder in model_state["embedder"] (loaded from
+model.embedding.init when the run starts), so it samples without the source run. Embeddings are
+computed from the images by that tower, on the device: once for the training set when
+model.embedding.cache (the loader joins them to each batch by index), else in every step.
 """
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgen import diffusion
 from jaxgen import images as img
@@ -16,11 +26,28 @@ from jaxgen.pipelines import diffusion as pipe
 from jaxgen.tasks.base import Task
 
 # Keys of the model section that shape training only; every other key is a UNet field.
-TRAINING_KEYS = ("class_dropout", "random_flip")
+TRAINING_KEYS = ("class_dropout", "random_flip", "embedding")
 # UNet fields a pixel-space DDPM does not set from its config: the data fixes out_channels, and
-# it has no text to attend to.
+# it has no text to attend to; the embedder fixes embedding_dim.
 _NOT_CONFIGURED = ("out_channels", "attention", "context_dim", "use_linear_projection",
-                   "transformer_depth")
+                   "transformer_depth", "embedding_dim")
+# The tasks whose runs can give the embedding, and their image towers' names in the params.
+EMBEDDING_TASKS = ("simclr", "clip")
+
+
+def embedding_section(**overrides) -> dict:
+  """model.embedding: the frozen image tower whose embeddings condition the generator."""
+  d = dict(
+      init="",                    # simclr or clip workdir whose image tower gives the
+                                  # embeddings ("": none); its model.encoder must equal `encoder`
+      encoder=build.image_encoder_section(),
+      projection=0,               # clip runs: their embed_dim (the image projection); simclr: 0
+      image_size=0,               # the tower's input size (its run's data.image_size); 0: ours
+      dropout=0.1,                # share of embeddings replaced by zeros (guidance) in training
+      cache=True,                 # embed the training set once instead of in every step
+  )
+  d.update(overrides)
+  return d
 
 
 def diffusion_section() -> dict:
@@ -107,6 +134,23 @@ def schedule_kwargs(d) -> dict:
               flow_shift=d.flow_shift)
 
 
+def embedding_of_run(workdir: str, **overrides) -> dict:
+  """model.embedding for the image tower of the simclr or clip run in `workdir`, its encoder
+  section, projection and image size read from the run's config.json (a run not yet trained:
+  SimCLR's default encoder, checked against the run when training starts)."""
+  from jaxgen import weights as weights_lib
+  d = embedding_section(init=str(workdir), **overrides)
+  if (pathlib.Path(workdir) / "config.json").is_file():
+    c = weights_lib.read_config(workdir)
+    if c["task"] not in EMBEDDING_TASKS:
+      raise ConfigError(f"{workdir} holds a {c['task']} run; the embedding comes from a "
+                        f"{' or '.join(EMBEDDING_TASKS)} run.")
+    d.update(encoder=build.image_encoder_section(**c["model"]["encoder"]),
+             projection=c["model"]["embed_dim"] if c["task"] == "clip" else 0,
+             image_size=c["data"]["image_size"])
+  return d
+
+
 class DiffusionTask(Task):
   name = "ddpm"
 
@@ -118,7 +162,8 @@ class DiffusionTask(Task):
             attn_levels=(False, True, False), mid_attention=True, num_heads=1, dropout=0.1,
             groups=8,
             class_dropout=0.1,        # share of labels replaced by the null label in training
-            random_flip=False),       # horizontal-flip augmentation
+            random_flip=False,        # horizontal-flip augmentation
+            embedding=embedding_section()),
         "diffusion": diffusion_section(),
     }
 
@@ -142,13 +187,28 @@ class DiffusionTask(Task):
       raise ConfigError(f"model.dtype must be float32 or bfloat16; got {m.dtype!r}.")
     if not 0.0 <= m.class_dropout < 1.0:
       raise ConfigError(f"model.class_dropout must be in [0, 1); got {m.class_dropout}.")
+    e = m.embedding
+    if e.init:
+      if m.num_classes:
+        raise ConfigError("model.embedding (image-embedding conditioning) and model.num_classes "
+                          "(class labels) are alternatives: set num_classes=0.")
+      build.validate_image_encoder(e.encoder, e.image_size or d.image_size,
+                                   "model.embedding.encoder")
+      if not 0.0 <= e.dropout < 1.0:
+        raise ConfigError(f"model.embedding.dropout must be in [0, 1); got {e.dropout}.")
+      if e.projection < 0 or e.image_size < 0:
+        raise ConfigError("model.embedding.projection and model.embedding.image_size must be "
+                          ">= 0.")
 
   def __init__(self, config, tokenizer=None):
     super().__init__(config, tokenizer)
     d = config.data
+    self.embedder = embedder_module(config)
     self.unet = self.build_network(config)
+    if self.embedder is not None:
+      self.unet = self.unet.clone(embedding_dim=self.embedding_dim())
     self.model = pipe.DiffusionModel(self.unet, (d.image_size, d.image_size, d.channels),
-                                     **schedule_kwargs(config.diffusion))
+                                     embedder=self.embedder, **schedule_kwargs(config.diffusion))
     self.schedule = self.model.make_schedule()
 
   @staticmethod
@@ -157,12 +217,68 @@ class DiffusionTask(Task):
     return build.build(UNet, config.model, skip=TRAINING_KEYS, out_channels=config.data.channels,
                        attention="self")
 
+  def embedding_dim(self) -> int:
+    d = self.config.data
+    x = jax.ShapeDtypeStruct((1, d.image_size, d.image_size, d.channels), jnp.float32)
+    out = jax.eval_shape(lambda v: self.embedder.init_with_output(jax.random.PRNGKey(0), v)[0],
+                         x)
+    return out.shape[-1]
+
+  def pretrained(self, params, model_state):
+    """Loads the frozen image tower of model.embedding.init (a simclr or clip run)."""
+    if self.embedder is None:
+      return params, model_state
+    from jaxgen import weights as weights_lib
+    e = self.config.model.embedding
+    what = "model.embedding.init"
+    enc, enc_state = weights_lib.image_encoder_of(e.init, e.encoder, what, tasks=EMBEDDING_TASKS)
+    source = weights_lib.read_config(e.init)
+    size = source["data"]["image_size"]
+    if size != (e.image_size or self.config.data.image_size):
+      raise ConfigError(f"{what}: the {source['task']} run's images are {size}x{size}; set "
+                        f"model.embedding.image_size={size}.")
+    if source["data"]["channels"] != self.config.data.channels:
+      raise ConfigError(f"{what}: the {source['task']} run's images have "
+                        f"{source['data']['channels']} channels, this data "
+                        f"{self.config.data.channels}.")
+    variables = {"params": {"encoder": enc}}
+    for col, tree in enc_state.items():
+      variables[col] = {"encoder": tree}
+    if source["task"] == "clip":
+      dim = source["model"]["embed_dim"]
+      if e.projection != dim:
+        raise ConfigError(f"{what}: a clip run's embeddings are its image projection: set "
+                          f"model.embedding.projection={dim} (its model.embed_dim).")
+      w = weights_lib.load_weights(e.init, what=what)
+      variables["params"]["image_proj"] = w.params["params"]["image_proj"]
+    elif e.projection:
+      raise ConfigError(f"{what}: a simclr run's embeddings are its encoder's features: set "
+                        "model.embedding.projection=0.")
+    return params, dict(model_state, embedder=variables)
+
+  def cached_inputs(self, state, source):
+    """With model.embedding.cache: the training set embedded once by the frozen tower, which
+    the loader joins to each batch by index."""
+    if self.embedder is None or not self.config.model.embedding.cache:
+      return None
+    from jaxgen.images import map_batches
+    variables = state.model_state["embedder"]
+    enc = jax.jit(lambda images: {"embedding": self.embedder.apply(variables, to_signed(images))})
+    return map_batches(lambda b, _: enc(source.get(b["index"])["image"]),
+                       {"index": np.arange(len(source))}, min(256, len(source)))
+
   # -- training ----------------------------------------------------------------------------
   def init(self, key, batch):
     x = to_signed(batch["image"])
     n = x.shape[0]
     labels = jnp.zeros((n,), jnp.int32) if self.model.num_classes else None
-    return self.unet.init(key, x, jnp.zeros((n,), jnp.int32), labels=labels), {}
+    if self.embedder is None:
+      return self.unet.init(key, x, jnp.zeros((n,), jnp.int32), labels=labels), {}
+    k_unet, k_emb = jax.random.split(key)
+    emb_vars = self.embedder.init(k_emb, x)  # replaced by the source run's in `pretrained`
+    params = self.unet.init(k_unet, x, jnp.zeros((n,), jnp.int32),
+                            embedding=jnp.zeros((n, self.unet.embedding_dim)))
+    return params, {"embedder": emb_vars}
 
   def loss_fn(self, params, model_state, batch, key):
     m, d = self.config.model, self.config.diffusion
@@ -177,8 +293,19 @@ class DiffusionTask(Task):
       drop = jax.random.bernoulli(k_drop, m.class_dropout, labels.shape)
       labels = jnp.where(drop, self.unet.null_label_id, labels)
 
+    embeddings = None
+    if self.embedder is not None:
+      if "embedding" in batch:
+        embeddings = batch["embedding"]
+      else:
+        embeddings = self.embedder.apply(model_state["embedder"], to_signed(batch["image"]))
+      embeddings = jax.lax.stop_gradient(embeddings)
+      drop = jax.random.bernoulli(k_drop, m.embedding.dropout, (embeddings.shape[0], 1))
+      embeddings = jnp.where(drop, 0.0, embeddings)
+
     def model_fn(x_t, t):
-      return self.model.apply(params, x_t, t, labels, train=True, key=k_dropout)
+      return self.model.apply(params, x_t, t, labels, train=True, key=k_dropout,
+                              embeddings=embeddings)
 
     if d.objective == "flow":
       per_example = diffusion.flow.flow_loss(
@@ -194,9 +321,40 @@ class DiffusionTask(Task):
   def pictures(self, params, model_state, key):
     d = self.config.diffusion
     n = self.config.train.num_samples
+    if self.embedder is not None:
+      return {"variations": self.variation_grid(params, model_state, key, rows=8, num=n // 8)}
     labels = pipe.grid_labels(self.model, n)
     guidance = jnp.float32(d.guidance_scale) if labels is not None else None
     x = pipe.generate(self.model, params, key, num=n, labels=labels, guidance_scale=guidance,
                       sampler=d.sampler, num_steps=d.sample_steps)
     ncols = self.model.num_classes or None
     return {"samples": img.grid(x, ncols=ncols, scale=img.display_scale(self.model.image_shape[0]))}
+
+  def variation_grid(self, params, model_state, key, *, rows: int = 8, num: int = 8,
+                     images=None, guidance=None, steps=None, sampler=None) -> np.ndarray:
+    """A picture: each row a source image (the eval split's first `rows`, or `images`), a gap,
+    and `num` variations of it."""
+    d = self.config.diffusion
+    if images is None:
+      from jaxgen.data import load_all, load_source
+      images = load_all(load_source(self.config.data, self.config.data.eval_split),
+                        limit=rows)["image"]
+    x = pipe.vary(self.model, params, model_state, key, images, num=max(num, 1),
+                  guidance_scale=d.guidance_scale if guidance is None else guidance,
+                  sampler=sampler or d.sampler, num_steps=steps or d.sample_steps)
+    src = img.to_unit(np.asarray(images))[:, None]
+    blank = np.ones_like(src)
+    cells = np.concatenate([src, blank, x], axis=1)
+    return img.grid(cells.reshape(-1, *cells.shape[2:]), ncols=cells.shape[1],
+                    scale=img.display_scale(self.model.image_shape[0]))
+
+
+def embedder_module(config):
+  """The frozen image embedder of a diffusion config's model.embedding (None without init)."""
+  m = config.model
+  e = m.get("embedding")
+  if e is None or not e.init:
+    return None
+  from jaxgen.models.embedder import ImageEmbedder
+  return ImageEmbedder(build.image_encoder(e.encoder), e.image_size or config.data.image_size,
+                       e.projection)

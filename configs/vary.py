@@ -1,0 +1,31 @@
+"""Image variations: a DDPM on the embedded Fashion-MNIST (16x16) conditioned on the frozen image
+embedding of a SimCLR (or CLIP) run, with embedding dropout for classifier-free guidance.
+
+jaxgen train --config configs/simclr.py:size=16 --workdir runs/simclr16
+jaxgen train --config configs/vary.py --workdir runs/vary
+jaxgen vary --workdir runs/vary --image picture.png --num 8 --guidance 3
+Arguments: smoke; encoder=WORKDIR (the simclr or clip run whose image tower gives the embeddings;
+default runs/simclr16; its encoder section, projection and image size are read from the run).
+"""
+from jaxgen import app
+from jaxgen.tasks.diffusion import embedding_of_run
+
+
+def get_config(arg=None):
+  flags = app.check_arg(arg, ["smoke", "encoder"])
+  c = app.base_config("ddpm")
+  c.data.update(image_size=16, channels=1, batch_size=64)
+  c.model.update(block_channels=(16, 32, 64), layers_per_block=1, attn_levels=(False, True, False),
+                 mid_attention=True, dropout=0.1, groups=8, num_classes=0)
+  c.model.embedding.update(embedding_of_run(str(flags.get("encoder", "runs/simclr16")),
+                                            dropout=0.1, cache=True))
+  c.diffusion.update(schedule="linear", num_timesteps=1000, prediction="eps", sampler="ddim",
+                     sample_steps=50, guidance_scale=3.0)
+  c.optim.update(lr=2e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995, grad_clip=1.0)
+  c.train.update(num_steps=2500, log_every=50, sample_every=500, ckpt_every=500, num_samples=64)
+  if flags.get("smoke"):
+    c.model.update(block_channels=(8, 16), attn_levels=(False, True), groups=4)
+    c.data.batch_size = 8
+    c.diffusion.update(num_timesteps=100, sample_steps=5)
+    c.train.update(num_steps=4, log_every=2, sample_every=4, ckpt_every=2, num_samples=16)
+  return c

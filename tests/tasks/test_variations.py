@@ -1,0 +1,178 @@
+"""Embedding-conditioned diffusion (image variations) through the real loop, `jaxgen vary` and
+`jaxgen eval`, on smoke configs: the embeddings are those of the SimCLR run's own pipeline."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import config
+from jaxgen import app
+from jaxgen.cli import main
+from jaxgen.contrastive.losses import l2_normalize
+from jaxgen.data import load_all, load_source
+from jaxgen.errors import ConfigError, ShapeError
+from jaxgen.eval.variations import faithfulness
+from jaxgen.pipelines import contrastive
+from jaxgen.pipelines import diffusion as pipe
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("variations")
+  app.train(config("simclr", "data.image_size=8"), root / "simclr", progress=False)
+  app.train(config("classifier", "data.image_size=8"), root / "classifier", progress=False)
+  c = config("vary", "data.image_size=8", arg=f"smoke,encoder={root / 'simclr'}")
+  app.train(c, root / "vary", progress=False)
+  return root
+
+
+def test_the_config_reads_the_encoder_run(runs):
+  c = config("vary", arg=f"smoke,encoder={runs / 'simclr'}")
+  simclr = app.restore_run(runs / "simclr", with_state=False).config
+  assert c.model.embedding.encoder.to_dict() == simclr.model.encoder.to_dict()
+  assert (c.model.embedding.image_size, c.model.embedding.projection) == (8, 0)
+  with pytest.raises(ConfigError, match="holds a classifier run"):
+    config("vary", arg=f"smoke,encoder={runs / 'classifier'}")
+  bad = config("vary", arg=f"smoke,encoder={runs / 'simclr'}")
+  bad.model.num_classes = 10
+  with pytest.raises(ConfigError, match="alternatives"):
+    app.validate(bad)
+
+
+def test_embeddings_are_the_simclr_runs_features(runs):
+  """The run's frozen embedder, the training cache and SimCLR's own feature pipeline agree."""
+  run = app.restore_run(runs / "vary", with_state=False)
+  simclr = app.restore_run(runs / "simclr", with_state=False)
+  images = load_all(load_source(run.config.data, run.config.data.eval_split), limit=16)["image"]
+  ref = contrastive.features(simclr.task.module, simclr.params, simclr.model_state, images)
+  ref = np.asarray(l2_normalize(ref)) * math.sqrt(ref.shape[-1])
+  got = pipe.embed_images(run.task.model, run.model_state, images)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  # the cache the loader joins to batches: the same function of the training images
+  state = app.restore_run(runs / "vary").state
+  train_src = load_source(run.config.data, run.config.data.train_split)
+  cached = run.task.cached_inputs(state, train_src)["embedding"]
+  assert cached.shape == (len(train_src), ref.shape[-1])
+  first = load_all(train_src, limit=8)["image"]
+  np.testing.assert_allclose(cached[:8], pipe.embed_images(run.task.model, run.model_state, first),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_the_loss_from_the_cache_equals_the_loss_on_the_device(runs):
+  run = app.restore_run(runs / "vary", with_state=False)
+  images = load_all(load_source(run.config.data, run.config.data.train_split), limit=8)["image"]
+  batch = {"image": jnp.asarray(images)}
+  cached = dict(batch, embedding=jnp.asarray(
+      pipe.embed_images(run.task.model, run.model_state, images)))
+  key = jax.random.PRNGKey(3)
+  a = run.task.loss_fn(run.params, run.model_state, batch, key)[0]
+  b = run.task.loss_fn(run.params, run.model_state, cached, key)[0]
+  np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+
+
+def test_variations_and_guidance(runs):
+  run = app.restore_run(runs / "vary", with_state=False)
+  model = run.task.model
+  images = load_all(load_source(run.config.data, run.config.data.eval_split), limit=3)["image"]
+  x = pipe.vary(model, run.params, run.model_state, jax.random.PRNGKey(0), images, num=2,
+                num_steps=3)
+  assert x.shape == (3, 2, 8, 8, 1) and np.isfinite(x).all()
+  assert not np.allclose(x[0, 0], x[0, 1])   # the rest varies
+  emb = jnp.asarray(pipe.embed_images(model, run.model_state, images))
+  key = jax.random.PRNGKey(1)
+  plain = pipe.generate(model, run.params, key, num=3, embeddings=emb, num_steps=3)
+  unit = pipe.generate(model, run.params, key, num=3, embeddings=emb, num_steps=3,
+                       guidance_scale=jnp.float32(1.0))   # guidance 1 = the conditional model
+  np.testing.assert_allclose(plain, unit, atol=2e-5)
+  uncond = pipe.generate(model, run.params, key, num=3, num_steps=3)
+  zeros = pipe.generate(model, run.params, key, num=3, embeddings=jnp.zeros_like(emb),
+                        num_steps=3)
+  np.testing.assert_allclose(uncond, zeros, atol=1e-6)   # no embedding = the zero embedding
+  with pytest.raises(ConfigError, match="not labels"):
+    pipe.generate(model, run.params, key, num=3, labels=jnp.zeros((3,), jnp.int32))
+  with pytest.raises(ShapeError, match=r"\[3, "):
+    pipe.generate(model, run.params, key, num=3, embeddings=emb[:2])
+  with pytest.raises(ShapeError):
+    pipe.vary(model, run.params, run.model_state, key, images[..., :1][:, :4], num=2)
+
+
+def test_vary_command_and_eval(runs, tmp_path, capsys):
+  picture = tmp_path / "shoe.png"   # a user's picture of another size: resized, with a warning
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), np.uint8)).save(picture)
+  main(["vary", "--workdir", str(runs / "vary"), "--image", str(picture), "--num", "3",
+        "--steps", "2", "--guidance", "2"])
+  out = capsys.readouterr().out.split()
+  assert out == [str(tmp_path / "shoe_variations.png")]
+  with Image.open(out[0]) as im:
+    assert im.size[0] > 4 * im.size[1]   # one row: the picture, a gap, 3 variations
+  with pytest.raises(SystemExit):       # a run without embeddings: a clear error, exit 2
+    main(["vary", "--workdir", str(runs / "simclr"), "--image", str(picture)])
+  assert "conditioned on image embeddings" in capsys.readouterr().err
+  main(["eval", "--workdir", str(runs / "vary"), "--num", "20", "--steps", "2",
+        "--variations", "6", "--per-source", "2", "--feature-net", str(runs / "classifier")])
+  metrics = json.loads(capsys.readouterr().out)
+  v = metrics["variations"]
+  assert (v["sources"], v["per_source"]) == (6, 2)
+  for k in ("class_agreement", "chance", "similarity", "random_similarity", "source_accuracy"):
+    assert np.isfinite(v[k])
+
+
+def test_faithfulness_scores():
+  rng = np.random.default_rng(0)
+  n, k, d, classes = 40, 3, 16, 4
+  labels = np.arange(n) % classes
+  centres = rng.normal(size=(classes, d)) * 3
+  src = centres[labels] + rng.normal(size=(n, d))
+  logits = np.eye(classes)[labels] * 5
+  # variations equal to their sources: every class agrees, similarity 1
+  same = faithfulness(src, labels, np.repeat(src[:, None], k, 1),
+                      np.repeat(logits[:, None], k, 1))
+  assert same["class_agreement"] == 1.0 and same["similarity"] == pytest.approx(1.0)
+  # chance pairs each source with another one: with 4 balanced classes about a quarter agree
+  # (fewer: the derangement never pairs a source with itself)
+  assert 0.1 < same["chance"] < 0.4
+  assert same["random_similarity"] < 0.8
+  # variations that ignore their source (a shuffle): agreement falls to chance
+  perm = rng.permutation(n)
+  shuffled = faithfulness(src, labels, np.repeat(src[perm][:, None], k, 1),
+                          np.repeat(logits[perm][:, None], k, 1))
+  assert shuffled["class_agreement"] < 0.5 and shuffled["similarity"] < 0.8
+  with pytest.raises(ValueError, match="do not agree"):
+    faithfulness(src, labels[:-1], np.repeat(src[:, None], k, 1), np.repeat(logits[:, None], k, 1))
+
+
+def test_a_clip_runs_projected_embeddings(tmp_path):
+  """With a clip run, the embedding is its projected, normalised image embedding: the one
+  jaxgen.pipelines.clip.embed_images gives (scaled by sqrt(D))."""
+  from jaxgen import weights
+  from jaxgen.pipelines import clip as clip_pipe
+  c = config("clip")
+  task = app.build_task(c)
+  params, state = task.init(jax.random.PRNGKey(0), task.example_batch())
+  weights.save_weights(tmp_path / "clip", c, params, state, tokenizer_from=None)
+  v = config("vary", "data.name=shapes", "data.channels=3", "data.image_size=16",
+             arg=f"smoke,encoder={tmp_path / 'clip'}")
+  assert (v.model.embedding.projection, v.model.embedding.image_size) == (c.model.embed_dim, 32)
+  vary = app.build_task(v)
+  fresh, fresh_state = vary.init(jax.random.PRNGKey(1), vary.example_batch())
+  _, loaded = vary.pretrained(fresh, fresh_state)
+  images = load_all(load_source(c.data, "test"), limit=4)["image"]   # 32x32, the clip run's size
+  model = clip_pipe.DualEncoder(task.module, (32, 32, 3), task.tokenizer)
+  ref = clip_pipe.embed_images(model, params, state, images) * math.sqrt(c.model.embed_dim)
+  small = np.asarray(jax.image.resize(jnp.asarray(images, jnp.float32), (4, 16, 16, 3), "linear",
+                                      antialias=True))   # the vary run's 16x16 data ...
+  got = vary.embedder.apply(loaded["embedder"], jnp.asarray(images, jnp.float32) / 127.5 - 1)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  # ... are resized back to the tower's 32x32 inside the embedder
+  assert pipe.embed_images(vary.model, loaded, np.clip(small, 0, 255).astype(np.uint8)).shape \
+      == (4, c.model.embed_dim)
+  bad = config("vary", "data.name=shapes", "data.channels=3", "data.image_size=16",
+               "model.embedding.projection=0", arg=f"smoke,encoder={tmp_path / 'clip'}")
+  with pytest.raises(ConfigError, match="projection=8"):
+    app.build_task(bad).pretrained(fresh, fresh_state)
