@@ -28,6 +28,7 @@ TASKS = {
     "ddpm": "jaxgen.tasks.diffusion:DiffusionTask",
     "dit": "jaxgen.tasks.dit:DiTTask",
     "ldm": "jaxgen.tasks.ldm:LatentDiffusionTask",
+    "prior": "jaxgen.tasks.prior:PriorTask",
     "simclr": "jaxgen.tasks.simclr:SimCLRTask",
     "vae": "jaxgen.tasks.vae:AutoencoderTask",
 }

@@ -720,6 +720,56 @@ def _classifier_eval(run, key, args):
   return evaluate_classifier(run.task, run.params, run.model_state, args.limit)
 
 
+# -- a prior over embeddings (RCG) + its decoder ---------------------------------------------------
+def _prior_sample_args(p):
+  p.add_argument("--num", type=positive_int, default=64)
+  p.add_argument("--guidance", type=float, default=None,
+                 help="the decoder's classifier-free guidance (default: prior.decoder_guidance)")
+  p.add_argument("--steps", type=positive_int, default=None, help="the prior's sampling steps")
+  p.add_argument("--decoder-steps", dest="decoder_steps", type=positive_int, default=None)
+
+
+def _prior_sample(run, args, outdir):
+  x = run.task.generate(run.params, run.model_state, jax.random.PRNGKey(args.seed), args.num,
+                        steps=args.steps, guidance=args.guidance,
+                        decoder_steps=args.decoder_steps)
+  path = _out_path(args, outdir / f"samples_step{run.step}.png")
+  return [img.save_png(img.grid(x, scale=img.display_scale(x.shape[1])), path)]
+
+
+def _prior_eval_args(p):
+  _prior_sample_args(p)
+  p.set_defaults(num=1000)
+  p.add_argument("--batch", type=positive_int, default=250, help="images per sampler call")
+  p.add_argument("--feature-net", dest="feature_net", default=None,
+                 help="classifier workdir for the features (default: train/cache one)")
+
+
+def evaluate_prior(task, params, model_state, key, *, num=1000, steps=None, guidance=None,
+                   decoder_steps=None, batch=250, feature_net=None, progress=True) -> dict:
+  """Frechet distance, precision/recall, density/coverage of `num` unconditional images (prior
+  samples decoded by prior.decoder) against held-out images, in the feature network's space."""
+  from jaxgen.eval import quality
+  net = app.load_feature_net(task.config.data, feature_net, progress=progress)
+  reference = heldout_images(task.config.data, num)
+  t0 = time.perf_counter()
+  samples = img.to_uint8(task.generate(params, model_state, key, num, steps=steps,
+                                       guidance=guidance, decoder_steps=decoder_steps,
+                                       batch=batch))
+  seconds = time.perf_counter() - t0
+  p = task.config.prior
+  return dict(decoder=p.decoder, decoder_guidance=p.decoder_guidance if guidance is None
+              else guidance, sampling_seconds=seconds,
+              **quality.quality(samples, reference, net))
+
+
+def _prior_eval(run, key, args):
+  return evaluate_prior(run.task, run.params, run.model_state, key, num=args.num,
+                        steps=args.steps, guidance=args.guidance,
+                        decoder_steps=args.decoder_steps, batch=args.batch,
+                        feature_net=args.feature_net)
+
+
 COMMANDS = {
     "vae": Commands(_vae_sample_args, _vae_sample, _limit_arg, _vae_eval),
     "ddpm": Commands(_ddpm_sample_args, _ddpm_sample, _ddpm_eval_args, _ddpm_eval),
@@ -730,6 +780,7 @@ COMMANDS = {
     "captioner": Commands(_captioner_sample_args, _captioner_sample, _captioner_eval_args,
                           _captioner_eval),
     "classifier": Commands(_no_sample_args, _no_sample, _limit_arg, _classifier_eval),
+    "prior": Commands(_prior_sample_args, _prior_sample, _prior_eval_args, _prior_eval),
 }
 
 

@@ -261,11 +261,7 @@ class DiffusionTask(Task):
     the loader joins to each batch by index."""
     if self.embedder is None or not self.config.model.embedding.cache:
       return None
-    from jaxgen.images import map_batches
-    variables = state.model_state["embedder"]
-    enc = jax.jit(lambda images: {"embedding": self.embedder.apply(variables, to_signed(images))})
-    return map_batches(lambda b, _: enc(source.get(b["index"])["image"]),
-                       {"index": np.arange(len(source))}, min(256, len(source)))
+    return {"embedding": embed_source(self.embedder, state.model_state["embedder"], source)}
 
   # -- training ----------------------------------------------------------------------------
   def init(self, key, batch):
@@ -347,6 +343,15 @@ class DiffusionTask(Task):
     cells = np.concatenate([src, blank, x], axis=1)
     return img.grid(cells.reshape(-1, *cells.shape[2:]), ncols=cells.shape[1],
                     scale=img.display_scale(self.model.image_shape[0]))
+
+
+def embed_source(embedder, variables, source) -> np.ndarray:
+  """The frozen embedder's embeddings [N, D] of every image of a data source, batch by batch (a
+  TFDS set need not fit in memory; its embeddings do)."""
+  from jaxgen.images import map_batches
+  enc = jax.jit(lambda images: {"e": embedder.apply(variables, to_signed(images))})
+  return map_batches(lambda b, _: enc(source.get(b["index"])["image"]),
+                     {"index": np.arange(len(source))}, min(256, len(source)))["e"]
 
 
 def embedder_module(config):

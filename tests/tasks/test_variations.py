@@ -176,3 +176,56 @@ def test_a_clip_runs_projected_embeddings(tmp_path):
                "model.embedding.projection=0", arg=f"smoke,encoder={tmp_path / 'clip'}")
   with pytest.raises(ConfigError, match="projection=8"):
     app.build_task(bad).pretrained(fresh, fresh_state)
+
+
+def test_rcg_prior_trains_samples_and_evaluates(runs, tmp_path, capsys):
+  """The embedding prior trains on the decoder's embeddings through the loop, and its samples,
+  decoded, are images; `jaxgen sample` and `jaxgen eval` work on it."""
+  from jaxgen.pipelines import prior as prior_pipe
+  c = config("rcg", arg=f"smoke,decoder={runs / 'vary'}")
+  assert c.data.image_size == 8     # read from the decoder run
+  app.train(c, tmp_path / "rcg", progress=False)
+  run = app.restore_run(tmp_path / "rcg", with_state=False)
+  emb = run.task.train_embeddings()
+  stats = run.model_state["stats"]
+  np.testing.assert_allclose(stats["mean"], emb.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats["std"], np.maximum(emb.std(0), 1e-3), rtol=1e-4, atol=1e-5)
+  e = prior_pipe.sample_embeddings(run.task.model, run.params, run.model_state,
+                                   jax.random.PRNGKey(0), num=5, num_steps=3)
+  d = emb.shape[-1]
+  np.testing.assert_allclose(np.linalg.norm(e, axis=-1), math.sqrt(d), rtol=1e-5)
+  main(["sample", "--workdir", str(tmp_path / "rcg"), "--num", "4", "--steps", "2",
+        "--decoder-steps", "2", "--out", str(tmp_path / "rcg.png")])
+  assert capsys.readouterr().out.split() == [str(tmp_path / "rcg.png")]
+  main(["eval", "--workdir", str(tmp_path / "rcg"), "--num", "12", "--steps", "2",
+        "--decoder-steps", "2", "--feature-net", str(runs / "classifier")])
+  metrics = json.loads(capsys.readouterr().out)
+  assert metrics["num_samples"] == 12 and np.isfinite(metrics["frechet_distance"])
+  with pytest.raises(ConfigError, match="not conditioned on image embeddings"):
+    app.build_task(config("rcg", arg=f"smoke,decoder={runs / 'simclr'}"))
+  with pytest.raises(ConfigError, match="no run"):
+    app.build_task(config("rcg", arg=f"smoke,decoder={tmp_path / 'missing'}"))
+
+
+def test_the_prior_sampler_is_the_one_core():
+  """On Gaussian data the MLP prior's pipeline equals jaxgen.diffusion.sample with the same
+  network: sample_embeddings adds only the de-standardisation and the projection."""
+  from jaxgen import diffusion
+  from jaxgen.models.mlp_denoiser import MLPDenoiser
+  from jaxgen.pipelines import prior as prior_pipe
+  from jaxgen.pipelines.diffusion import DiffusionModel
+  net = MLPDenoiser(6, width=16, depth=2)
+  model = DiffusionModel(net, (6,), schedule="cosine", num_timesteps=100, clip_x0=None)
+  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 6)), jnp.zeros((1,)))
+  params = jax.tree.map(lambda p: p + 0.05, params)   # the output layer starts at zero
+  stats = {"mean": jnp.arange(6.0), "std": jnp.full((6,), 2.0)}
+  key = jax.random.PRNGKey(4)
+  got = prior_pipe.sample_embeddings(model, params, {"stats": stats}, key, num=3, num_steps=7)
+  x = diffusion.sample(lambda x_t, t: net.apply(params, x_t, t), model.make_schedule(), key,
+                       (3, 6), sampler="ddim", num_steps=7)
+  e = x * 2.0 + jnp.arange(6.0)
+  np.testing.assert_allclose(got, e / np.linalg.norm(e, axis=-1, keepdims=True) * math.sqrt(6),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ConfigError, match="unconditional"):
+    prior_pipe.sample_embeddings(model, params, {"stats": stats}, key, num=3,
+                                 guidance_scale=2.0)
