@@ -24,8 +24,8 @@ def get_config(arg=None):
   if (pathlib.Path(decoder) / "config.json").is_file():
     c.data.update({k: v for k, v in read_config(decoder)["data"].items() if k != "batch_size"})
   c.prior.update(decoder=decoder, decoder_guidance=3.0)
-  c.model.update(width=512, depth=6, dropout=0.0)
-  c.diffusion.update(schedule="cosine", num_timesteps=1000, prediction="eps", sampler="ddim",
+  c.model.update(width=256, depth=4, dropout=0.0)
+  c.diffusion.update(schedule="cosine", num_timesteps=1000, prediction="v", sampler="ddim",
                      sample_steps=50, clip_x0=0.0)
   c.optim.update(lr=1e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995, grad_clip=1.0)
   c.train.update(num_steps=3000, log_every=100, sample_every=1000, ckpt_every=1000,

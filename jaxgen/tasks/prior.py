@@ -58,7 +58,9 @@ class PriorTask(Task):
   @staticmethod
   def default_config():
     d = diffusion_section()
-    d.update(schedule="cosine", prediction="eps", sample_steps=50, clip_x0=0.0)
+    # v-prediction: eps-prediction divides by sqrt(abar), ~0 at the cosine schedule's end, and
+    # unlike images embeddings have no range to clip x0 to.
+    d.update(schedule="cosine", prediction="v", sample_steps=50, clip_x0=0.0)
     return {
         "model": dict(width=512, depth=6, dropout=0.0),
         "diffusion": d,
