@@ -5,20 +5,28 @@ jaxgen train --config configs/simclr.py:size=16 --workdir runs/simclr16
 jaxgen train --config configs/vary.py --workdir runs/vary
 jaxgen vary --workdir runs/vary --image picture.png --num 8 --guidance 3
 Arguments: smoke; encoder=WORKDIR (the simclr or clip run whose image tower gives the embeddings;
-default runs/simclr16; its encoder section, projection and image size are read from the run).
+default runs/simclr16; its encoder section, projection and image size are read from the run);
+shapes (the captioned shapes at 32x32 RGB, conditioned on the CLIP image embeddings of
+configs/clip.py's run runs/clip: the decoder of unCLIP, configs/unclip.py).
 """
 from jaxgen import app
 from jaxgen.tasks.diffusion import embedding_of_run
 
 
 def get_config(arg=None):
-  flags = app.check_arg(arg, ["smoke", "encoder"])
+  flags = app.check_arg(arg, ["smoke", "encoder", "shapes"])
   c = app.base_config("ddpm")
   c.data.update(image_size=16, channels=1, batch_size=64)
   c.model.update(block_channels=(16, 32, 64), layers_per_block=1, attn_levels=(False, True, False),
                  mid_attention=True, dropout=0.1, groups=8, num_classes=0)
-  c.model.embedding.update(embedding_of_run(str(flags.get("encoder", "runs/simclr16")),
-                                            dropout=0.1, cache=True))
+  encoder = "runs/simclr16"
+  if flags.get("shapes"):
+    c.data.update(name="shapes", image_size=32, channels=3)
+    c.model.update(block_channels=(16, 32, 64), attn_levels=(False, False, False))
+    c.data.batch_size = 32
+    encoder = "runs/clip"
+  c.model.embedding.update(embedding_of_run(str(flags.get("encoder", encoder)), dropout=0.1,
+                                            cache=True))
   c.diffusion.update(schedule="linear", num_timesteps=1000, prediction="eps", sampler="ddim",
                      sample_steps=50, guidance_scale=3.0)
   c.optim.update(lr=2e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995, grad_clip=1.0)

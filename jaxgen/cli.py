@@ -331,7 +331,7 @@ def _cmd_sample(args, extra):
   from jaxgen import app, commands
   from jaxgen.weights import read_config
   task = read_config(args.workdir)["task"]
-  if args.command == "generate" and task != "ldm":
+  if args.command == "generate" and task not in ("ldm", "prior"):
     raise ConfigError(f"jaxgen generate needs a latent diffusion (ldm) workdir; {args.workdir} "
                       f"holds a {task} run: use jaxgen sample.")
   task_args = _task_args(task, "sample", args, extra)

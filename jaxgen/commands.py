@@ -374,15 +374,13 @@ def evaluate_text_to_image(task, params, model_state, key, *, num=200, steps=Non
                            guidance=None, judge=None) -> dict:
   """CLIP score and zero-shot prompt-following of images drawn for held-out prompts, beside
   the same measures for the real held-out images and for unconditional samples."""
-  from jaxgen.eval.pixel_judge import pixel_judge
-  from jaxgen.eval.prompt_following import prompt_following
-  from jaxgen.pipelines import clip as clip_pipe
   from jaxgen.pipelines import text_to_image as t2i
   c = task.config
   judge = judge or c.ldm.judge or c.model.text.init
   if not judge:
     raise ConfigError("Scoring needs a trained clip run: pass --judge WORKDIR or set ldm.judge.")
-  jm, jp, js = clip_pipe.load_dual_encoder(str(judge), "--judge")
+  from jaxgen.pipelines import clip as clip_pipe
+  clip_pipe.load_dual_encoder(str(judge), "--judge")  # a wrong judge stops before sampling
   d = c.diffusion
   data = load_all(load_source(c.data, c.data.eval_split), limit=num)
   prompts = task.prompts(c.data.eval_split, num)
@@ -402,15 +400,27 @@ def evaluate_text_to_image(task, params, model_state, key, *, num=200, steps=Non
   seconds = time.perf_counter() - t0
   # Unconditional: the empty prompt both as condition and as guidance reference.
   unconditional = draw([""] * len(prompts), jax.random.fold_in(key, 1))
+  out = dict(num_prompts=len(prompts), steps=steps, guidance_scale=g, sampling_seconds=seconds)
+  out.update(judge_prompt_following(c.data, judge, prompts, data, generated=generated,
+                                    real=data["image"], unconditional=unconditional))
+  return out
+
+
+def judge_prompt_following(data_cfg, judge: str, prompts, data, **named_images) -> dict:
+  """For each named set of images drawn for `prompts` (the held-out `data`'s captions): the
+  CLIP judge's score and zero-shot prompt-following, and on the shapes data the pixel judge."""
+  from jaxgen.eval.pixel_judge import pixel_judge
+  from jaxgen.eval.prompt_following import prompt_following
+  from jaxgen.pipelines import clip as clip_pipe
+  jm, jp, js = clip_pipe.load_dual_encoder(str(judge), "--judge")
+  shapes_data = data_cfg.source == "embedded" and data_cfg.name == "shapes"
   class_names = None
-  if "label" in data and not (c.data.source == "embedded" and c.data.name == "shapes"):
-    class_names = load_source(c.data, c.data.train_split).class_names
+  if "label" in data and not shapes_data:
+    class_names = load_source(data_cfg, data_cfg.train_split).class_names
   embed_images = lambda x: clip_pipe.embed_images(jm, jp, js, x)
   embed_texts = lambda t: clip_pipe.embed_texts(jm, jp, t)
-  out = dict(num_prompts=len(prompts), steps=steps, guidance_scale=g, sampling_seconds=seconds)
-  shapes_data = c.data.source == "embedded" and c.data.name == "shapes"
-  for name, images in (("generated", generated), ("real", data["image"]),
-                       ("unconditional", unconditional)):
+  out = {}
+  for name, images in named_images.items():
     score = clip_pipe.clip_score(jm, jp, js, images, prompts)["clip_score"]
     out[name] = dict(clip_score=score, **prompt_following(embed_images, embed_texts, images,
                                                           data, class_names))
@@ -722,19 +732,36 @@ def _classifier_eval(run, key, args):
 
 # -- a prior over embeddings (RCG) + its decoder ---------------------------------------------------
 def _prior_sample_args(p):
-  p.add_argument("--num", type=positive_int, default=64)
+  p.add_argument("--num", type=positive_int, default=64,
+                 help="images (with --prompt: per prompt)")
   p.add_argument("--guidance", type=float, default=None,
                  help="the decoder's classifier-free guidance (default: prior.decoder_guidance)")
   p.add_argument("--steps", type=positive_int, default=None, help="the prior's sampling steps")
   p.add_argument("--decoder-steps", dest="decoder_steps", type=positive_int, default=None)
 
 
+def _prior_sample_cli_args(p):
+  _prior_sample_args(p)
+  p.add_argument("--prompt", action="append", default=None,
+                 help="text priors (unCLIP): a prompt (repeat for several)")
+  p.add_argument("--prior-guidance", dest="prior_guidance", type=float, default=None,
+                 help="text priors: the prior's guidance (default prior.guidance)")
+
+
 def _prior_sample(run, args, outdir):
-  x = run.task.generate(run.params, run.model_state, jax.random.PRNGKey(args.seed), args.num,
-                        steps=args.steps, guidance=args.guidance,
-                        decoder_steps=args.decoder_steps)
+  prompts = getattr(args, "prompt", None)
+  key = jax.random.PRNGKey(args.seed)
+  options = dict(steps=args.steps, guidance=args.guidance, decoder_steps=args.decoder_steps)
   path = _out_path(args, outdir / f"samples_step{run.step}.png")
-  return [img.save_png(img.grid(x, scale=img.display_scale(x.shape[1])), path)]
+  if prompts:
+    each = [q for q in prompts for _ in range(args.num)]
+    x = run.task.generate(run.params, run.model_state, key, len(each), prompts=each,
+                          prior_guidance=args.prior_guidance, **options)
+    picture = img.labelled_grid(x, prompts, scale=img.display_scale(x.shape[1]))
+  else:
+    x = run.task.generate(run.params, run.model_state, key, args.num, **options)
+    picture = img.grid(x, scale=img.display_scale(x.shape[1]))
+  return [img.save_png(picture, path)]
 
 
 def _prior_eval_args(p):
@@ -743,12 +770,24 @@ def _prior_eval_args(p):
   p.add_argument("--batch", type=positive_int, default=250, help="images per sampler call")
   p.add_argument("--feature-net", dest="feature_net", default=None,
                  help="classifier workdir for the features (default: train/cache one)")
+  p.add_argument("--prior-guidance", dest="prior_guidance", type=float, default=None,
+                 help="text priors: the prior's guidance (default prior.guidance)")
+  p.add_argument("--judge", default=None,
+                 help="text priors: the clip run that scores prompt-following (default "
+                      "prior.text)")
 
 
 def evaluate_prior(task, params, model_state, key, *, num=1000, steps=None, guidance=None,
-                   decoder_steps=None, batch=250, feature_net=None, progress=True) -> dict:
-  """Frechet distance, precision/recall, density/coverage of `num` unconditional images (prior
-  samples decoded by prior.decoder) against held-out images, in the feature network's space."""
+                   decoder_steps=None, batch=250, feature_net=None, progress=True,
+                   prior_guidance=None, judge=None) -> dict:
+  """An unconditional prior (RCG): Frechet distance, precision/recall, density/coverage of
+  `num` images (prior samples decoded by prior.decoder) against held-out images, in the feature
+  network's space. A text prior (unCLIP): prompt-following of images drawn for `num` held-out
+  captions, beside the real images and unconditional samples (as `jaxgen eval` on an ldm run)."""
+  if task.text_dim:
+    return evaluate_text_prior(task, params, model_state, key, num=num, steps=steps,
+                               guidance=guidance, decoder_steps=decoder_steps, batch=batch,
+                               prior_guidance=prior_guidance, judge=judge)
   from jaxgen.eval import quality
   net = app.load_feature_net(task.config.data, feature_net, progress=progress)
   reference = heldout_images(task.config.data, num)
@@ -763,11 +802,36 @@ def evaluate_prior(task, params, model_state, key, *, num=1000, steps=None, guid
               **quality.quality(samples, reference, net))
 
 
+def evaluate_text_prior(task, params, model_state, key, *, num=200, steps=None, guidance=None,
+                        decoder_steps=None, batch=250, prior_guidance=None, judge=None) -> dict:
+  c = task.config
+  judge = judge or c.prior.text
+  from jaxgen.pipelines import clip as clip_pipe
+  clip_pipe.load_dual_encoder(str(judge), "--judge")  # a wrong judge stops before sampling
+  data = load_all(load_source(c.data, c.data.eval_split), limit=num)
+  prompts = task.prompts(c.data.eval_split, num)
+  options = dict(steps=steps, guidance=guidance, decoder_steps=decoder_steps, batch=batch)
+  t0 = time.perf_counter()
+  generated = img.to_uint8(task.generate(params, model_state, key, len(prompts), prompts=prompts,
+                                         prior_guidance=prior_guidance, **options))
+  seconds = time.perf_counter() - t0
+  unconditional = img.to_uint8(task.generate(params, model_state, jax.random.fold_in(key, 1),
+                                             len(prompts), **options))
+  p = c.prior
+  out = dict(num_prompts=len(prompts), sampling_seconds=seconds,
+             prior_guidance=p.guidance if prior_guidance is None else prior_guidance,
+             decoder_guidance=p.decoder_guidance if guidance is None else guidance)
+  out.update(judge_prompt_following(c.data, judge, prompts, data, generated=generated,
+                                    real=data["image"], unconditional=unconditional))
+  return out
+
+
 def _prior_eval(run, key, args):
   return evaluate_prior(run.task, run.params, run.model_state, key, num=args.num,
                         steps=args.steps, guidance=args.guidance,
                         decoder_steps=args.decoder_steps, batch=args.batch,
-                        feature_net=args.feature_net)
+                        feature_net=args.feature_net, prior_guidance=args.prior_guidance,
+                        judge=args.judge)
 
 
 COMMANDS = {
@@ -780,7 +844,7 @@ COMMANDS = {
     "captioner": Commands(_captioner_sample_args, _captioner_sample, _captioner_eval_args,
                           _captioner_eval),
     "classifier": Commands(_no_sample_args, _no_sample, _limit_arg, _classifier_eval),
-    "prior": Commands(_prior_sample_args, _prior_sample, _prior_eval_args, _prior_eval),
+    "prior": Commands(_prior_sample_cli_args, _prior_sample, _prior_eval_args, _prior_eval),
 }
 
 

@@ -229,3 +229,34 @@ def test_the_prior_sampler_is_the_one_core():
   with pytest.raises(ConfigError, match="unconditional"):
     prior_pipe.sample_embeddings(model, params, {"stats": stats}, key, num=3,
                                  guidance_scale=2.0)
+
+
+def test_unclip_text_prior_through_the_shared_space(tmp_path, capsys):
+  """unCLIP on the captioned shapes: a clip run, a decoder conditioned on its image embeddings,
+  a prior conditioned on its text embeddings of the captions; generate and eval run on it."""
+  app.train(config("clip", "data.image_size=16"), tmp_path / "clip", progress=False)
+  app.train(config("vary", "data.image_size=16", arg=f"smoke,shapes,encoder={tmp_path / 'clip'}"),
+            tmp_path / "decoder", progress=False)
+  c = config("unclip", arg=f"smoke,decoder={tmp_path / 'decoder'}")
+  assert (c.prior.text, c.data.name, c.data.image_size) == (str(tmp_path / "clip"), "shapes", 16)
+  app.train(c, tmp_path / "unclip", progress=False)
+  run = app.restore_run(tmp_path / "unclip", with_state=False)
+  assert run.task.text_dim == 8
+  # the cached text condition is the clip run's own text embedding of each caption
+  from jaxgen.pipelines import clip as clip_pipe
+  model, params, _ = clip_pipe.load_dual_encoder(str(tmp_path / "clip"))
+  captions = run.task.prompts(c.data.train_split, 5)
+  np.testing.assert_allclose(run.task.train_text_embeddings()[:5],
+                             clip_pipe.embed_texts(model, params, captions) * math.sqrt(8),
+                             rtol=1e-4, atol=1e-4)
+  main(["generate", "--workdir", str(tmp_path / "unclip"), "--prompt", "a red circle",
+        "--num", "2", "--steps", "2", "--decoder-steps", "2", "--out", str(tmp_path / "t.png")])
+  assert capsys.readouterr().out.split() == [str(tmp_path / "t.png")]
+  main(["eval", "--workdir", str(tmp_path / "unclip"), "--num", "6", "--steps", "2",
+        "--decoder-steps", "2"])
+  metrics = json.loads(capsys.readouterr().out)
+  assert set(metrics) >= {"generated", "real", "unconditional"}
+  assert metrics["real"]["pixels"]["colour"] > 0.5   # the judge reads the real pictures
+  rcg = app.build_task(config("rcg", arg=f"smoke,decoder={tmp_path / 'decoder'}"))
+  with pytest.raises(ConfigError, match="unconditional"):   # RCG's prior takes no prompt
+    rcg.generate(None, None, jax.random.PRNGKey(0), 1, prompts=["a red circle"])
