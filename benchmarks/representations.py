@@ -2,8 +2,9 @@
 unconditional DDPM: XLA's FLOP count of each config's loss + gradient at its batch size, times its
 steps.
 
-python benchmarks/representations.py [--vary runs/vary] [--rcg-steps 3000] \
-    --out benchmarks/results/rcg_compute
+python benchmarks/representations.py [--vary runs/vary] [--rcg-steps 3000]
+python benchmarks/representations.py --unclip [--clip runs/clip_neg_bi] \
+    [--decoder runs/vary_shapes] [--ldm runs/ldm_pos]
 
 RCG's total = SimCLR (configs/simclr.py:size=16) + the embedding-conditioned U-Net
 (configs/vary.py; its embeddings are cached, so the frozen tower costs one pass over the data,
@@ -58,13 +59,75 @@ def forward_flops(fn, *args) -> float:
   return float(ca["flops"])
 
 
+def unclip_rows(args) -> list[dict]:
+  """unCLIP (decoder + text prior) against the cross-attention latent text-to-image run whose
+  saved config is --ldm (its autoencoder run counted too). The clip run serves both."""
+  rows = []
+  from jaxgen.weights import read_config
+  for part, cfg in (("decoder", f"{REPO}/configs/vary.py:shapes,encoder={args.clip}"),
+                    ("text prior", f"{REPO}/configs/unclip.py:decoder={args.decoder}")):
+    c = app.load_config(cfg)
+    t = app.build_task(c)
+    n = c.data.batch_size
+    if part == "decoder":
+      d = c.data
+      b = {"image": _struct((n, d.image_size, d.image_size, d.channels), jnp.uint8),
+           "embedding": _struct((n, t.unet.embedding_dim), jnp.float32)}
+    else:
+      b = {"embedding": _struct((n, t.model.image_shape[-1]), jnp.float32),
+           "cond": _struct((n, t.text_dim), jnp.float32)}
+    per = loss_grad_flops(t, c, b)
+    rows.append(dict(part=f"unCLIP {part}", config=cfg.replace(f"{REPO}/", ""), batch=n,
+                     steps=int(c.train.num_steps), gflop_per_step=per / 1e9,
+                     tflop=per * c.train.num_steps / 1e12))
+  for part, wd in (("autoencoder", read_config(args.ldm)["ldm"]["autoencoder"]),
+                   ("latent U-Net", args.ldm)):
+    saved = read_config(wd)
+    c = app.config_from_dict(saved)
+    t = app.build_task(c)
+    n = c.data.batch_size
+    ex = {k: np.asarray(v) for k, v in t.example_batch().items()
+          if np.asarray(v).dtype.kind not in "USO"}
+    b = {k: _struct((n, *v.shape[1:]), v.dtype) for k, v in ex.items()}
+    if c.task == "ldm":
+      b.pop("image", None)
+      b["latent_mean"] = b["latent_std"] = _struct((n, *t.model.latent_shape), jnp.float32)
+    per = loss_grad_flops(t, c, b)
+    rows.append(dict(part=f"cross-attention {part}", config=str(wd),
+                     batch=n, steps=int(c.train.num_steps), gflop_per_step=per / 1e9,
+                     tflop=per * c.train.num_steps / 1e12))
+  return rows
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--simclr", default="runs/simclr16")
   p.add_argument("--vary", default="runs/vary")
   p.add_argument("--rcg-steps", type=int, default=None, help="default: configs/rcg.py's")
-  p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "rcg_compute"))
+  p.add_argument("--unclip", action="store_true",
+                 help="instead: unCLIP's training compute against a cross-attention ldm run")
+  p.add_argument("--clip", default="runs/clip_neg_bi")
+  p.add_argument("--decoder", default="runs/vary_shapes")
+  p.add_argument("--ldm", default="runs/ldm_pos")
+  p.add_argument("--out", default=None)
   args = p.parse_args()
+  if args.unclip:
+    rows = unclip_rows(args)
+    out = pathlib.Path(args.out or REPO / "benchmarks" / "results" / "unclip_compute")
+    out.with_suffix(".json").write_text(json.dumps(dict(rows=rows), indent=2) + "\n")
+    lines = ["| part | config / run | batch | steps | GFLOP/step | TFLOP |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['part']} | `{r['config']}` | {r['batch']} | {r['steps']} | "
+              f"{r['gflop_per_step']:.3f} | {r['tflop']:.2f} |" for r in rows]
+    u = sum(r["tflop"] for r in rows if r["part"].startswith("unCLIP"))
+    x = sum(r["tflop"] for r in rows if r["part"].startswith("cross"))
+    lines.append(f"\nunCLIP in all: {u:.2f} TFLOP; cross-attention text-to-image in all: "
+                 f"{x:.2f} TFLOP (XLA's FLOP count of loss + gradient; the shared clip run is "
+                 "not counted).")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return
+  args.out = args.out or str(REPO / "benchmarks" / "results" / "rcg_compute")
   rows = []
 
   def add(name, spec, config, task, batch, steps):

@@ -122,6 +122,17 @@ def validate_diffusion(config) -> None:
                       f"(diffusion.num_timesteps); got {d.sample_steps}.")
 
 
+def objective_loss(model_fn, schedule, x0, key, d):
+  """Per-example loss [B] of model_fn(x_t, t) on clean x0 for a diffusion section `d`: the
+  rectified-flow velocity loss (objective=flow; t in [0, 1]) or the noise-schedule loss."""
+  if d.objective == "flow":
+    return diffusion.flow.flow_loss(model_fn, x0, key, sampling=d.flow_time,
+                                    mean=d.flow_logit_mean, std=d.flow_logit_std,
+                                    mode_scale=d.flow_mode_scale, shift=d.flow_shift)
+  return diffusion.diffusion_loss(model_fn, schedule, x0, key, prediction=d.prediction,
+                                  weighting=d.weighting, gamma=d.min_snr_gamma)
+
+
 def schedule_kwargs(d) -> dict:
   """The DiffusionModel and LatentDiffusionModel fields of a diffusion section."""
   return dict(schedule=d.schedule, num_timesteps=d.num_timesteps,
@@ -303,14 +314,7 @@ class DiffusionTask(Task):
       return self.model.apply(params, x_t, t, labels, train=True, key=k_dropout,
                               embeddings=embeddings)
 
-    if d.objective == "flow":
-      per_example = diffusion.flow.flow_loss(
-          model_fn, x0, k_loss, sampling=d.flow_time, mean=d.flow_logit_mean,
-          std=d.flow_logit_std, mode_scale=d.flow_mode_scale, shift=d.flow_shift)
-    else:
-      per_example = diffusion.diffusion_loss(model_fn, self.schedule, x0, k_loss,
-                                             prediction=d.prediction, weighting=d.weighting,
-                                             gamma=d.min_snr_gamma)
+    per_example = objective_loss(model_fn, self.schedule, x0, k_loss, d)
     return per_example.mean(), ({}, model_state)
 
   # -- pictures ----------------------------------------------------------------------------

@@ -35,7 +35,12 @@ from jaxgen.models.dit import DiT
 from jaxgen.pipelines import text_to_image as t2i
 from jaxgen.pipelines.autoencoder import latent_scale
 from jaxgen.tasks.base import Task
-from jaxgen.tasks.diffusion import diffusion_section, schedule_kwargs, validate_diffusion
+from jaxgen.tasks.diffusion import (
+  diffusion_section,
+  objective_loss,
+  schedule_kwargs,
+  validate_diffusion,
+)
 from jaxgen.tasks.vae import architecture_keys, autoencoder_module, autoencoder_section
 
 log = logging.getLogger(__name__)
@@ -329,15 +334,7 @@ class LatentDiffusionTask(Task):
     tokens = {k: jnp.where(drop, self.empty[k][None], batch[k]) for k in self.empty}
     cond = self.model.condition(params, tokens)
     net = self.model.denoise_fn(params, train=True, key=k_dropout)
-    if d.objective == "flow":
-      per_example = diffusion.flow.flow_loss(
-          lambda z_t, t: net(z_t, t, cond), z0, k_loss, sampling=d.flow_time,
-          mean=d.flow_logit_mean, std=d.flow_logit_std, mode_scale=d.flow_mode_scale,
-          shift=d.flow_shift)
-    else:
-      per_example = diffusion.diffusion_loss(lambda z_t, t: net(z_t, t, cond), self.schedule,
-                                             z0, k_loss, prediction=d.prediction,
-                                             weighting=d.weighting, gamma=d.min_snr_gamma)
+    per_example = objective_loss(lambda z_t, t: net(z_t, t, cond), self.schedule, z0, k_loss, d)
     return per_example.mean(), ({}, model_state)
 
   # -- pictures ----------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import config as config_lib
-from jaxgen import diffusion
 from jaxgen import images as img
 from jaxgen.errors import ConfigError
 from jaxgen.models.mlp_denoiser import MLPDenoiser
@@ -34,6 +33,7 @@ from jaxgen.tasks.diffusion import (
   DiffusionTask,
   diffusion_section,
   embed_source,
+  objective_loss,
   schedule_kwargs,
   validate_diffusion,
 )
@@ -196,14 +196,7 @@ class PriorTask(Task):
         t = jnp.asarray(t, jnp.float32) * d.num_timesteps
       return self.net.apply(params, x_t, t, cond=cond, train=True, rngs={"dropout": k_dropout})
 
-    if d.objective == "flow":
-      per_example = diffusion.flow.flow_loss(
-          model_fn, x0, k_loss, sampling=d.flow_time, mean=d.flow_logit_mean,
-          std=d.flow_logit_std, mode_scale=d.flow_mode_scale, shift=d.flow_shift)
-    else:
-      per_example = diffusion.diffusion_loss(model_fn, self.schedule, x0, k_loss,
-                                             prediction=d.prediction, weighting=d.weighting,
-                                             gamma=d.min_snr_gamma)
+    per_example = objective_loss(model_fn, self.schedule, x0, k_loss, d)
     return per_example.mean(), ({}, model_state)
 
   # -- pictures ----------------------------------------------------------------------------
