@@ -54,6 +54,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> None:
   """The shared checks, then the task's own."""
   config_lib.validate_shared(config)
+  if config.data.holdout_combinations:
+    from jaxgen.data.shapes import parse_combinations
+    parse_combinations(config.data.holdout_combinations)
   task_class(config.task).validate(config)
 
 

@@ -382,8 +382,7 @@ def evaluate_text_to_image(task, params, model_state, key, *, num=200, steps=Non
   from jaxgen.pipelines import clip as clip_pipe
   clip_pipe.load_dual_encoder(str(judge), "--judge")  # a wrong judge stops before sampling
   d = c.diffusion
-  data = load_all(load_source(c.data, c.data.eval_split), limit=num)
-  prompts = task.prompts(c.data.eval_split, num)
+  data, prompts = prompt_data(c.data, num)
   g = d.guidance_scale if guidance is None else guidance
   steps = steps or d.sample_steps
 
@@ -406,9 +405,29 @@ def evaluate_text_to_image(task, params, model_state, key, *, num=200, steps=Non
   return out
 
 
+def prompt_data(data_cfg, num: int) -> tuple[dict, list[str]]:
+  """The held-out examples whose captions are the prompts of a text-to-image evaluation: the
+  first `num`; with data.holdout_combinations, the first num // 2 scenes that hold a combination
+  left out of training and the first ones that do not."""
+  from jaxgen.data.captions import captions_of
+  src = load_source(data_cfg, data_cfg.eval_split)
+  if data_cfg.holdout_combinations:
+    from jaxgen.data.shapes import has_combination
+    everything = load_all(src)
+    hit = has_combination(everything, data_cfg.holdout_combinations)
+    idx = np.sort(np.concatenate([np.flatnonzero(hit)[:num // 2],
+                                  np.flatnonzero(~hit)[:num - min(num // 2, int(hit.sum()))]]))
+    data = {k: v[idx] for k, v in everything.items()}
+  else:
+    data = load_all(src, limit=num)
+  return data, [str(c) for c in captions_of(data, src.class_names, "a photo of a {}")]
+
+
 def judge_prompt_following(data_cfg, judge: str, prompts, data, **named_images) -> dict:
   """For each named set of images drawn for `prompts` (the held-out `data`'s captions): the
-  CLIP judge's score and zero-shot prompt-following, and on the shapes data the pixel judge."""
+  CLIP judge's score and zero-shot prompt-following, and on the shapes data the pixel judge;
+  with data.holdout_combinations, the pixel judge and CLIP score also for the prompts holding a
+  combination left out of training ("held_out") and for the others ("seen")."""
   from jaxgen.eval.pixel_judge import pixel_judge
   from jaxgen.eval.prompt_following import prompt_following
   from jaxgen.pipelines import clip as clip_pipe
@@ -426,6 +445,15 @@ def judge_prompt_following(data_cfg, judge: str, prompts, data, **named_images) 
                                                           data, class_names))
     if shapes_data:  # read from the pixels against the prompts, beside the CLIP judge
       out[name]["pixels"] = pixel_judge(images, prompts)
+    if data_cfg.holdout_combinations:
+      from jaxgen.data.shapes import has_combination
+      hit = has_combination(data, data_cfg.holdout_combinations)
+      for part, mask in (("held_out", hit), ("seen", ~hit)):
+        if mask.any():
+          sub = [p for p, m in zip(prompts, mask) if m]
+          out[name][part] = dict(
+              num=int(mask.sum()), pixels=pixel_judge(images[mask], sub),
+              clip_score=clip_pipe.clip_score(jm, jp, js, images[mask], sub)["clip_score"])
   return out
 
 
@@ -488,9 +516,17 @@ def evaluate_dual_encoder(task, params, model_state, limit=None) -> dict:
   captions = None
   if "caption" in data:  # retrieval needs captions that tell the images apart
     captions = captions_of(data, None)
-  out = dual_encoder_metrics(
-      lambda x: pipe.embed_images(task.model, params, model_state, x),
-      lambda t: pipe.embed_texts(task.model, params, t), data["image"], captions, zero_shot)
+  embed_images = lambda x: pipe.embed_images(task.model, params, model_state, x)
+  embed_texts = lambda t: pipe.embed_texts(task.model, params, t)
+  out = dual_encoder_metrics(embed_images, embed_texts, data["image"], captions, zero_shot)
+  if d.holdout_combinations:  # the held-out split's scenes with a combination never trained on
+    hit = shapes.has_combination(data, d.holdout_combinations)
+    for part, mask in (("held_out", hit), ("seen", ~hit)):
+      if mask.sum() > 1:
+        out[part] = dict(num=int(mask.sum()), **dual_encoder_metrics(
+            embed_images, embed_texts, data["image"][mask],
+            None if captions is None else captions[mask],
+            {k: (p, y[mask]) for k, (p, y) in zero_shot.items()}))
   out["temperature"] = float(math.exp(-min(float(params["params"]["logit_scale"]),
                                            math.log(100.0))))
   return out
@@ -808,8 +844,7 @@ def evaluate_text_prior(task, params, model_state, key, *, num=200, steps=None, 
   judge = judge or c.prior.text
   from jaxgen.pipelines import clip as clip_pipe
   clip_pipe.load_dual_encoder(str(judge), "--judge")  # a wrong judge stops before sampling
-  data = load_all(load_source(c.data, c.data.eval_split), limit=num)
-  prompts = task.prompts(c.data.eval_split, num)
+  data, prompts = prompt_data(c.data, num)
   options = dict(steps=steps, guidance=guidance, decoder_steps=decoder_steps, batch=batch)
   t0 = time.perf_counter()
   generated = img.to_uint8(task.generate(params, model_state, key, len(prompts), prompts=prompts,

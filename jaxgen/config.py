@@ -38,6 +38,8 @@ def compose(task: str, task_sections: dict[str, dict]) -> ml_collections.ConfigD
       train_split="train",
       eval_split="test",
       holdout_fraction=0.1,       # folder/npz without a test split: held-out share
+      holdout_combinations=(),    # embedded shapes: "colour shape" pairs (e.g. "red circle")
+                                  # left out of the training split, images and captions
       image_size=28,
       channels=1,
       batch_size=128,             # global batch, over all devices and processes
@@ -181,6 +183,13 @@ def _resolve(config: ml_collections.ConfigDict, dotted: str):
   return node, parts[-1]
 
 
+def _literal_or_text(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def _coerce(dotted: str, current: Any, value: Any) -> Any:
   """Converts `value` (a string from the command line, or a JSON value) to the field's type."""
   if isinstance(value, str) and not isinstance(current, str):
@@ -188,11 +197,15 @@ def _coerce(dotted: str, current: Any, value: Any) -> Any:
     lowered = text.lower()
     if isinstance(current, bool) and lowered in ("true", "false", "1", "0", "yes", "no"):
       return lowered in ("true", "1", "yes")
-    if isinstance(current, (tuple, list)) and text and text[0] not in "([":
+    bare_list = isinstance(current, (tuple, list)) and text and text[0] not in "(["
+    if bare_list:
       text = f"({text},)"
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+      if bare_list and all(isinstance(v, str) for v in current):
+        # a tuple of strings given bare: "red circle,blue square"
+        return tuple(_literal_or_text(item.strip()) for item in text[1:-2].split(","))
       if current is not None:
         raise ConfigError(
             f"Config key '{dotted}' expects {type(current).__name__}, got {text!r}.") from None
@@ -247,6 +260,9 @@ def validate_shared(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"data.{key} must be positive; got {d[key]}.")
   if not 0.0 < d.holdout_fraction < 1.0:
     raise ConfigError(f"data.holdout_fraction must be in (0, 1); got {d.holdout_fraction}.")
+  if d.holdout_combinations and not (d.source == "embedded" and d.name == "shapes"):
+    raise ConfigError("data.holdout_combinations applies to the embedded shapes data "
+                      "(data.source=embedded, data.name=shapes).")
   for key in ("num_steps", "log_every", "ckpt_every", "keep_checkpoints"):
     if t[key] <= 0:
       raise ConfigError(f"train.{key} must be positive; got {t[key]}.")

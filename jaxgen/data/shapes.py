@@ -124,6 +124,31 @@ def attribute_prompts() -> dict[str, tuple[list[list[str]], tuple[str, ...]]]:
 ATTRIBUTES = ("shape", "colour", "size", "relation", "shape2", "colour2", "size2")
 
 
+def parse_combinations(combinations) -> tuple[tuple[str, str], ...]:
+  """("red circle", ...) -> (("red", "circle"), ...); an unknown colour or shape is a DataError
+  naming the valid ones."""
+  from jaxgen.errors import ConfigError
+  out = []
+  for text in combinations:
+    words = str(text).split()
+    if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+      raise ConfigError(f"data.holdout_combinations: {text!r} is not 'colour shape' with a colour "
+                      f"of {', '.join(COLOUR_NAMES)} and a shape of {', '.join(SHAPES)}.")
+    out.append((words[0], words[1]))
+  return tuple(out)
+
+
+def has_combination(attrs: dict, combinations) -> np.ndarray:
+  """bool [N]: whether each scene (attribute columns of make_scenes) holds an object of one of
+  the (colour, shape) combinations."""
+  n = len(attrs["shape"])
+  hit = np.zeros(n, bool)
+  for colour, shape in parse_combinations(combinations):
+    hit |= (attrs["colour"] == colour) & (attrs["shape"] == shape)
+    hit |= (attrs["colour2"] == colour) & (attrs["shape2"] == shape)
+  return hit
+
+
 def parse_caption(text: str) -> dict[str, str]:
   """The attributes a caption states, read back as `make_scene` writes them: the first object's
   shape, colour and size, the relation, and the second object's ('' for what is absent or not

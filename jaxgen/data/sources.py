@@ -131,15 +131,24 @@ def _check_split(split: str, available: Sequence[str], what: str):
 
 
 @functools.lru_cache(maxsize=4)
-def _shapes(split: str, size: int) -> ArraySource:
+def _shapes(split: str, size: int, holdout: tuple[str, ...] = ()) -> ArraySource:
+  """The procedural shapes; with `holdout` ("colour shape" pairs) the training split leaves out
+  every scene holding one of them (image and caption). The test split keeps them all."""
   from jaxgen.data import shapes
   n, seed = SHAPES_SPLITS[split]
   images, captions, attrs = shapes.make_scenes(n, seed, size)
+  if holdout:
+    hit = shapes.has_combination(attrs, holdout)
+    if split == "train":
+      keep = ~hit
+      images, captions = images[keep], captions[keep]
+      attrs = {k: v[keep] for k, v in attrs.items()}
   labels = np.array([shapes.SHAPES.index(s) for s in attrs["shape"]], np.int32)
   return ArraySource(images, labels, shapes.SHAPES, dict(caption=captions, **attrs))
 
 
-def load_embedded(name: str, split: str, size: int, channels: int) -> ArraySource:
+def load_embedded(name: str, split: str, size: int, channels: int,
+                  holdout: Sequence[str] = ()) -> ArraySource:
   if name not in EMBEDDED:
     raise DataError(f"Unknown embedded data set '{name}'; jaxgen ships {', '.join(EMBEDDED)}.")
   file, classes, _ = EMBEDDED[name]
@@ -147,7 +156,7 @@ def load_embedded(name: str, split: str, size: int, channels: int) -> ArraySourc
   if file is None:
     if channels != 3:
       raise DataError(f"Embedded data set '{name}' is RGB: set data.channels=3.")
-    return _shapes(split, size)
+    return _shapes(split, size, tuple(holdout))
   with importlib_resources.files("jaxgen.data").joinpath("embedded", file).open("rb") as f:
     with np.load(f) as npz:
       images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
@@ -348,7 +357,8 @@ def load_source(data_cfg, split: str) -> Source:
   """The config's data set and split as a random-access source."""
   d = data_cfg
   if d.source == "embedded":
-    return load_embedded(d.name, split, d.image_size, d.channels)
+    return load_embedded(d.name, split, d.image_size, d.channels,
+                         tuple(d.get("holdout_combinations", ())))
   if d.source == "npz":
     return load_npz(d.path, split, d.image_size, d.channels, d.holdout_fraction)
   if d.source == "folder":

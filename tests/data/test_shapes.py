@@ -1,6 +1,7 @@
 import re
 
 import numpy as np
+import pytest
 
 from helpers import config
 from jaxgen.data import load_source, shapes
@@ -77,3 +78,43 @@ def test_either_telling_of_a_two_object_scene_reads_the_same():
   for c in captions:  # telling it from the other object and back gives the caption again
     other = shapes.equivalent_captions(c)[-1]
     assert shapes.equivalent_captions(other)[-1] == c
+
+
+def test_held_out_combinations_leave_the_training_split_only():
+  """data.holdout_combinations: no training image or caption holds a red circle or a blue
+  square; the test split keeps them (their scenes are the zero-shot composition test)."""
+  from jaxgen.data import load_all
+  from jaxgen.data.shapes import has_combination
+  from jaxgen.errors import ConfigError
+  c = config("clip", "data.holdout_combinations=red circle,blue square")
+  train = load_all(load_source(c.data, "train"))
+  test = load_all(load_source(c.data, "test"))
+  full = load_all(load_source(config("clip").data, "train"))
+  combos = ("red circle", "blue square")
+  assert not has_combination(train, combos).any()
+  assert not any("red circle" in t or "blue square" in t for t in train["caption"])
+  hits = has_combination(full, combos)
+  assert 0 < hits.sum() and len(train["caption"]) == len(full["caption"]) - hits.sum()
+  # every other scene is kept, in order
+  assert list(train["caption"]) == list(full["caption"][~hits])
+  assert has_combination(test, combos).sum() > 50
+  # a caption names each object's colour and shape: the mask agrees with the text
+  text_hits = np.array([any(f"{c} {s}" in t for c, s in (("red", "circle"), ("blue", "square")))
+                        for t in full["caption"]])
+  np.testing.assert_array_equal(hits, text_hits)
+  with pytest.raises(ConfigError, match="colour shape"):
+    config("clip", "data.holdout_combinations=purple circle")
+  with pytest.raises(ConfigError, match="embedded shapes"):
+    config("ddpm", "data.holdout_combinations=red circle")
+
+
+def test_text_to_image_evaluation_prompts_split_held_out_and_seen():
+  from jaxgen.commands import prompt_data
+  from jaxgen.data.shapes import has_combination
+  c = config("clip", "data.holdout_combinations=red circle,blue square")
+  data, prompts = prompt_data(c.data, 10)
+  assert prompts == [str(t) for t in data["caption"]]
+  assert has_combination(data, c.data.holdout_combinations).sum() == 5
+  plain, first = prompt_data(config("clip").data, 10)   # without: the first ten
+  assert first == [str(t) for t in load_source(config("clip").data, "test").get(
+      np.arange(10))["caption"]]

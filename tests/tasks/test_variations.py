@@ -237,6 +237,14 @@ def test_unclip_text_prior_through_the_shared_space(tmp_path, capsys):
   app.train(config("clip", "data.image_size=16"), tmp_path / "clip", progress=False)
   app.train(config("vary", "data.image_size=16", arg=f"smoke,shapes,encoder={tmp_path / 'clip'}"),
             tmp_path / "decoder", progress=False)
+  # the CLIP eval reads scenes with combinations left out of training apart from the others
+  from jaxgen import commands
+  clip_run = app.restore_run(tmp_path / "clip", with_state=False)
+  clip_run.task.config.data.holdout_combinations = ("red circle", "blue square")
+  m = commands.evaluate_dual_encoder(clip_run.task, clip_run.params, clip_run.model_state,
+                                     limit=300)
+  assert m["held_out"]["num"] + m["seen"]["num"] == 300 and m["held_out"]["num"] > 10
+  assert set(m["held_out"]) == set(m) - {"held_out", "seen", "temperature"} | {"num"}
   c = config("unclip", arg=f"smoke,decoder={tmp_path / 'decoder'}")
   assert (c.prior.text, c.data.name, c.data.image_size) == (str(tmp_path / "clip"), "shapes", 16)
   app.train(c, tmp_path / "unclip", progress=False)
