@@ -29,6 +29,10 @@ def get_config(arg=None):
                                             cache=True))
   c.diffusion.update(schedule="linear", num_timesteps=1000, prediction="eps", sampler="ddim",
                      sample_steps=50, guidance_scale=3.0)
+  if flags.get("shapes"):
+    # v-prediction: with eps-prediction this U-Net left the high-noise steps, where the black
+    # background and the layout are decided, unlearnt after 2,500 steps (x0 error 0.67 at t=800)
+    c.diffusion.prediction = "v"
   c.optim.update(lr=2e-3, warmup_steps=200, weight_decay=0.0, ema_decay=0.995, grad_clip=1.0)
   c.train.update(num_steps=2500, log_every=50, sample_every=500, ckpt_every=500, num_samples=64)
   if flags.get("smoke"):

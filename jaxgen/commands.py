@@ -819,7 +819,8 @@ def evaluate_prior(task, params, model_state, key, *, num=1000, steps=None, guid
   """An unconditional prior (RCG): Frechet distance, precision/recall, density/coverage of
   `num` images (prior samples decoded by prior.decoder) against held-out images, in the feature
   network's space. A text prior (unCLIP): prompt-following of images drawn for `num` held-out
-  captions, beside the real images and unconditional samples (as `jaxgen eval` on an ldm run)."""
+  captions, beside the real images, unconditional samples (as `jaxgen eval` on an ldm run) and
+  the decoder's pictures of the real images' own embeddings (what a perfect prior would give)."""
   if task.text_dim:
     return evaluate_text_prior(task, params, model_state, key, num=num, steps=steps,
                                guidance=guidance, decoder_steps=decoder_steps, batch=batch,
@@ -852,12 +853,24 @@ def evaluate_text_prior(task, params, model_state, key, *, num=200, steps=None, 
   seconds = time.perf_counter() - t0
   unconditional = img.to_uint8(task.generate(params, model_state, jax.random.fold_in(key, 1),
                                              len(prompts), **options))
+  # The decoder alone, given the real images' own embeddings: what any prior could reach.
+  from jaxgen.pipelines import diffusion as pixel
+  dec_params, dec_state = task.decoder_weights()
+  dec = task.decoder.config.diffusion
   p = c.prior
+  decoded = np.concatenate([img.to_uint8(pixel.vary(
+      task.decoder.model, dec_params, dec_state, jax.random.fold_in(key, 2 + i),
+      data["image"][i:i + batch], num=1,
+      guidance_scale=p.decoder_guidance if guidance is None else guidance,
+      sampler=p.decoder_sampler or dec.sampler,
+      num_steps=decoder_steps or p.decoder_steps or dec.sample_steps)[:, 0])
+      for i in range(0, len(prompts), batch)])
   out = dict(num_prompts=len(prompts), sampling_seconds=seconds,
              prior_guidance=p.guidance if prior_guidance is None else prior_guidance,
              decoder_guidance=p.decoder_guidance if guidance is None else guidance)
   out.update(judge_prompt_following(c.data, judge, prompts, data, generated=generated,
-                                    real=data["image"], unconditional=unconditional))
+                                    real=data["image"], unconditional=unconditional,
+                                    decoded_image_embeddings=decoded))
   return out
 
 

@@ -151,7 +151,8 @@ class PriorTask(Task):
     if self._text_embeddings is None:
       from jaxgen.data import load_all, load_source
       from jaxgen.data.captions import captions_of
-      source = source or load_source(self.config.data, self.config.data.train_split)
+      if source is None:
+        source = load_source(self.config.data, self.config.data.train_split)
       captions = captions_of(load_all(source), source.class_names, "a photo of a {}")
       self._text_embeddings = self.embed_texts([str(c) for c in captions])
     return self._text_embeddings

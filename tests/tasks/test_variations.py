@@ -263,7 +263,7 @@ def test_unclip_text_prior_through_the_shared_space(tmp_path, capsys):
   main(["eval", "--workdir", str(tmp_path / "unclip"), "--num", "6", "--steps", "2",
         "--decoder-steps", "2"])
   metrics = json.loads(capsys.readouterr().out)
-  assert set(metrics) >= {"generated", "real", "unconditional"}
+  assert set(metrics) >= {"generated", "real", "unconditional", "decoded_image_embeddings"}
   assert metrics["real"]["pixels"]["colour"] > 0.5   # the judge reads the real pictures
   rcg = app.build_task(config("rcg", arg=f"smoke,decoder={tmp_path / 'decoder'}"))
   with pytest.raises(ConfigError, match="unconditional"):   # RCG's prior takes no prompt
