@@ -33,10 +33,11 @@ def test_every_unet_field_is_a_key_of_the_ddpm_and_ldm_sections():
   fields = {f.name for f in dataclasses.fields(UNet)} - {"parent", "name"}
   ddpm = set(app.base_config("ddpm").model)
   ldm = set(app.base_config("ldm").model.unet)
+  # embedding_dim comes from the frozen embedder (ddpm's model.embedding), never a config key
   assert fields - ddpm == {"out_channels", "attention", "context_dim", "use_linear_projection",
-                           "transformer_depth"}
+                           "transformer_depth", "embedding_dim"}
   assert fields - ldm == {"out_channels", "attention", "context_dim", "num_classes",
-                          "null_label"}
+                          "null_label", "embedding_dim"}
   converted = UNet(out_channels=4, block_channels=(8, 16), attn_levels=(True, True), groups=4,
                    attention="transformer", context_dim=8, num_heads=2, time_embed_dim=None)
   assert set(unet_section(converted, {}, 4, 8, "float32")) == ldm
