@@ -193,8 +193,9 @@ def load_npz(path: str, split: str, size: int, channels: int, holdout: float) ->
         labels = npz["labels"][idx] if "labels" in keys else None
         captions = npz["captions"][idx] if "captions" in keys else None
       else:
-        raise DataError(f"{path} needs an 'images' array (optionally 'labels', 'captions'), or "
-                        f"'{split}_images'; it has {sorted(keys)}.")
+        raise DataError(f"{path} needs an 'images' array (optionally 'labels', 'captions', "
+                        f"'class_names'), or '{split}_images'; it has {sorted(keys)}.")
+      class_names = npz["class_names"] if "class_names" in keys else None
   except DataError:
     raise
   except ValueError as e:  # object arrays: np.load refuses to unpickle them (allow_pickle=False)
@@ -203,12 +204,20 @@ def load_npz(path: str, split: str, size: int, channels: int, holdout: float) ->
   images = fit_images(images, size, channels, path)
   if labels is not None:
     labels = _check_labels(labels, len(images), path)
+  if class_names is not None:  # names for zero-shot prompts: one string per label value
+    if class_names.dtype.kind not in "US" or class_names.ndim != 1:
+      raise DataError(f"{path}: 'class_names' must be a 1-D array of strings, got "
+                      f"{class_names.dtype} {class_names.shape}.")
+    if labels is None or labels.max(initial=0) >= len(class_names):
+      raise DataError(f"{path}: 'class_names' has {len(class_names)} names; it needs labels "
+                      "and a name for every label value.")
+    class_names = tuple(str(n) for n in class_names)
   extra = {}
   if captions is not None:
     if captions.dtype.kind not in "US":
       raise DataError(f"{path}: captions must be an array of strings, got {captions.dtype}.")
     extra["caption"] = captions.astype(str)
-  return ArraySource(images, labels, extra=extra)
+  return ArraySource(images, labels, class_names, extra=extra)
 
 
 def _check_labels(labels, n: int, what: str) -> np.ndarray:

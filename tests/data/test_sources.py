@@ -64,6 +64,19 @@ def test_npz_bad_input(tmp_path, arrays, message):
   assert message in str(e.value)
 
 
+def test_npz_class_names_name_the_labels(tmp_path):
+  images = np.zeros((6, 28, 28), np.uint8)
+  path = _npz(tmp_path / "n.npz", train_images=images, train_labels=np.arange(6) % 3,
+              class_names=np.array(["boot", "bag", "coat"]))
+  c = config("vae", "data.source=npz", f"data.path={path}")
+  assert load_source(c.data, "train").class_names == ("boot", "bag", "coat")
+  for bad, message in ((dict(class_names=np.array(["boot", "bag"])), "a name for every label"),
+                       (dict(class_names=np.arange(3)), "1-D array of strings")):
+    path = _npz(tmp_path / "bad.npz", train_images=images, train_labels=np.arange(6) % 3, **bad)
+    with pytest.raises(DataError, match=message):
+      load_source(config("vae", "data.source=npz", f"data.path={path}").data, "train")
+
+
 def test_folder_source_with_classes(tmp_path):
   rng = np.random.default_rng(0)
   for cls in ("cats", "dogs"):
