@@ -46,8 +46,8 @@ def decoder_task(workdir: str, what: str = "prior.decoder") -> DiffusionTask:
   """The DiffusionTask of an embedding-conditioned ddpm run, from its saved config."""
   from jaxgen import weights as weights_lib
   if not (pathlib.Path(workdir) / "config.json").is_file():
-    raise ConfigError(f"{what}: no run in {workdir!r} (train an embedding-conditioned ddpm run "
-                      "there first, e.g. configs/vary.py).")
+    raise ConfigError(f"{what}: no run in {workdir!r} (from {str(pathlib.Path.cwd())!r}; train an "
+                      "embedding-conditioned ddpm run there first, e.g. configs/vary.py).")
   saved = weights_lib.read_config(workdir)
   if saved["task"] != "ddpm" or not saved["model"].get("embedding", {}).get("init"):
     raise ConfigError(f"{what}: {workdir} holds a {saved['task']} run that is not conditioned on "
