@@ -11,18 +11,25 @@ forms that no training phrase uses ("sneakers" where training says "sneaker" or 
 
 python benchmarks/tokenizers.py phrases --out /tmp/phrases.npz
 P="--config.data.source=npz --config.data.path=/tmp/phrases.npz --config.model.text.context_length=32"
-jaxgen train --config configs/clip.py:fashion --workdir runs/tok_phrases_words $P
-jaxgen train --config configs/clip.py:fashion --workdir runs/tok_phrases_bpe $P \\
-    --config.model.text.tokenizer=bpe
-jaxgen train --config configs/clip.py --workdir runs/tok_shapes_bpe --config.model.text.tokenizer=bpe
+P="$P --config.train.num_steps=400"
+jaxgen train --config configs/clip.py:fashion,words --workdir runs/tok_phrases_words $P
+jaxgen train --config configs/clip.py:fashion --workdir runs/tok_phrases_bpe $P
+jaxgen train --config configs/clip.py:words --workdir runs/clip_neg_bi
+jaxgen train --config configs/clip.py --workdir runs/tok_shapes_bpe
 python benchmarks/tokenizers.py report runs/clip_neg_bi runs/tok_shapes_bpe \\
     runs/tok_phrases_words runs/tok_phrases_bpe
+python benchmarks/tokenizers.py phrases --out /tmp/phrases1000.npz --num-test 1000
+python benchmarks/tokenizers.py report runs/tok_phrases_words runs/tok_phrases_bpe \\
+    --data-path /tmp/phrases1000.npz --stem tokenizers_phrases1000
 
 The report (benchmarks/results/tokenizers.{json,md}) gives per run, on its held-out split: the
 share of caption words that become an unknown token, distinct captions against distinct token
 sequences, zero-shot accuracy (shape and colour on the shapes; class from the npz's class names
 on the phrases), image<->text R@1, and the same R@1 on the held-out captions holding a word that
-no training caption has ("novel") and on the others.
+no training caption has ("novel") and on the others. With labels, also how often a caption's
+nearest held-out picture shows its class ("t2i_class@1"), for captions of known words, captions
+whose new words extend a training word ("inflected": "sneakers", "greyish") and captions with a
+new word that does not ("new": "frock", "kicks").
 """
 from __future__ import annotations
 
@@ -105,9 +112,11 @@ def _unknown(tokenizer, word: str) -> bool:
   return tokenizer.unk_id in tokenizer.encode(word)
 
 
-def report_row(workdir: str) -> dict:
+def report_row(workdir: str, data_path: str | None = None) -> dict:
   run = app.restore_run(workdir)
   c = run.config
+  if data_path and c.data.source == "npz":  # the same training set, another held-out split
+    c.data.path = data_path
   model, params = run.task.model, run.params
   tok = model.tokenize
   test = load_all(load_source(c.data, c.data.eval_split))
@@ -131,6 +140,18 @@ def report_row(workdir: str) -> dict:
   novel = np.array([any(w not in train_words for w in t.split()) for t in captions])
   embed_images = lambda x: pipe.embed_images(model, params, run.model_state, x)
   embed_texts = lambda t: pipe.embed_texts(model, params, t)
+  if "label" in test:  # does each caption's nearest picture show the caption's class?
+    nearest = np.argmax(embed_texts(captions) @ embed_images(test["image"]).T, axis=1)
+    right = test["label"][nearest] == test["label"]
+    # A new word that extends a training word ("sneakers", "greyish") against a new word.
+    extends = lambda w: any(w.startswith(t) for t in train_words if len(t) >= 3)
+    new_words = [[w for w in t.split() if w not in train_words] for t in captions]
+    parts = dict(known=~novel,
+                 inflected=np.array([bool(n) and all(map(extends, n)) for n in new_words]),
+                 new=np.array([any(not extends(w) for w in n) for n in new_words]))
+    for part, mask in parts.items():
+      row[f"{part}_captions"] = int(mask.sum())
+      row[f"{part}_t2i_class@1"] = float(right[mask].mean()) if mask.any() else float("nan")
   for part, mask in (("novel", novel), ("known", ~novel)):
     row[f"{part}_captions"] = int(mask.sum())
     if mask.sum() > 1:
@@ -146,19 +167,23 @@ def main():
   sub = p.add_subparsers(dest="cmd", required=True)
   ph = sub.add_parser("phrases", help="write the free-form caption set")
   ph.add_argument("--out", default="/tmp/phrases.npz")
+  ph.add_argument("--num-test", type=int, default=128, help="held-out pictures")
   rp = sub.add_parser("report", help="evaluate trained clip runs")
   rp.add_argument("workdirs", nargs="+")
+  rp.add_argument("--data-path", help="npz runs: read this set instead (same training split)")
+  rp.add_argument("--stem", default="tokenizers", help="results file name")
   args = p.parse_args()
   runtime.setup_logging()
   if args.cmd == "phrases":
-    print(make_phrases(args.out))
+    print(make_phrases(args.out, num_test=args.num_test))
     return
-  rows = [report_row(wd) for wd in args.workdirs]
+  rows = [report_row(wd, args.data_path) for wd in args.workdirs]
   cols = ["run", "tokenizer", "vocab", "held_out", "words_not_in_training", "unknown_words",
           "distinct_captions", "distinct_token_sequences", "zero_shot_shape", "zero_shot_colour",
           "zero_shot_class", "i2t_recall@1", "t2i_recall@1", "novel_captions",
-          "novel_t2i_recall@1", "known_t2i_recall@1"]
-  path, table = write("tokenizers", rows, cols, dict(command=" ".join(sys.argv)))
+          "novel_t2i_recall@1", "known_t2i_recall@1", "known_t2i_class@1", "inflected_captions",
+          "inflected_t2i_class@1", "new_captions", "new_t2i_class@1"]
+  path, table = write(args.stem, rows, cols, dict(command=" ".join(sys.argv)))
   print(table)
   print("wrote", path)
 

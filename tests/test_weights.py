@@ -29,7 +29,7 @@ def test_weights_load_without_task_or_data_and_survive_a_move(clip_run, tmp_path
   from jaxgen.data import sources
   from jaxgen.pipelines import clip as clip_pipe
   full = app.restore_run(clip_run)
-  assert (clip_run / "tokenizer" / "words.json").is_file()
+  assert (clip_run / "tokenizer" / "merges.txt").is_file()  # the learned BPE travels with the run
   moved = tmp_path / "elsewhere" / "clip"
   moved.parent.mkdir()
   clip_run.rename(moved)

@@ -134,7 +134,8 @@ def image_encoder(e, dtype=jnp.float32) -> nn.Module:
 def text_section(**overrides) -> dict:
   """Config keys of a text tower and its tokenizer (`model.text`)."""
   d = dict(
-      tokenizer="words",          # words (built from the training captions) | bpe (CLIP's)
+      tokenizer="bpe",            # bpe (CLIP's byte-level BPE: no unknown words) | words (the
+                                  # training captions' words; others become <unk>, with a warning)
       tokenizer_path="",          # bpe: a folder with vocab.json + merges.txt (SD tokenizer/);
                                   # empty: byte-level merges learned from the training captions
       bpe_merges=2000,            # bpe without tokenizer_path: the most merges to learn
