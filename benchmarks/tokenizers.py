@@ -10,8 +10,8 @@ forms that no training phrase uses ("sneakers" where training says "sneaker" or 
 "charcoal" where it says "dark"), as a user's own caption set does.
 
 python benchmarks/tokenizers.py phrases --out /tmp/phrases.npz
-P="--config.data.source=npz --config.data.path=/tmp/phrases.npz --config.model.text.context_length=32"
-P="$P --config.train.num_steps=400"
+P="--config.data.source=npz --config.data.path=/tmp/phrases.npz"
+P="$P --config.model.text.context_length=32 --config.train.num_steps=400"
 jaxgen train --config configs/clip.py:fashion,words --workdir runs/tok_phrases_words $P
 jaxgen train --config configs/clip.py:fashion --workdir runs/tok_phrases_bpe $P
 jaxgen train --config configs/clip.py:words --workdir runs/clip_neg_bi
@@ -98,7 +98,8 @@ def make_phrases(out: str, num_train: int = 1200, num_test: int = 128, seed: int
     shades = np.digitize(mean, np.quantile(mean, [1 / 3, 2 / 3]))  # terciles of this split
     arrays[f"{split}_images"] = images
     arrays[f"{split}_labels"] = labels
-    arrays[f"{split}_captions"] = _phrases(labels, shades, rng, novel=0.3 if split == "test" else 0.0)
+    novel = 0.3 if split == "test" else 0.0
+    arrays[f"{split}_captions"] = _phrases(labels, shades, rng, novel=novel)
   arrays["class_names"] = np.array(FASHION_MNIST_CLASSES)
   np.savez_compressed(out, **arrays)
   train_words = {w for c in arrays["train_captions"] for w in c.split()}
