@@ -3,6 +3,7 @@ library function."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import pathlib
@@ -36,7 +37,15 @@ Examples:
   jaxgen vary --workdir runs/vary --image picture.png --num 8 --guidance 3
   jaxgen import --diffusers ~/models/stable-diffusion-v1-5 --workdir runs/sd15
 
+On a CPU, train, sample and generate run data parallel over two host devices (one per core);
+JAXGEN_CPU_DEVICES=N picks another count (1: one device).
+
 Run 'jaxgen COMMAND --help' for a command's options."""
+
+
+# Tasks whose `sample` draws through the sampler core (jaxgen.diffusion.sample), which splits
+# its batch over the devices of the mesh that `jaxgen sample` sets.
+SAMPLER_TASKS = ("ddpm", "dit", "ldm", "prior")
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -312,6 +321,10 @@ def _cmd_train(args, overrides):
   config = app.load_config(args.config, overrides)  # all checks before any compute
   if args.distributed:
     runtime.initialize_distributed()
+  else:  # data parallel over the CPU's cores: as many devices as split the (micro-)batch
+    micro = config.data.batch_size // max(1, config.optim.grad_accum_steps)
+    n = runtime.default_cpu_devices()
+    runtime.configure_cpu_devices(max(k for k in range(1, n + 1) if micro % k == 0))
   app.train(config, args.workdir, progress=not args.no_progress)
   log.info("Done. Pictures in %s", pathlib.Path(args.workdir) / "samples")
 
@@ -335,11 +348,20 @@ def _cmd_sample(args, extra):
     raise ConfigError(f"jaxgen generate needs a latent diffusion (ldm) workdir; {args.workdir} "
                       f"holds a {task} run: use jaxgen sample.")
   task_args = _task_args(task, "sample", args, extra)
-  run = app.restore_run(args.workdir, args.step, with_state=False)
-  out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "samples"
-  task_args.out_file = str(out) if out.suffix.lower() == ".png" else None
-  outdir = out.parent if task_args.out_file else out
-  paths = commands.of(run.config.task).sample(run, task_args, outdir)
+  mesh = contextlib.nullcontext()
+  if task in SAMPLER_TASKS:
+    import jax
+
+    from jaxgen import runtime
+    from jaxgen.train.mesh import make_mesh
+    runtime.configure_cpu_devices()
+    mesh = jax.set_mesh(make_mesh())  # weights land on every device; the sampler splits its batch
+  with mesh:
+    run = app.restore_run(args.workdir, args.step, with_state=False)
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "samples"
+    task_args.out_file = str(out) if out.suffix.lower() == ".png" else None
+    outdir = out.parent if task_args.out_file else out
+    paths = commands.of(run.config.task).sample(run, task_args, outdir)
   for path in paths:
     print(path)
 

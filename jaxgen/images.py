@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from jaxgen.errors import ShapeError
+from jaxgen.train.mesh import put_batch
 
 
 def to_unit(images) -> jax.Array:
@@ -58,7 +59,8 @@ def map_batches(fn: Callable, arrays: dict[str, np.ndarray] | np.ndarray, batch_
   outs: dict[str, list] = {}
   for i, lo in enumerate(range(0, n, batch_size)):
     idx = np.arange(lo, lo + batch_size) % n
-    batch = {k: np.asarray(v)[idx] for k, v in data.items()}
+    # under a mesh (jax.set_mesh), each batch is split over its devices
+    batch = {k: put_batch(np.asarray(v)[idx]) for k, v in data.items()}
     if single:
       res = {"x": fn(batch["x"])}
     else:

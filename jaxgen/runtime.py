@@ -8,6 +8,44 @@ import pathlib
 import jax
 
 DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "jaxgen" / "xla"
+# Host devices on the CPU backend: two programs side by side keep both cores of a small machine
+# busy where one program's many small operations leave one idle (benchmarks/results/suite.md).
+DEFAULT_CPU_DEVICES = 2
+log = logging.getLogger("jaxgen")
+
+
+def default_cpu_devices() -> int:
+  """The CPU backend's device count the CLI asks for: $JAXGEN_CPU_DEVICES, else
+  DEFAULT_CPU_DEVICES capped at the machine's cores."""
+  value = os.environ.get("JAXGEN_CPU_DEVICES", "").strip()
+  if not value:
+    return max(1, min(DEFAULT_CPU_DEVICES, os.cpu_count() or 1))
+  try:
+    n = int(value)
+  except ValueError:
+    n = 0
+  if n < 1:
+    from jaxgen.errors import ConfigError
+    raise ConfigError(f"JAXGEN_CPU_DEVICES must be a whole number of at least 1, got {value!r}")
+  return n
+
+
+def configure_cpu_devices(n: int | None = None) -> int | None:
+  """Splits the CPU backend into `n` devices (default: default_cpu_devices()) so that the train
+  loop and the samplers run data parallel over them. Takes effect only before JAX starts its
+  backends; left alone when XLA_FLAGS or jax_num_cpu_devices already set a count. Returns the
+  count set, or None. Other backends (GPU, TPU) are not affected."""
+  from jax._src import xla_bridge
+  if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+      or jax.config.jax_num_cpu_devices != -1):
+    return None
+  n = default_cpu_devices() if n is None else n
+  if xla_bridge.backends_are_initialized():
+    log.debug("JAX already started: the CPU device count stays as it is")
+    return None
+  if n > 1:
+    jax.config.update("jax_num_cpu_devices", n)
+  return n
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:

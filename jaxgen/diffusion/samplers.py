@@ -18,6 +18,7 @@ from flax import struct
 from jaxgen.diffusion.process import check_prediction, eps_from_x0_at, expand, to_x0_eps_at
 from jaxgen.diffusion.schedules import Schedule
 from jaxgen.errors import ConfigError, ShapeError
+from jaxgen.train.mesh import constrain_batch
 
 SAMPLERS = ("ddpm", "ddim", "plms", "euler", "euler_a", "dpmpp_2m")
 FLOW_SAMPLERS = ("euler", "heun")  # the ODE samplers of flow-matching models (prediction "flow")
@@ -586,7 +587,8 @@ def sample(denoise: Callable, schedule: Schedule, key, shape, *, sampler: str = 
     x_T = jax.random.normal(key_T, tuple(shape), jnp.float32)
   elif shape is not None and tuple(shape) != tuple(x_T.shape):
     raise ShapeError(f"x_T has shape {tuple(x_T.shape)} but shape {tuple(shape)} was asked for")
-  x_T = jnp.asarray(x_T, jnp.float32) * grid.init_scale
+  # Under a mesh set with jax.set_mesh, the batch is split over its 'data' devices.
+  x_T = constrain_batch(jnp.asarray(x_T, jnp.float32) * grid.init_scale)
   step = make_step(denoise, sampler=sampler, prediction=prediction, eta=eta, clip_x0=clip_x0,
                    threshold=threshold, constraint=constraint,
                    use_clipped_model_output=use_clipped_model_output)

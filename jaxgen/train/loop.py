@@ -105,17 +105,22 @@ def train(task, workdir: str | pathlib.Path, *, progress: bool = True,
     raise ConfigError("--workdir is empty: name the folder for this run's checkpoints and logs.")
   workdir = make_dir(workdir)
   check_writable(workdir)
-  if jax.process_index() != 0:
-    return _train(task, workdir, progress, until_step, mesh)
-  with WorkdirLock(workdir):
-    return _train(task, workdir, progress, until_step, mesh)
+  mesh = mesh or make_mesh()
+  log.info("Data parallel over %d %s device(s); global batch %d", mesh.size,
+           mesh.devices.flat[0].platform, task.config.data.batch_size)
+  # The mesh is also the context of the run's other computations (cached encodings, pictures):
+  # their batches are split over its devices too.
+  with jax.set_mesh(mesh):
+    if jax.process_index() != 0:
+      return _train(task, workdir, progress, until_step, mesh)
+    with WorkdirLock(workdir):
+      return _train(task, workdir, progress, until_step, mesh)
 
 
 def _train(task, workdir: pathlib.Path, progress: bool, until_step: int | None, mesh
            ) -> TrainState:
   config = task.config
   c, t = config, config.train
-  mesh = mesh or make_mesh()
   loader = BatchLoader(load_source(c.data, c.data.train_split), c.data.batch_size, c.seed,
                        c.data.shuffle, preprocess=task.preprocess)
   # The held-out split is read now, so that a bad file there stops the run before any step,

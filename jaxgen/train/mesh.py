@@ -18,6 +18,40 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
 
 
+def placement_mesh() -> Mesh:
+  """Where restored weights are placed: the mesh set by `jax.set_mesh` (the CLI sets one), else
+  all devices. Every array of one computation must live on the same devices."""
+  mesh = jax.sharding.get_mesh()
+  return make_mesh() if mesh.empty else mesh
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """x split on its leading (batch) axis over the 'data' axis of the mesh set by `jax.set_mesh`,
+  where that axis has several devices and divides the batch; else x unchanged. The samplers
+  apply it to their starting noise, so that sampling under a mesh runs data parallel (XLA
+  propagates the split through the network) instead of every device computing every image."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "data" not in mesh.axis_names:
+    return x
+  n = mesh.shape["data"]
+  if n == 1 or x.ndim == 0 or x.shape[0] % n:
+    return x
+  return jax.lax.with_sharding_constraint(x, P("data"))
+
+
+def put_batch(x):
+  """A host batch placed split over the 'data' axis of the mesh set by `jax.set_mesh` (when that
+  axis has several devices and divides it), else unchanged: the input of a batched jitted
+  function then runs data parallel."""
+  mesh = jax.sharding.get_mesh()
+  if mesh.empty or "data" not in mesh.axis_names or mesh.shape["data"] == 1:
+    return x
+  n = mesh.shape["data"]
+  if x.ndim == 0 or x.shape[0] % n or x.dtype.kind in "USO":
+    return x
+  return jax.device_put(x, NamedSharding(mesh, P("data")))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
