@@ -26,7 +26,7 @@ from rows import ROWS
 
 from jaxgen import app, diffusion
 from jaxgen.data.pipeline import batch_sharding
-from jaxgen.train.mesh import make_mesh, state_shardings
+from jaxgen.train.mesh import make_mesh, put_batch, state_shardings
 from jaxgen.train.optim import make_optimizer
 from jaxgen.train.state import TrainState
 from jaxgen.train.step import make_train_step
@@ -157,7 +157,8 @@ def bench_train(task, config, batch_size: int, repeats: int) -> tuple[dict, Trai
   if not bool(metrics["finite"]):
     raise RuntimeError(f"{config.task}: non-finite loss in the benchmark step")
   t = median_time(one_step, repeats=repeats, warmup=1, min_seconds=2.0)
-  flops = _flops(compiled)
+  flops = _flops(compiled)  # of one device's program: the step's is that times the devices
+  flops = flops * len(jax.devices()) if flops else flops
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"].params))
   row = dict(batch=batch_size, devices=len(jax.devices()), fsdp=bool(config.train.fsdp),
              accum=int(config.optim.grad_accum_steps), params=n_params, step_s=t["median_s"],
@@ -197,7 +198,7 @@ def bench_sampler(task, config, params, n: int, steps_list, quick: bool) -> dict
     t = jnp.zeros((m * n,), jnp.int32)
     y = None if labels is None else jnp.concatenate([labels, labels])
     net = jax.jit(lambda p, x, t: model.apply(p, x, t, y))
-    net_args = (params, x, t)
+    net_args = (params, put_batch(np.asarray(x)), put_batch(np.asarray(t)))
 
     def draw(steps):
       return pipe.generate(model, params, key, num=n, labels=labels, guidance_scale=guidance,
@@ -217,7 +218,7 @@ def bench_sampler(task, config, params, n: int, steps_list, quick: bool) -> dict
     ctx2 = jnp.concatenate([cond, uncond])
     den_fn = model.denoise_fn(params)
     net = jax.jit(lambda x, t, c: den_fn(x, t, c))
-    net_args = (x, t, ctx2)
+    net_args = tuple(put_batch(np.asarray(a)) for a in (x, t, ctx2))
 
     cache = {}  # one jitted sampler per step count (the count is static)
 
@@ -262,8 +263,10 @@ def run_row(name: str, quick: bool) -> dict:
     out["unet_params"] = sum(int(np.prod(x.shape))
                              for x in jax.tree.leaves(_unet_params(config, state.params)))
   if row.sample_batch:
-    out.update(bench_sampler(task, config, state.ema_params, row.sample_n(quick), row.steps(quick),
-                             quick))
+    # as `jaxgen sample` runs: under the mesh of all devices, the batch split over them
+    with jax.set_mesh(make_mesh()):
+      out.update(bench_sampler(task, config, state.ema_params, row.sample_n(quick),
+                               row.steps(quick), quick))
   out["rss_peak_end_bytes"] = peak_rss_bytes()
   return out
 

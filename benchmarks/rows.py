@@ -25,7 +25,9 @@ class Row:
   quick_repeats: int = 3
   torch: str = ""                      # "unet2d" | "unet2d_condition" | "dit" | "" (none)
   quick: bool = True                   # part of --quick
-  devices: int = 1                     # simulated CPU devices (XLA_FLAGS) on the CPU backend
+  devices: int | None = None           # host devices on the CPU backend (XLA_FLAGS); None:
+                                       # the CLI's default (jaxgen.runtime), where it splits
+                                       # the batches
   group: str = "speed"                 # "speed": the main table; "memory": the variants table
 
   def config_spec(self) -> str:
@@ -119,12 +121,12 @@ ROWS = {r.name: r for r in [
     Row("ldm_sd_like", "SD-1.x-like U-Net at 2/5 width, 32x32x4 latents, 77x768 context",
         "configs/ldm.py", overrides=SD_LIKE, batch=4, sample_batch=2, sample_steps=(10,),
         repeats=3, torch="unet2d_condition", quick=False),
-    # Both cores on a small model: the same step data-parallel over two host devices (one per
-    # core, XLA_FLAGS=--xla_force_host_platform_device_count=2), batch split between them.
-    Row("ddpm_small_dp2", "ddpm_small data-parallel over 2 host devices", "configs/ddpm_class.py",
-        batch=64, devices=2, quick=False),
-    Row("ldm_small_dp2", "ldm_small data-parallel over 2 host devices", "configs/ldm.py",
-        batch=64, devices=2, quick=False),
+    # One host device, the comparison for the CLI's default of two (one per core, the batch
+    # split between them): jaxgen before it ran data parallel on the CPU.
+    Row("ddpm_small_1dev", "ddpm_small on 1 host device", "configs/ddpm_class.py", batch=64,
+        sample_batch=64, sample_steps=(10, 50), torch="", devices=1, quick=False),
+    Row("ldm_small_1dev", "ldm_small on 1 host device", "configs/ldm.py", batch=64,
+        sample_batch=16, sample_steps=(10, 50), devices=1, quick=False),
     Row("dit_small", "class-cond. flow-matching DiT 16x16x1, patch 2, 6x128, configs/dit.py",
         "configs/dit.py", batch=64, torch="dit"),
     # DiT-S/2 (the paper's smallest: 12 blocks of width 384, 6 heads) on 32x32x3 pixels with

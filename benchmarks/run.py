@@ -222,6 +222,16 @@ def header(meta: dict) -> str:
   return ", ".join(f"{k}={_fmt(meta[k])}" for k in keys if k in meta)
 
 
+def row_devices(row, quick: bool) -> int:
+  """Host devices a row runs on: its own count, else the CLI's default (jaxgen.runtime), cut to
+  the largest count that splits both its training and its sampling batch."""
+  if row.devices is not None:
+    return row.devices
+  from jaxgen.runtime import default_cpu_devices
+  batches = [row.train_batch(quick)] + ([row.sample_n(quick)] if row.sample_batch else [])
+  return max(k for k in range(1, default_cpu_devices() + 1) if all(b % k == 0 for b in batches))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,9 +292,10 @@ def main():
     row = ROWS[name]
     print(f"{name}: jaxgen ...", flush=True)
     env = dict(jax_env)
-    if row.devices > 1:
+    devices = row_devices(row, a.quick)
+    if devices > 1 and "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                          f" --xla_force_host_platform_device_count={row.devices}").strip()
+                          f" --xla_force_host_platform_device_count={devices}").strip()
     res = dict(row=name, what=row.what, group=row.group,
                jaxgen=_worker("bench_jax.py", [name, *quick], env, a.timeout))
     j = res["jaxgen"]
