@@ -9,17 +9,17 @@ a brightness word read from the picture, several templates. Held-out phrases als
 forms that no training phrase uses ("sneakers" where training says "sneaker" or "trainer",
 "charcoal" where it says "dark"), as a user's own caption set does.
 
-python benchmarks/tokenizers.py phrases --out /tmp/phrases.npz
+python benchmarks/tokenizer_choice.py phrases --out /tmp/phrases.npz
 P="--config.data.source=npz --config.data.path=/tmp/phrases.npz"
 P="$P --config.model.text.context_length=32 --config.train.num_steps=400"
 jaxgen train --config configs/clip.py:fashion,words --workdir runs/tok_phrases_words $P
 jaxgen train --config configs/clip.py:fashion --workdir runs/tok_phrases_bpe $P
 jaxgen train --config configs/clip.py:words --workdir runs/clip_neg_bi
 jaxgen train --config configs/clip.py --workdir runs/tok_shapes_bpe
-python benchmarks/tokenizers.py report runs/clip_neg_bi runs/tok_shapes_bpe \\
+python benchmarks/tokenizer_choice.py report runs/clip_neg_bi runs/tok_shapes_bpe \\
     runs/tok_phrases_words runs/tok_phrases_bpe
-python benchmarks/tokenizers.py phrases --out /tmp/phrases1000.npz --num-test 1000
-python benchmarks/tokenizers.py report runs/tok_phrases_words runs/tok_phrases_bpe \\
+python benchmarks/tokenizer_choice.py phrases --out /tmp/phrases1000.npz --num-test 1000
+python benchmarks/tokenizer_choice.py report runs/tok_phrases_words runs/tok_phrases_bpe \\
     --data-path /tmp/phrases1000.npz --stem tokenizers_phrases1000
 
 The report (benchmarks/results/tokenizers.{json,md}) gives per run, on its held-out split: the
