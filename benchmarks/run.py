@@ -101,10 +101,15 @@ def _ratio(a, b):
   return None if not a or not b else a / b
 
 
+def _run(row: dict, meta: dict) -> dict:
+  """The run a row was measured in (rows merged from an earlier run keep theirs)."""
+  return row.get("run") or dict(date=meta.get("date"),
+                                matmul_peak_flops_per_s=meta.get("matmul_peak_flops_per_s"))
+
+
 def tables(data: dict) -> str:
   meta, rows = data["meta"], data["rows"]
-  peak = meta.get("matmul_peak_flops_per_s")
-  train_h = ["row", "batch", "params", "train img/s", "step ms", "GFLOP/step", "GFLOP/s",
+  train_h = ["row", "devices", "batch", "params", "train img/s", "step ms", "GFLOP/step", "GFLOP/s",
              "% matmul peak", "compile s", "XLA peak MB", "RSS peak MB"]
   has_torch = any("torch" in r for r in rows)
   if has_torch:
@@ -118,7 +123,9 @@ def tables(data: dict) -> str:
       train.append([r["row"], "error: " + j["error"][:120]] + [""] * (len(train_h) - 2))
       continue
     fl = j.get("achieved_flops_per_s")
-    line = [r["row"], j.get("batch"), j.get("params"), j.get("train_images_per_s"),
+    peak = _run(r, meta).get("matmul_peak_flops_per_s")  # measured in the row's own run
+    line = [r["row"], j.get("devices"), j.get("batch"), j.get("params"),
+            j.get("train_images_per_s"),
             1e3 * j["step_s"], (j.get("flops_per_step") or 0) / 1e9, (fl or 0) / 1e9,
             100 * fl / peak if fl and peak else None, j.get("lower_s", 0) + j.get("compile_s", 0),
             _mb(j.get("xla_peak_bytes")), _mb(j.get("rss_peak_bytes"))]
@@ -171,9 +178,10 @@ WEAK_SCALING_TEXT = (
     "Data parallel with the per-device batch fixed: each step adds a ring all-reduce of the "
     "float32 gradients, 2(N-1)/N x 4 bytes x parameters per device, at the link's bandwidth "
     "(assumed, listed in the header of each column), to the step time measured above on one "
-    "device. Efficiency = compute / (compute + all-reduce), i.e. no overlap of the two "
-    "(XLA overlaps part of it, so this is a floor). FSDP moves 1.5x the bytes of this "
-    "all-reduce (all-gather of parameters forward and backward, reduce-scatter of gradients).")
+    "device (rows measured on one device only). Efficiency = compute / (compute + all-reduce), "
+    "i.e. no overlap of the two (XLA overlaps part of it, so this is a floor). FSDP moves 1.5x "
+    "the bytes of this all-reduce (all-gather of parameters forward and backward, reduce-scatter "
+    "of gradients).")
 
 
 def weak_scaling(rows: list[dict]) -> str:
@@ -182,7 +190,7 @@ def weak_scaling(rows: list[dict]) -> str:
   lines = []
   for r in rows:
     j = r.get("jaxgen", {})
-    if "error" in j or not j.get("params"):
+    if "error" in j or not j.get("params") or j.get("devices", 1) != 1:
       continue
     grad = 4.0 * j["params"]
     line = [r["row"], grad / 2 ** 20, j["step_s"]]
@@ -311,6 +319,8 @@ def main():
       t = res["torch"]
       print(f"  {t.get('error') or format(t['train_images_per_s'], '.4g') + ' img/s'}",
             flush=True)
+    res["run"] = dict(date=meta["date"], cpu=meta["cpu"],
+                      matmul_peak_flops_per_s=meta["matmul_peak_flops_per_s"])
     rows.append(res)
 
   stem = a.stem or ("suite_quick" if a.quick else "suite")
@@ -318,7 +328,8 @@ def main():
   if a.only and path.exists():  # merge: keep the other rows of the last full run
     old = json.loads(path.read_text())
     done = {r["row"] for r in rows}
-    rows = [r for r in old["rows"] if r["row"] not in done] + rows
+    kept = [dict(r, run=_run(r, old["meta"])) for r in old["rows"] if r["row"] not in done]
+    rows = kept + rows
     order = list(ROWS)
     rows.sort(key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
   meta["wall_s"] = time.perf_counter() - t_start
@@ -332,7 +343,10 @@ def main():
 
 def write_tables(stem: str, data: dict) -> None:
   body = tables(data)
-  what = "\n".join(f"- `{r['row']}`: {r['what']}" for r in data["rows"])
+  date = data["meta"].get("date")
+  what = "\n".join(f"- `{r['row']}`: {r['what']}" + (
+      f" (measured in the run of {_run(r, data['meta'])['date']}, not this one)"
+      if _run(r, data["meta"])["date"] != date else "") for r in data["rows"])
   (RESULTS / f"{stem}.md").write_text(
       f"# jaxgen performance suite\n\n{header(data['meta'])}\n\n{what}\n\n{body}\n")
   print(header(data["meta"]))
