@@ -231,13 +231,13 @@ def header(meta: dict) -> str:
 
 
 def row_devices(row, quick: bool) -> int:
-  """Host devices a row runs on: its own count, else the CLI's default (jaxgen.runtime), cut to
-  the largest count that splits both its training and its sampling batch."""
+  """Host devices a row runs on: its own count, else what `jaxgen train` picks for its batch
+  (jaxgen.runtime), cut to a count that also splits its sampling batch."""
   if row.devices is not None:
     return row.devices
-  from jaxgen.runtime import default_cpu_devices
-  batches = [row.train_batch(quick)] + ([row.sample_n(quick)] if row.sample_batch else [])
-  return max(k for k in range(1, default_cpu_devices() + 1) if all(b % k == 0 for b in batches))
+  from jaxgen.runtime import cpu_devices_for_batch
+  n = cpu_devices_for_batch(row.train_batch(quick))
+  return max(k for k in range(1, n + 1) if not row.sample_batch or row.sample_n(quick) % k == 0)
 
 
 def main():

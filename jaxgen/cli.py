@@ -323,8 +323,7 @@ def _cmd_train(args, overrides):
     runtime.initialize_distributed()
   else:  # data parallel over the CPU's cores: as many devices as split the (micro-)batch
     micro = config.data.batch_size // max(1, config.optim.grad_accum_steps)
-    n = runtime.default_cpu_devices()
-    runtime.configure_cpu_devices(max(k for k in range(1, n + 1) if micro % k == 0))
+    runtime.configure_cpu_devices(runtime.cpu_devices_for_batch(micro))
   app.train(config, args.workdir, progress=not args.no_progress)
   log.info("Done. Pictures in %s", pathlib.Path(args.workdir) / "samples")
 

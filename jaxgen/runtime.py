@@ -30,6 +30,19 @@ def default_cpu_devices() -> int:
   return n
 
 
+# Fewer examples per device than this and one device does better: the SD-like U-Net at batch 4
+# trains at 0.64 images/s on one device, 0.47 on two (benchmarks/results/suite.md).
+MIN_BATCH_PER_CPU_DEVICE = 4
+
+
+def cpu_devices_for_batch(batch: int) -> int:
+  """The device count `jaxgen train` asks for: the largest up to default_cpu_devices() that
+  splits the batch into parts of at least MIN_BATCH_PER_CPU_DEVICE examples; else 1."""
+  fits = [k for k in range(1, default_cpu_devices() + 1)
+          if batch % k == 0 and batch // k >= MIN_BATCH_PER_CPU_DEVICE]
+  return max(fits, default=1)
+
+
 def configure_cpu_devices(n: int | None = None) -> int | None:
   """Splits the CPU backend into `n` devices (default: default_cpu_devices()) so that the train
   loop and the samplers run data parallel over them. Takes effect only before JAX starts its

@@ -33,6 +33,12 @@ def test_a_bad_device_count_names_the_variable(monkeypatch, value):
     runtime.default_cpu_devices()
 
 
+@pytest.mark.parametrize("batch,expected", [(64, 2), (8, 2), (6, 1), (4, 1), (7, 1), (1, 1)])
+def test_training_splits_batches_of_at_least_four_per_device(monkeypatch, batch, expected):
+  monkeypatch.setenv("JAXGEN_CPU_DEVICES", "2")
+  assert runtime.cpu_devices_for_batch(batch) == expected
+
+
 def test_started_backends_are_left_alone():
   import jax
   jax.devices()  # this process's backends are running
