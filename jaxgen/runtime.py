@@ -31,7 +31,7 @@ def default_cpu_devices() -> int:
 
 
 # Fewer examples per device than this and one device does better: the SD-like U-Net at batch 4
-# trains at 0.64 images/s on one device, 0.47 on two (benchmarks/results/suite.md).
+# trains at 0.64 images/s on one device, 0.47 on two (README, "Performance").
 MIN_BATCH_PER_CPU_DEVICE = 4
 
 

@@ -27,7 +27,7 @@ from jaxgen import __version__
 from jaxgen.config import flatten
 from jaxgen.errors import CheckpointError, WriteError
 from jaxgen.files import atomic_write_text, check_free_space, describe
-from jaxgen.train.mesh import placement_mesh, replicated
+from jaxgen.train.mesh import placement
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def restore_weights(step_dir: pathlib.Path, item: str) -> dict:
   """{'params', 'model_state'} of a checkpoint's TrainState ('state': its EMA parameters) or of
   an inference checkpoint ('weights'), without a target tree: shapes and structure come from the
   checkpoint's own metadata, and the optimizer state is never read. Arrays are replicated over
-  the placement mesh (the one set by jax.set_mesh, else every device)."""
+  the mesh set by jax.set_mesh, else on one device."""
   path = step_dir / item
   handler = ocp.PyTreeCheckpointHandler()
   try:
@@ -268,7 +268,7 @@ def restore_weights(step_dir: pathlib.Path, item: str) -> dict:
     tree = dict(getattr(tree, "tree", tree))
     names = ("ema_params", "model_state") if item == "state" else ("params", "model_state")
     sub = {k: tree[k] for k in names if k in tree}
-    where = replicated(placement_mesh())
+    where = placement()
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=where), sub)
     out = ocp.Checkpointer(handler).restore(path, args=ocp.args.PyTreeRestore(
         item=sub, restore_args=restore_args, partial_restore=True))

@@ -18,11 +18,13 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
 
 
-def placement_mesh() -> Mesh:
-  """Where restored weights are placed: the mesh set by `jax.set_mesh` (the CLI sets one), else
-  all devices. Every array of one computation must live on the same devices."""
+def placement() -> jax.sharding.Sharding:
+  """Where restored weights are placed: replicated over the mesh set by `jax.set_mesh` (the CLI
+  sets one), else on this process's first device (no copy per device that nobody asked for)."""
   mesh = jax.sharding.get_mesh()
-  return make_mesh() if mesh.empty else mesh
+  if mesh.empty:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return replicated(mesh)
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
