@@ -130,7 +130,7 @@ def _check_split(split: str, available: Sequence[str], what: str):
     raise DataError(f"{what} has no split '{split}'; it has {', '.join(available)}.")
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _shapes(split: str, size: int, holdout: tuple[str, ...] = ()) -> ArraySource:
   """The procedural shapes; with `holdout` ("colour shape" pairs) the training split leaves out
   every scene holding one of them (image and caption). The test split keeps them all."""
