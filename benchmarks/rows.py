@@ -75,6 +75,9 @@ CLIP_B32 = ("model.encoder.patch_size=32", "model.encoder.width=768", "model.enc
             "model.encoder.heads=12", "data.image_size=224", "model.text.width=512",
             "model.text.layers=12", "model.text.heads=8", "model.text.context_length=77",
             "model.embed_dim=512")
+# Plain CLIP as published: a causal text tower and no hard negatives (the default config's
+# NegCLIP twins run the text tower on five captions per image).
+CLIP_B32_CONFIG = "configs/clip.py:vit,negatives=none,causal"
 
 # Paper-size rows for one GPU, in bfloat16 (benchmarks/gpu.py): the DDPM paper's CIFAR-10 U-Net
 # at its batch of 128; Stable Diffusion 1.5's U-Net widths (320, 640, 1280, 1280; 860M) on its
@@ -102,7 +105,7 @@ GPU_ROWS = [
             "model.dtype=bfloat16"), batch=64, quick_batch=2, repeats=5, torch="dit", quick=False,
         group="gpu"),
     Row("gpu_clip_b32", "CLIP ViT-B/32 at 224x224 + 12-layer text tower, batch 256",
-        "configs/clip.py:vit", overrides=CLIP_B32, batch=256, quick_batch=2, repeats=5,
+        CLIP_B32_CONFIG, overrides=CLIP_B32, batch=256, quick_batch=2, repeats=5,
         quick=False, group="gpu"),
 ]
 
@@ -141,7 +144,7 @@ ROWS = {r.name: r for r in [
         "64x64x3", "configs/ldm_autoencoder.py", overrides=VAE_SD, batch=4, repeats=3,
         quick=False),
     Row("clip_b32", "CLIP ViT-B/32 image tower at 224x224 + 12-layer 512-wide text tower, "
-        "77 tokens", "configs/clip.py:vit", overrides=CLIP_B32, batch=16, repeats=3,
+        "77 tokens", CLIP_B32_CONFIG, overrides=CLIP_B32, batch=16, repeats=3,
         quick=False),
     # Memory and precision variants of the DDPM paper's CIFAR-10 U-Net (train step only).
     *[Row(f"ddpm_cifar10_{tag}", f"ddpm_cifar10 with {what}", "configs/ddpm.py:cifar10",

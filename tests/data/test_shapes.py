@@ -21,6 +21,16 @@ def test_scenes_are_deterministic_and_captions_follow_the_grammar():
                               f"{colour} {shape}")
 
 
+@pytest.mark.parametrize("size", [8, 32, 48])
+def test_drawing_inside_the_bounding_box_equals_drawing_the_whole_canvas(size, monkeypatch):
+  """Each shape is tested only on the sub-pixels near its centre; testing every sub-pixel of the
+  canvas (the box made the whole canvas) must give the same bytes."""
+  fast = shapes.make_scenes(200, seed=5, size=size)[0]
+  monkeypatch.setattr(shapes, "_box", lambda coords, centre, r: slice(None))
+  whole = shapes.make_scenes(200, seed=5, size=size)[0]
+  np.testing.assert_array_equal(fast, whole)
+
+
 def test_the_picture_shows_what_the_caption_says():
   images, captions, attrs = shapes.make_scenes(300, seed=5, size=32)
   checked = 0
