@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"  # what conftest.py adds to XLA_FLAGS
 
 
 def config(name: str, *overrides: str, arg: str = "smoke"):

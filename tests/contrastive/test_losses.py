@@ -145,7 +145,8 @@ def test_sharded_global_batch_loss_equals_one_device_loss():
   so every example of the global batch is a negative; a per-shard loss would differ."""
   code = textwrap.dedent("""
       import os
-      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
+      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
       import math, jax, jax.numpy as jnp, numpy as np
       from jaxgen import runtime
       runtime.enable_compilation_cache()

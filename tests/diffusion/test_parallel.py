@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 def test_sampler_sharded_and_pmapped_over_eight_devices_matches_one_device():
   code = textwrap.dedent("""
       import os
-      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
+      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import NamedSharding, PartitionSpec as P
       from jaxgen import diffusion as d, runtime

@@ -110,7 +110,8 @@ def test_dropout_module_scales_kept_inputs_and_passes_through_when_deterministic
 def test_dropout_mask_split_over_eight_devices_is_the_same_and_local():
   code = textwrap.dedent("""
       import os
-      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
+      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import NamedSharding, PartitionSpec as P
       from jaxgen.models.ops import dropout_keep_mask

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO
+from helpers import REPO, TEST_XLA_FLAGS
 from jaxgen import runtime
 from jaxgen.errors import ConfigError
 
@@ -49,7 +49,8 @@ def test_started_backends_are_left_alone():
 
 def _jaxgen(*args, devices):
   env = dict(os.environ, JAXGEN_CPU_DEVICES=str(devices), PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)
+  # no device count from the environment (the tests' own flags stay: see conftest.py)
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS
   r = subprocess.run([sys.executable, "-m", "jaxgen", *args], cwd=REPO, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

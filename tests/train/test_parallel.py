@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 def test_eight_devices_match_one_device(tmp_path):
   code = textwrap.dedent(f"""
       import os
-      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
+      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
       import sys; sys.path.insert(0, "tests")
       import jax, numpy as np
       from jaxgen import runtime
@@ -120,7 +121,8 @@ def test_fsdp_and_gradient_accumulation_match_plain_data_parallel(tmp_path):
   parallelism on one device (the deterministic autoencoder: no sampling noise per example)."""
   code = textwrap.dedent(f"""
       import os, json
-      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
+      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
       import sys; sys.path.insert(0, "tests")
       import jax, numpy as np
       from jaxgen import runtime
@@ -159,7 +161,8 @@ def test_dit_trains_with_fsdp_on_8_devices(tmp_path):
   of one device."""
   code = textwrap.dedent(f"""
       import os, json
-      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
+      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
       import sys; sys.path.insert(0, "tests")
       import jax, numpy as np
       from jaxgen import runtime
