@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import os
 import re
 import sys
-import tempfile
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common
 import cpu_conv
-import jax
 from rows import ROWS
 
 
@@ -49,29 +45,15 @@ def profile(row_name: str, steps: int, top: int) -> dict:
     m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*)", line)
     if m:
       lines[m.group(1)] = m.group(2)
-  holder = [state]
-  for _ in range(2):
-    holder[0], metrics = compiled(holder[0], batch)
-  jax.block_until_ready(metrics)
-  trace_dir = tempfile.mkdtemp(prefix="jaxgen_trace_")
-  t0 = time.perf_counter()
-  with jax.profiler.trace(trace_dir):
-    for _ in range(steps):
-      holder[0], metrics = compiled(holder[0], batch)
-    jax.block_until_ready(metrics)
-  wall = (time.perf_counter() - t0) / steps
-  path = sorted(glob.glob(trace_dir + "/**/*.xplane.pb", recursive=True))[-1]
+  wall, thunks = cpu_conv.trace_steps(compiled, state, batch, steps)
   by_kind, by_where, by_instr = (collections.Counter() for _ in range(3))
-  for plane in jax.profiler.ProfileData.from_file(path).planes:
-    for line in plane.lines:
-      for ev in line.events:
-        if ev.name not in kinds:
-          continue
-        ms = ev.duration_ns / 1e6 / steps
-        op = re.search(r'op_name="([^"]+)"', lines.get(ev.name, ""))
-        by_kind[kinds[ev.name]] += ms
-        by_where[_where(op.group(1) if op else "")] += ms
-        by_instr[ev.name] += ms
+  for name, ms in thunks.items():
+    if name not in kinds:
+      continue
+    op = re.search(r'op_name="([^"]+)"', lines.get(name, ""))
+    by_kind[kinds[name]] += ms
+    by_where[_where(op.group(1) if op else "")] += ms
+    by_instr[name] += ms
   shape = lambda name: lines.get(name, "").split(" ")[0]
   op_of = lambda name: (re.search(r'op_name="([^"]+)"', lines.get(name, "")) or [None, ""])[1]
   return dict(row=row_name, batch=row.batch, steps=steps, compile_s=compile_s,
