@@ -11,9 +11,9 @@ from helpers import TEST_XLA_FLAGS  # noqa: E402
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite compiles hundreds of small programs and runs each a few times, so compiling is most
-# of its time: LLVM's cheapest code generation (no HLO pass changes, the same float semantics)
-# halves it (tests/tasks/test_contrastive.py with an empty cache: 150 s -> 71 s). Subprocesses
-# inherit it; scripts that force a device count append to it.
+# of its time: LLVM's cheapest code generation (the flag sets LLVM's -O level only; XLA's HLO
+# passes stay as they are) halves it (tests/tasks/test_contrastive.py with an empty cache:
+# 150 s -> 71 s). Subprocesses inherit it; scripts that force a device count append to it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 CACHE = os.environ.setdefault(
