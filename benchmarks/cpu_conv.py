@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -384,6 +385,7 @@ def trace_steps(compiled, state, batch, steps: int, warmup: int = 2):
     for line in plane.lines:
       for ev in line.events:
         per[ev.name] += ev.duration_ns / 1e6 / steps
+  shutil.rmtree(d, ignore_errors=True)  # traces of large steps take hundreds of MB
   return wall, per
 
 
