@@ -23,8 +23,14 @@ def files_under(path: pathlib.Path) -> dict[str, int]:
 
 
 def run_python(code: str, *, env: dict | None = None, timeout: int = 600,
-               cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
+               cwd: pathlib.Path = REPO, devices: int | None = None
+               ) -> subprocess.CompletedProcess:
+  """`python -c code` in the repository; `devices` splits its CPU backend into that many
+  devices, keeping the tests' XLA_FLAGS (conftest.py)."""
   full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+  if devices is not None:
+    full_env["XLA_FLAGS"] = (f"{full_env.get('XLA_FLAGS', '')} "
+                             f"--xla_force_host_platform_device_count={devices}").strip()
   return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=full_env, timeout=timeout,
                         capture_output=True, text=True)
 

@@ -144,9 +144,6 @@ def test_sharded_global_batch_loss_equals_one_device_loss():
   """Each loss and its gradients over a batch split across 8 devices equal the 1-device values,
   so every example of the global batch is a negative; a per-shard loss would differ."""
   code = textwrap.dedent("""
-      import os
-      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
-      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
       import math, jax, jax.numpy as jnp, numpy as np
       from jaxgen import runtime
       runtime.enable_compilation_cache()
@@ -182,5 +179,5 @@ def test_sharded_global_batch_loss_equals_one_device_loss():
         print(name, float(l8), float(l1), float(per_shard))
       print("OK")
   """)
-  r = run_python(code, timeout=300)
+  r = run_python(code, timeout=300, devices=8)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]

@@ -10,9 +10,6 @@ pytestmark = pytest.mark.slow
 
 def test_sampler_sharded_and_pmapped_over_eight_devices_matches_one_device():
   code = textwrap.dedent("""
-      import os
-      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
-      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import NamedSharding, PartitionSpec as P
       from jaxgen import diffusion as d, runtime
@@ -46,5 +43,5 @@ def test_sampler_sharded_and_pmapped_over_eight_devices_matches_one_device():
       assert np.unique(np.round(np.asarray(mapped), 4), axis=0).shape[0] == 8
       print("OK")
   """)
-  r = run_python(code)
+  r = run_python(code, devices=8)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]

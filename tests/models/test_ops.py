@@ -109,9 +109,6 @@ def test_dropout_module_scales_kept_inputs_and_passes_through_when_deterministic
 
 def test_dropout_mask_split_over_eight_devices_is_the_same_and_local():
   code = textwrap.dedent("""
-      import os
-      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
-      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
       import jax, jax.numpy as jnp, numpy as np
       from jax.sharding import NamedSharding, PartitionSpec as P
       from jaxgen.models.ops import dropout_keep_mask
@@ -127,5 +124,5 @@ def test_dropout_mask_split_over_eight_devices_is_the_same_and_local():
       assert np.array_equal(np.asarray(f(key, x)), one)
       print("OK")
   """)
-  r = run_python(code)
+  r = run_python(code, devices=8)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]

@@ -18,9 +18,6 @@ pytestmark = pytest.mark.slow
 
 def test_eight_devices_match_one_device(tmp_path):
   code = textwrap.dedent(f"""
-      import os
-      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
-      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
       import sys; sys.path.insert(0, "tests")
       import jax, numpy as np
       from jaxgen import runtime
@@ -45,7 +42,7 @@ def test_eight_devices_match_one_device(tmp_path):
           np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
       print("OK")
   """)
-  r = run_python(code)
+  r = run_python(code, devices=8)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
 
 
@@ -120,9 +117,7 @@ def test_fsdp_and_gradient_accumulation_match_plain_data_parallel(tmp_path):
   gradients accumulated over 2 micro-batches, give the losses and parameters of plain data
   parallelism on one device (the deterministic autoencoder: no sampling noise per example)."""
   code = textwrap.dedent(f"""
-      import os, json
-      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
-      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
+      import json
       import sys; sys.path.insert(0, "tests")
       import jax, numpy as np
       from jaxgen import runtime
@@ -152,7 +147,7 @@ def test_fsdp_and_gradient_accumulation_match_plain_data_parallel(tmp_path):
         print(name, "losses", out[name][1])
       print("OK")
   """)
-  r = run_python(code)
+  r = run_python(code, devices=8)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
 
 
@@ -160,9 +155,7 @@ def test_dit_trains_with_fsdp_on_8_devices(tmp_path):
   """The DiT's parameters shard over 8 devices (FSDP) and its flow-matching losses equal those
   of one device."""
   code = textwrap.dedent(f"""
-      import os, json
-      flags = os.environ.get("XLA_FLAGS", "")  # the tests' (conftest.py)
-      os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
+      import json
       import sys; sys.path.insert(0, "tests")
       import jax, numpy as np
       from jaxgen import runtime
@@ -184,5 +177,5 @@ def test_dit_trains_with_fsdp_on_8_devices(tmp_path):
       np.testing.assert_allclose(losses["fsdp"], losses["one"], rtol=1e-4)
       print("OK", losses)
   """)
-  r = run_python(code)
+  r = run_python(code, devices=8)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
