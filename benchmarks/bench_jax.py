@@ -1,6 +1,6 @@
 """jaxgen side of the suite: one row per process (run by benchmarks/run.py).
 
-python benchmarks/bench_jax.py ROW [--quick] --out FILE.json
+python benchmarks/bench_jax.py ROW [--quick] [--set KEY=VALUE ...] --out FILE.json
 python benchmarks/bench_jax.py peak --out FILE.json     (the float32 matmul peak)
 
 Train step: the task built from its config, the real `make_train_step(task.loss_fn)` with the
@@ -250,11 +250,11 @@ def bench_sampler(task, config, params, n: int, steps_list, quick: bool) -> dict
   return out
 
 
-def run_row(name: str, quick: bool) -> dict:
+def run_row(name: str, quick: bool, extra: list[str] = ()) -> dict:
   row = ROWS[name]
   bs = row.train_batch(quick)
   config = app.load_config(row.config_spec(),
-                           list(row.overrides) + [f"data.batch_size={bs}"])
+                           list(row.overrides) + [f"data.batch_size={bs}", *extra])
   task = app.build_task(config)
   out = dict(row=name, what=row.what, framework="jaxgen")
   train, state, _ = bench_train(task, config, bs, row.quick_repeats if quick else row.repeats)
@@ -277,13 +277,16 @@ def main():
   p.add_argument("row", help=f"peak | {' | '.join(ROWS)}")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", required=True)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override after the row's own (repeatable), e.g. train.fsdp=true")
   a = p.parse_args()
   import logging
   logging.basicConfig(level=logging.WARNING)
   if a.row == "peak":
     res = dict(row="peak", framework="jaxgen", **matmul_peak())
   else:
-    res = run_row(a.row, a.quick)
+    res = run_row(a.row, a.quick, a.set)
+    res["overrides"] = a.set
   res["jax"] = jax.__version__
   with open(a.out, "w") as f:
     json.dump(res, f, indent=1)

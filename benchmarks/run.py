@@ -232,11 +232,17 @@ def header(meta: dict) -> str:
 
 def row_devices(row, quick: bool) -> int:
   """Host devices a row runs on: its own count, else what `jaxgen train` picks for its batch
-  (jaxgen.runtime), cut to a count that also splits its sampling batch."""
+  and parameter count (jaxgen.runtime), cut to a count that also splits its sampling batch."""
   if row.devices is not None:
     return row.devices
-  from jaxgen.runtime import cpu_devices_for_batch
-  n = cpu_devices_for_batch(row.train_batch(quick))
+  from jaxgen import app
+  from jaxgen.runtime import cpu_devices_for_batch, cpu_split_pays
+  from jaxgen.train.loop import param_count
+  batch = row.train_batch(quick)
+  n = cpu_devices_for_batch(batch)
+  if n > 1 and not cpu_split_pays(
+      param_count(app.build_task(app.load_config(row.config_spec(), list(row.overrides)))), batch):
+    return 1
   return max(k for k in range(1, n + 1) if not row.sample_batch or row.sample_n(quick) % k == 0)
 
 

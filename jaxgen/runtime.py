@@ -33,6 +33,15 @@ def default_cpu_devices() -> int:
 # Fewer examples per device than this and one device does better: the SD-like U-Net at batch 4
 # trains at 0.64 images/s on one device, 0.47 on two (README, "Performance").
 MIN_BATCH_PER_CPU_DEVICE = 4
+# More parameters than this per example of the batch and one device trains faster than two:
+# a large matmul-heavy model already keeps both cores busy through XLA's threads, and each device
+# repeats the whole AdamW update. CLIP ViT-B/32 (126M) at batch 16, 7.9M per example: 6.19 s per
+# step on one device, 8.27 s on two (6.23 s with FSDP); the DDPM paper's U-Net (35.7M) at batch
+# 16, 2.2M per example, trains 1.46x faster on two (README, "Performance").
+MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT = 4_000_000
+# Set by configure_cpu_devices when it splits the CPU by its own default (not a count the user
+# chose): train_devices may then take back the split for a model too large for it.
+_default_split = False
 
 
 def cpu_devices_for_batch(batch: int) -> int:
@@ -58,7 +67,29 @@ def configure_cpu_devices(n: int | None = None) -> int | None:
     return None
   if n > 1:
     jax.config.update("jax_num_cpu_devices", n)
+    global _default_split
+    _default_split = not os.environ.get("JAXGEN_CPU_DEVICES", "").strip()
   return n
+
+
+def cpu_split_pays(n_params: int, batch: int) -> bool:
+  """Whether splitting the CPU into devices can speed up training a model of n_params
+  parameters at this global batch (MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT)."""
+  return n_params <= MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT * batch
+
+
+def train_devices(n_params: int, batch: int) -> list:
+  """The devices a training runs data parallel over: all of this process's, or only the first
+  where configure_cpu_devices split the CPU by default and the model has more than
+  MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT parameters per example of the (global) batch."""
+  devices = jax.devices()
+  if (_default_split and len(devices) > 1 and devices[0].platform == "cpu"
+      and not cpu_split_pays(n_params, batch)):
+    log.info("One CPU device of %d: %.1fM parameters for a batch of %d train faster unsplit "
+             "(JAXGEN_CPU_DEVICES=%d splits it anyway)", len(devices), n_params / 1e6, batch,
+             len(devices))
+    return devices[:1]
+  return devices
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgen import config as config_lib
-from jaxgen import images
+from jaxgen import images, runtime
 from jaxgen.data import BatchLoader, batch_sharding, load_source
 from jaxgen.errors import CheckpointError, ConfigError, NonFiniteLossError
 from jaxgen.files import atomic_write_text, check_writable, make_dir, writing
@@ -46,6 +46,13 @@ def _state_factory(task, config, example: dict):
     return TrainState.create(params, tx, k_rng, model_state)
 
   return init, schedule
+
+
+def param_count(task) -> int:
+  """Parameters of the task's trained state (shapes only: nothing is computed)."""
+  init, _ = _state_factory(task, task.config, task.example_batch())
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  return sum(x.size for x in jax.tree.leaves(shapes.params))
 
 
 def _abstract_state(init, mesh, fsdp: bool = False):
@@ -105,7 +112,8 @@ def train(task, workdir: str | pathlib.Path, *, progress: bool = True,
     raise ConfigError("--workdir is empty: name the folder for this run's checkpoints and logs.")
   workdir = make_dir(workdir)
   check_writable(workdir)
-  mesh = mesh or make_mesh()
+  if mesh is None:
+    mesh = make_mesh(runtime.train_devices(param_count(task), task.config.data.batch_size))
   log.info("Data parallel over %d %s device(s); global batch %d", mesh.size,
            mesh.devices.flat[0].platform, task.config.data.batch_size)
   # The mesh is also the context of the run's other computations (cached encodings, pictures):

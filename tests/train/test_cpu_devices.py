@@ -2,12 +2,13 @@
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, TEST_XLA_FLAGS
+from helpers import REPO, TEST_XLA_FLAGS, config, run_python
 from jaxgen import runtime
 from jaxgen.errors import ConfigError
 
@@ -73,3 +74,39 @@ def test_cli_trains_and_samples_over_two_host_devices(tmp_path):
     images[n] = np.asarray(Image.open(png), np.int16)
   assert images[2].shape == images[1].shape
   assert np.abs(images[2] - images[1]).max() <= 1
+
+
+def test_a_model_too_large_for_its_batch_trains_on_one_of_the_split_devices():
+  """Past MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT parameters per example, training takes back the
+  default split (one device trains such a model faster); a count the user set is kept."""
+  code = textwrap.dedent("""
+      import jax
+      from jaxgen import runtime
+      runtime.setup_logging()
+      assert runtime.configure_cpu_devices(2) == 2
+      limit = runtime.MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT * 16
+      print(len(runtime.train_devices(limit, 16)), runtime.train_devices(limit + 1, 16))
+  """)
+  default = run_python(code, env={"JAXGEN_CPU_DEVICES": ""})
+  assert default.returncode == 0, default.stderr[-3000:]
+  assert default.stdout.split("\n")[0] == "2 [CpuDevice(id=0)]", default.stdout
+  assert "One CPU device of 2" in default.stderr
+  chosen = run_python(code, env={"JAXGEN_CPU_DEVICES": "2"})
+  assert chosen.returncode == 0, chosen.stderr[-3000:]
+  assert chosen.stdout.startswith("2 [CpuDevice(id=0), CpuDevice(id=1)]"), chosen.stdout
+
+
+def test_training_asks_for_its_devices_with_the_state_s_parameter_count(tmp_path, monkeypatch):
+  import jax
+
+  from jaxgen import app
+  asked = []
+
+  def train_devices(n_params, batch):
+    asked.append((n_params, batch))
+    return jax.devices()[:1]
+
+  monkeypatch.setattr(runtime, "train_devices", train_devices)
+  cfg = config("vae", "train.num_steps=1", "data.batch_size=4")
+  state = app.train(cfg, tmp_path / "run", progress=False)
+  assert asked == [(sum(x.size for x in jax.tree.leaves(state.params)), 4)]
