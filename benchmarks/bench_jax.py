@@ -19,6 +19,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import median_time, peak_rss_bytes
@@ -120,14 +122,15 @@ def _init_state(task, example, tx, key) -> TrainState:
   return TrainState.create(params, tx, k_rng, model_state)
 
 
-def train_setup(task, config, batch_size: int):
-  """(state, batch, step): the loop's jitted step, a random-weight state placed on all devices
-  of this process (replicated, or split with train.fsdp) and one batch split over 'data'."""
+def train_setup(task, config, batch_size: int, devices: int | None = None):
+  """(state, batch, step): the loop's jitted step, a random-weight state placed on the first
+  `devices` devices of this process (default all; replicated, or split with train.fsdp) and one
+  batch split over 'data'."""
   tx, schedule = make_optimizer(config.optim, config.train.num_steps, task.frozen)
   key = jax.random.PRNGKey(0)
   example = {k: np.asarray(v)[:1] for k, v in task.example_batch().items()
              if np.asarray(v).dtype.kind not in "USO"}
-  mesh = make_mesh()
+  mesh = make_mesh(jax.devices()[:devices])
   state = _init_state(task, example, tx, key)
   shardings = state_shardings(state, mesh, config.train.fsdp)
   state = jax.device_put(state, shardings)
@@ -138,10 +141,13 @@ def train_setup(task, config, batch_size: int):
   return state, batch, step
 
 
-def bench_train(task, config, batch_size: int, repeats: int) -> tuple[dict, TrainState, dict]:
-  """The loop's step on all devices of this process: batch split over the mesh's 'data' axis,
-  the state replicated or (train.fsdp) split, micro-batches when optim.grad_accum_steps > 1."""
-  state, batch, step = train_setup(task, config, batch_size)
+def bench_train(task, config, batch_size: int, repeats: int, devices: int | None = None
+                ) -> tuple[dict, TrainState, dict]:
+  """The loop's step on the first `devices` devices of this process (default all): batch split
+  over the mesh's 'data' axis, the state replicated or (train.fsdp) split, micro-batches when
+  optim.grad_accum_steps > 1."""
+  state, batch, step = train_setup(task, config, batch_size, devices)
+  n_devices = len(jax.devices()[:devices])
   t0 = time.perf_counter()
   lowered = step.lower(state, batch)
   t1 = time.perf_counter()
@@ -158,9 +164,9 @@ def bench_train(task, config, batch_size: int, repeats: int) -> tuple[dict, Trai
     raise RuntimeError(f"{config.task}: non-finite loss in the benchmark step")
   t = median_time(one_step, repeats=repeats, warmup=1, min_seconds=2.0)
   flops = _flops(compiled)  # of one device's program: the step's is that times the devices
-  flops = flops * len(jax.devices()) if flops else flops
+  flops = flops * n_devices if flops else flops
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"].params))
-  row = dict(batch=batch_size, devices=len(jax.devices()), fsdp=bool(config.train.fsdp),
+  row = dict(batch=batch_size, devices=n_devices, fsdp=bool(config.train.fsdp),
              accum=int(config.optim.grad_accum_steps), params=n_params, step_s=t["median_s"],
              step_min_s=t["min_s"],
              step_repeats=t["repeats"], train_images_per_s=batch_size / t["median_s"],
@@ -250,23 +256,29 @@ def bench_sampler(task, config, params, n: int, steps_list, quick: bool) -> dict
   return out
 
 
-def run_row(name: str, quick: bool, extra: list[str] = ()) -> dict:
+def run_row(name: str, quick: bool, extra: list[str] = (), train_devices: int | None = None
+            ) -> dict:
   row = ROWS[name]
   bs = row.train_batch(quick)
   config = app.load_config(row.config_spec(),
                            list(row.overrides) + [f"data.batch_size={bs}", *extra])
   task = app.build_task(config)
   out = dict(row=name, what=row.what, framework="jaxgen")
-  train, state, _ = bench_train(task, config, bs, row.quick_repeats if quick else row.repeats)
+  train, state, _ = bench_train(task, config, bs, row.quick_repeats if quick else row.repeats,
+                                train_devices)
   out.update(train)
   if config.task in ("ddpm", "dit", "ldm"):
     out["unet_params"] = sum(int(np.prod(x.shape))
                              for x in jax.tree.leaves(_unet_params(config, state.params)))
   if row.sample_batch:
-    # as `jaxgen sample` runs: under the mesh of all devices, the batch split over them
-    with jax.set_mesh(make_mesh()):
-      out.update(bench_sampler(task, config, state.ema_params, row.sample_n(quick),
-                               row.steps(quick), quick))
+    # as `jaxgen sample` runs: under the mesh of all devices, the weights on each, the batch
+    # split over them (training may have used fewer: jaxgen.runtime.train_devices)
+    mesh = make_mesh()
+    params = jax.device_put(state.ema_params, NamedSharding(mesh, P()))
+    with jax.set_mesh(mesh):
+      out.update(bench_sampler(task, config, params, row.sample_n(quick), row.steps(quick),
+                               quick))
+    out["sample_devices"] = mesh.size
   out["rss_peak_end_bytes"] = peak_rss_bytes()
   return out
 
@@ -277,6 +289,9 @@ def main():
   p.add_argument("row", help=f"peak | {' | '.join(ROWS)}")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", required=True)
+  p.add_argument("--train-devices", type=int, default=None, metavar="N",
+                 help="train on the first N devices of the process (default all); sampling "
+                      "uses all")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override after the row's own (repeatable), e.g. train.fsdp=true")
   a = p.parse_args()
@@ -285,7 +300,7 @@ def main():
   if a.row == "peak":
     res = dict(row="peak", framework="jaxgen", **matmul_peak())
   else:
-    res = run_row(a.row, a.quick, a.set)
+    res = run_row(a.row, a.quick, a.set, a.train_devices)
     res["overrides"] = a.set
   res["jax"] = jax.__version__
   with open(a.out, "w") as f:

@@ -144,7 +144,7 @@ def tables(data: dict) -> str:
                   if k.startswith("ddim") and k.endswith("_s") and k[4:-2].isdigit()})
   samp_rows = [r for r in rows if r.get("jaxgen", {}).get("sample_batch")]
   if samp_rows:
-    h = ["row", "batch", "net call ms (batch)"]
+    h = ["row", "devices", "batch", "net call ms (batch)"]
     for s in steps:
       h += [f"DDIM {s} img/s", f"{s}: overhead %"]
     if has_torch:
@@ -153,7 +153,8 @@ def tables(data: dict) -> str:
     lines = []
     for r in samp_rows:
       j, t = r["jaxgen"], r.get("torch", {})
-      line = [r["row"], j["sample_batch"], f"{1e3 * j['net_eval_s']:.4g} ({j['net_eval_batch']})"]
+      line = [r["row"], j.get("sample_devices", j.get("devices")), j["sample_batch"],
+              f"{1e3 * j['net_eval_s']:.4g} ({j['net_eval_batch']})"]
       for s in steps:
         line += [j.get(f"ddim{s}_images_per_s"), j.get(f"ddim{s}_overhead_pct")]
       if has_torch:
@@ -230,20 +231,21 @@ def header(meta: dict) -> str:
   return ", ".join(f"{k}={_fmt(meta[k])}" for k in keys if k in meta)
 
 
-def row_devices(row, quick: bool) -> int:
-  """Host devices a row runs on: its own count, else what `jaxgen train` picks for its batch
-  and parameter count (jaxgen.runtime), cut to a count that also splits its sampling batch."""
+def row_devices(row, quick: bool) -> tuple[int, int]:
+  """(host devices of the row's process, devices it trains on): the row's own count for both,
+  else as the CLI picks them (jaxgen.runtime): `jaxgen train` by the batch and the parameter
+  count, `jaxgen sample` all of default_cpu_devices()."""
   if row.devices is not None:
-    return row.devices
+    return row.devices, row.devices
   from jaxgen import app
-  from jaxgen.runtime import cpu_devices_for_batch, cpu_split_pays
+  from jaxgen.runtime import cpu_devices_for_batch, cpu_split_pays, default_cpu_devices
   from jaxgen.train.loop import param_count
   batch = row.train_batch(quick)
-  n = cpu_devices_for_batch(batch)
-  if n > 1 and not cpu_split_pays(
+  train = cpu_devices_for_batch(batch)
+  if train > 1 and not cpu_split_pays(
       param_count(app.build_task(app.load_config(row.config_spec(), list(row.overrides)))), batch):
-    return 1
-  return max(k for k in range(1, n + 1) if not row.sample_batch or row.sample_n(quick) % k == 0)
+    train = 1
+  return (max(train, default_cpu_devices()) if row.sample_batch else train), train
 
 
 def main():
@@ -306,12 +308,14 @@ def main():
     row = ROWS[name]
     print(f"{name}: jaxgen ...", flush=True)
     env = dict(jax_env)
-    devices = row_devices(row, a.quick)
+    devices, train_devices = row_devices(row, a.quick)
+    args = [name, *quick]
     if devices > 1 and "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                           f" --xla_force_host_platform_device_count={devices}").strip()
+      args += ["--train-devices", str(train_devices)]
     res = dict(row=name, what=row.what, group=row.group,
-               jaxgen=_worker("bench_jax.py", [name, *quick], env, a.timeout))
+               jaxgen=_worker("bench_jax.py", args, env, a.timeout))
     j = res["jaxgen"]
     if "error" in j:
       print(f"  {j['error']}", flush=True)
