@@ -275,6 +275,7 @@ def run_row(name: str, quick: bool, extra: list[str] = (), train_devices: int | 
     # split over them (training may have used fewer: jaxgen.runtime.train_devices)
     mesh = make_mesh()
     params = jax.device_put(state.ema_params, NamedSharding(mesh, P()))
+    del state  # the training state's buffers (parameters, AdamW moments) are freed first
     with jax.set_mesh(mesh):
       out.update(bench_sampler(task, config, params, row.sample_n(quick), row.steps(quick),
                                quick))
