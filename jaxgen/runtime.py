@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+from collections.abc import Callable
 
 import jax
 
@@ -78,13 +79,16 @@ def cpu_split_pays(n_params: int, batch: int) -> bool:
   return n_params <= MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT * batch
 
 
-def train_devices(n_params: int, batch: int) -> list:
+def train_devices(count_params: Callable[[], int], batch: int) -> list:
   """The devices a training runs data parallel over: all of this process's, or only the first
   where configure_cpu_devices split the CPU by default and the model has more than
-  MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT parameters per example of the (global) batch."""
+  MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT parameters per example of the (global) batch.
+  count_params is called only in that case (it traces the model's init)."""
   devices = jax.devices()
-  if (_default_split and len(devices) > 1 and devices[0].platform == "cpu"
-      and not cpu_split_pays(n_params, batch)):
+  if not (_default_split and len(devices) > 1 and devices[0].platform == "cpu"):
+    return devices
+  n_params = count_params()
+  if not cpu_split_pays(n_params, batch):
     log.info("One CPU device of %d: %.1fM parameters for a batch of %d train faster unsplit "
              "(JAXGEN_CPU_DEVICES=%d splits it anyway)", len(devices), n_params / 1e6, batch,
              len(devices))

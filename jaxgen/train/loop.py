@@ -113,7 +113,8 @@ def train(task, workdir: str | pathlib.Path, *, progress: bool = True,
   workdir = make_dir(workdir)
   check_writable(workdir)
   if mesh is None:
-    mesh = make_mesh(runtime.train_devices(param_count(task), task.config.data.batch_size))
+    mesh = make_mesh(runtime.train_devices(lambda: param_count(task),
+                                           task.config.data.batch_size))
   log.info("Data parallel over %d %s device(s); global batch %d", mesh.size,
            mesh.devices.flat[0].platform, task.config.data.batch_size)
   # The mesh is also the context of the run's other computations (cached encodings, pictures):

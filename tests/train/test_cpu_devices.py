@@ -85,7 +85,8 @@ def test_a_model_too_large_for_its_batch_trains_on_one_of_the_split_devices():
       runtime.setup_logging()
       assert runtime.configure_cpu_devices(2) == 2
       limit = runtime.MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT * 16
-      print(len(runtime.train_devices(limit, 16)), runtime.train_devices(limit + 1, 16))
+      print(len(runtime.train_devices(lambda: limit, 16)),
+            runtime.train_devices(lambda: limit + 1, 16))
   """)
   default = run_python(code, env={"JAXGEN_CPU_DEVICES": ""})
   assert default.returncode == 0, default.stderr[-3000:]
@@ -102,8 +103,8 @@ def test_training_asks_for_its_devices_with_the_state_s_parameter_count(tmp_path
   from jaxgen import app
   asked = []
 
-  def train_devices(n_params, batch):
-    asked.append((n_params, batch))
+  def train_devices(count_params, batch):
+    asked.append((count_params(), batch))
     return jax.devices()[:1]
 
   monkeypatch.setattr(runtime, "train_devices", train_devices)
