@@ -1,6 +1,6 @@
 """jaxgen side of the suite: one row per process (run by benchmarks/run.py).
 
-python benchmarks/bench_jax.py ROW [--quick] [--set KEY=VALUE ...] --out FILE.json
+python benchmarks/bench_jax.py ROW [--quick] [--set KEY=VALUE ...] [--train-devices N] --out F.json
 python benchmarks/bench_jax.py peak --out FILE.json     (the float32 matmul peak)
 
 Train step: the task built from its config, the real `make_train_step(task.loss_fn)` with the

@@ -38,7 +38,8 @@ Examples:
   jaxgen import --diffusers ~/models/stable-diffusion-v1-5 --workdir runs/sd15
 
 On a CPU, train, sample and generate run data parallel over two host devices (one per core);
-JAXGEN_CPU_DEVICES=N picks another count (1: one device).
+train keeps one where each would get fewer than 4 examples or the model has more than 4M
+parameters per example. JAXGEN_CPU_DEVICES=N picks another count (1: one device).
 
 Run 'jaxgen COMMAND --help' for a command's options."""
 
