@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -48,5 +49,21 @@ def _base_optimizer(o, schedule) -> optax.GradientTransformation:
   else:
     raise ValueError(f"unknown optimizer {o.name}")
   if o.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(o.grad_clip), base)
+    return optax.chain(clip_by_global_norm(o.grad_clip), base)
   return base
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Scales the updates by max_norm / ||updates|| when that global norm reaches max_norm, as
+  optax.clip_by_global_norm does, with one multiply by a scalar per element where optax divides
+  each element by the norm and selects (as torch.nn.utils.clip_grad_norm_ scales). The results
+  agree to rounding; on the CPU the division and select made optax's clip cost more than the
+  Adam update itself (0.25 s of the SD-like U-Net's 150M-parameter update, on its own)."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

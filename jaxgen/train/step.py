@@ -82,18 +82,26 @@ def make_train_step(loss_fn: LossFn, *, ema_decay: float, schedule: optax.Schedu
     (loss, (metrics, model_state)), grads = accumulated_grads(
         loss_fn, state.params, state.model_state, batch, key, accum_steps)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if ema_decay > 0:
-      # e + (1 - d)(p - e): a parameter that does not move (a frozen tower) keeps its EMA
-      # bit-for-bit, which d e + (1 - d) p would round away.
-      ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
-    else:
-      ema = params
-    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-                        model_state=model_state)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+
+    def update(state):
+      updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      if ema_decay > 0:
+        # e + (1 - d)(p - e): a parameter that does not move (a frozen tower) keeps its EMA
+        # bit-for-bit, which d e + (1 - d) p would round away.
+        ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params,
+                           params)
+      else:
+        ema = params
+      return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                           opt_state=opt_state, model_state=model_state)
+
+    # A branch, not a select of new and old over the whole state: the select keeps both alive
+    # and writes a third copy (SD-like U-Net, 150M parameters, CPU: XLA's temporaries 1,733 ->
+    # 1,582 MB; the update on its own 0.81 -> 0.24 s with optim.clip_by_global_norm; the whole
+    # step's time the same within noise).
+    new = jax.lax.cond(finite, update, lambda state: state, state)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite)
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
