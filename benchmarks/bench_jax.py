@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import median_time, peak_rss_bytes
+from common import host_malloc, median_time, peak_rss_bytes
 from rows import ROWS
 
 from jaxgen import app, diffusion
@@ -297,6 +297,7 @@ def main():
                  help="a config override after the row's own (repeatable), e.g. train.fsdp=true")
   a = p.parse_args()
   import logging
+  malloc = host_malloc()
   logging.basicConfig(level=logging.WARNING)
   if a.row == "peak":
     res = dict(row="peak", framework="jaxgen", **matmul_peak())
@@ -304,6 +305,7 @@ def main():
     res = run_row(a.row, a.quick, a.set, a.train_devices)
     res["overrides"] = a.set
   res["jax"] = jax.__version__
+  res["malloc"] = malloc
   with open(a.out, "w") as f:
     json.dump(res, f, indent=1)
 

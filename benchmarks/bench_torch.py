@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import host_malloc, peak_rss_bytes
 from common import median_time as _median_time
-from common import peak_rss_bytes
 from rows import ROWS
 
 DEVICE = os.environ.get("JAXGEN_BENCH_DEVICE", "cpu")
@@ -276,11 +276,13 @@ def main():
                  help="jaxgen's U-Net parameter count: asserted equal within 1%%")
   p.add_argument("--out", required=True)
   a = p.parse_args()
+  malloc = host_malloc()
   torch.set_num_threads(os.cpu_count())
   if a.row == "peak":
     res = dict(row="peak", framework="pytorch", threads=torch.get_num_threads(), **matmul_peak())
   else:
     res = run_row(a.row, a.quick, a.expect_params)
+  res["malloc"] = malloc
   with open(a.out, "w") as f:
     json.dump(res, f, indent=1)
 

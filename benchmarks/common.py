@@ -68,6 +68,13 @@ def median_time(fn, *args, repeats: int = 5, warmup: int = 1, min_seconds: float
               repeats=len(times))
 
 
+def host_malloc() -> str:
+  """Applies $JAXGEN_MALLOC to this process's allocator (jaxgen.host_memory; the suite sets
+  the same for its jaxgen and PyTorch workers) before any work: 'keep' or 'system'."""
+  from jaxgen.host_memory import keep_freed_memory
+  return "keep" if keep_freed_memory() else "system"
+
+
 def peak_rss_bytes() -> int:
   """This process's peak resident memory so far (Linux reports KiB)."""
   import resource

@@ -1,6 +1,7 @@
 """jaxgen's performance suite, side by side with PyTorch (diffusers) where it is installed.
 
 python benchmarks/run.py [--quick] [--only ROW[,ROW...]] [--no-torch] [--xla-flags FLAGS]
+                         [--malloc keep|system]
 
 Rows (benchmarks/rows.py): vae, ddpm_small, ddpm_cifar10, ldm_small, ldm_sd_like, clip.
 Per row: training images/s through the real `make_train_step` (the task's loss, AdamW), the
@@ -226,8 +227,8 @@ def memory_table(rows: list[dict]) -> str:
 
 def header(meta: dict) -> str:
   keys = ["date", "cpu", "cpu_count", "platform", "jax", "torch", "torch_threads", "xla_flags",
-          "quick", "matmul_peak_gflops", "torch_matmul_peak_gflops", "wall_s", "load_start",
-          "load_end"]
+          "malloc", "quick", "matmul_peak_gflops", "torch_matmul_peak_gflops", "wall_s",
+          "load_start", "load_end"]
   return ", ".join(f"{k}={_fmt(meta[k])}" for k in keys if k in meta)
 
 
@@ -257,6 +258,9 @@ def main():
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
   p.add_argument("--xla-flags", default=None,
                  help="XLA_FLAGS for the jaxgen processes (default: the environment's)")
+  p.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                 help="the C allocator of both sides' processes (jaxgen.host_memory): keep freed "
+                      "memory for reuse (the CLI's default) or glibc's default")
   p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
   p.add_argument("--stem", default=None,
                  help="results file name (default suite, or suite_quick with --quick)")
@@ -280,6 +284,7 @@ def main():
     p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
   use_torch = (not a.no_torch and importlib.util.find_spec("torch") is not None
                and importlib.util.find_spec("diffusers") is not None)
+  os.environ["JAXGEN_MALLOC"] = a.malloc  # both sides' workers inherit it
   jax_env = dict(os.environ)
   if a.xla_flags is not None:
     jax_env["XLA_FLAGS"] = a.xla_flags
@@ -291,7 +296,7 @@ def main():
   meta = dict(load_start=os.getloadavg()[0], date=time.strftime("%Y-%m-%d %H:%M"),
               cpu=_cpu_model(), cpu_count=os.cpu_count(),
               platform=jax.default_backend(), jax=jax.__version__, quick=a.quick,
-              xla_flags=jax_env.get("XLA_FLAGS", ""))
+              xla_flags=jax_env.get("XLA_FLAGS", ""), malloc=a.malloc)
   print("matmul peak ...", flush=True)
   peak = _worker("bench_jax.py", ["peak"], jax_env, a.timeout)
   meta["matmul_peak_flops_per_s"] = peak.get("flops_per_s")

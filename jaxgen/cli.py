@@ -510,7 +510,8 @@ def main(argv: list[str] | None = None) -> None:
       parser.error("--config.KEY=VALUE overrides apply to 'train' only")
     if extra and args.command not in ("sample", "eval", "generate"):
       parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from jaxgen import runtime
+    from jaxgen import host_memory, runtime
+    host_memory.keep_freed_memory()  # before JAX starts its threads
     runtime.setup_logging()
     runtime.enable_compilation_cache()
     if args.command == "train":
