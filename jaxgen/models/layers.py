@@ -88,8 +88,12 @@ class Upsample(nn.Module):
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
 # "auto" chunks when a head's logits would hold more than this many entries: on accelerators
 # from 64x64 latents on (4096^2 = 16.8M; 32x32 has 1M and stays materialised), on the CPU from
-# 64 x 64 (its cache favours 256-query blocks: 3-4x faster forward and backward than the
-# materialised softmax from 256 to 4096 positions, benchmarks/results/attention.md).
+# 64 x 64 logits: 3-4x faster forward and backward than the materialised softmax from 256 to
+# 4096 positions under glibc's default allocator (benchmarks/results/attention.md), which faults
+# the logits in afresh each call. With freed memory kept (jaxgen.host_memory, the CLI's
+# default; 2026-12-06) the materialised softmax is faster alone at 1024 positions (163 against
+# 225 ms, heads first) and level inside the SD-like train step, with 2.4x its XLA temporaries:
+# the threshold stays for the memory.
 CHUNK_ABOVE = 2 ** 20
 CPU_CHUNK_ABOVE = 64 * 64
 _implementation = "auto"
