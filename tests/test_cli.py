@@ -27,6 +27,13 @@ def test_help_says_what_each_command_does(capsys):
   assert r.returncode == 0 and "jaxgen" in r.stdout
 
 
+def test_unknown_allocator_setting_is_named_before_any_work(capsys, monkeypatch, tmp_path):
+  monkeypatch.setenv("JAXGEN_MALLOC", "tcmalloc")
+  code, _, err = _run(capsys, "verify", "--workdir", str(tmp_path))
+  assert code == 2 and "Traceback" not in err
+  assert "JAXGEN_MALLOC must be 'keep' (the default) or 'system', got 'tcmalloc'" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.optim.lrr=1"], "Unknown config key 'optim.lrr'. Did you mean 'optim.lr'?"),
     (["--config.train.num_steps", "many"], "expects int, got 'many'"),
