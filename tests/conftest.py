@@ -21,8 +21,9 @@ CACHE = os.environ.setdefault(
 
 import pytest  # noqa: E402
 
-from jaxgen import runtime  # noqa: E402
+from jaxgen import host_memory, runtime  # noqa: E402
 
+host_memory.keep_freed_memory()  # as every jaxgen command does, before JAX starts its threads
 runtime.enable_compilation_cache(CACHE)
 runtime.setup_logging()
 
