@@ -33,8 +33,8 @@ from jaxgen import host_memory  # noqa: E402
 
 # glibc's defaults (mallopt(3)): mmap threshold and trim threshold 128 KiB, 65,536 maps
 SYSTEM = ((host_memory.M_MMAP_MAX, 65536), (host_memory.M_TRIM_THRESHOLD, 128 * 1024),
-          (-3, 128 * 1024))  # -3: M_MMAP_THRESHOLD
-KEEP = ((host_memory.M_MMAP_MAX, 0), (host_memory.M_TRIM_THRESHOLD, -1))
+          (host_memory.M_MMAP_THRESHOLD, 128 * 1024))
+KEEP = tuple(kv for kv in host_memory.KEEP if kv[0] != host_memory.M_ARENA_MAX)
 
 
 def _mallopt(settings) -> None:

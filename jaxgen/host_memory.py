@@ -24,8 +24,10 @@ import platform
 
 # mallopt parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
+KEEP = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_ARENA_MAX, 1))
 ENV = "JAXGEN_MALLOC"  # "system" leaves the allocator as it is
 
 
@@ -33,12 +35,13 @@ def keep_freed_memory() -> bool:
   """Sets glibc's allocator to reuse freed memory instead of returning it (see the module's
   docstring). Call it before JAX starts its backends (threads that already have an arena keep
   it). A no-op returning False off glibc or with $JAXGEN_MALLOC=system; True when set."""
-  value = os.environ.get(ENV, "").strip().lower()
-  if value == "system":
+  raw = os.environ.get(ENV, "")
+  setting = raw.strip().lower()
+  if setting == "system":
     return False
-  if value not in ("", "keep"):
+  if setting not in ("", "keep"):
     from jaxgen.errors import ConfigError
-    raise ConfigError(f"{ENV} must be 'keep' (the default) or 'system', got {value!r}")
+    raise ConfigError(f"{ENV} must be 'keep' (the default) or 'system', got {raw!r}")
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
   try:
@@ -46,5 +49,6 @@ def keep_freed_memory() -> bool:
   except (OSError, AttributeError):
     return False
   mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-  return all(mallopt(param, value) == 1 for param, value in
-             ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_ARENA_MAX, 1)))
+  # each one applied even where another is refused; -1 as the trim threshold: never trim
+  done = [mallopt(param, v) == 1 for param, v in KEEP]
+  return all(done)
