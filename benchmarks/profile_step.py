@@ -7,7 +7,8 @@ most expensive instructions listed.
 python benchmarks/profile_step.py ROW [--steps 2] [--top 25]
 
 ROW is a name of benchmarks/rows.py (one device, the row's batch and overrides). Writes
-benchmarks/results/profile_ROW.json and .md. Thunk times are per thread: on the CPU a dot or
+benchmarks/results/profile_ROW.json and .md. $JAXGEN_MALLOC applies as in the suite (default
+keep: jaxgen.host_memory). Thunk times are per thread: on the CPU a dot or
 convolution that XLA splits over both cores counts once, on the thread that launched it.
 """
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main():
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--top", type=int, default=25)
   a = p.parse_args()
+  malloc = common.host_malloc()  # as the suite's workers: before JAX starts its threads
   r = profile(a.row, a.steps, a.top)
   total = r["thread_ms_per_step"]
   share = lambda d: [dict(part=k, ms=v, share_pct=100 * v / total) for k, v in d.items()]
@@ -77,7 +79,7 @@ def main():
                ["part", "instruction", "kind", "shape", "ms", "share_pct", "op"],
                dict(row=a.row, batch=r["batch"], steps=a.steps, compile_s=round(r["compile_s"], 1),
                     wall_ms_per_step=round(r["wall_ms_per_step"]),
-                    thread_ms_per_step=round(total)))
+                    thread_ms_per_step=round(total), malloc=malloc))
   print(f"{a.row}: {r['wall_ms_per_step']:.0f} ms/step traced, {total:.0f} thread-ms")
   for k, v in list(r["by_kind"].items()) + list(r["by_where"].items()):
     print(f"  {k:55s} {v:8.1f} ms  {100 * v / total:5.1f}%")

@@ -86,7 +86,9 @@ def build_task(config: ml_collections.ConfigDict, tokenizer=None):
   """The task of `config`; `tokenizer` (e.g. a run's saved one) spares rebuilding it. With
   lora.rank > 0 the task trains low-rank adapters on the run lora.base (jaxgen.tasks.lora)."""
   from jaxgen.models.layers import set_attention
-  set_attention(config.attention)  # read when the task's functions are traced
+  from jaxgen.models.ops import set_conv
+  set_attention(config.attention)  # both read when the task's functions are traced
+  set_conv(config.conv)
   if config.lora.rank and tokenizer is None:  # a fresh LoRA run reads its base run's tokenizer
     tokenizer = weights_lib.load_tokenizer(config.lora.base, config, missing_ok=True)
   task = task_class(config.task)(config, tokenizer=tokenizer)

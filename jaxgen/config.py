@@ -27,6 +27,7 @@ def compose(task: str, task_sections: dict[str, dict]) -> ml_collections.ConfigD
   c.task = task
   c.seed = 0
   c.attention = "auto"            # auto | xla | chunked | cudnn (models.layers.set_attention)
+  c.conv = "auto"                 # auto | xla | matmul: conv filter gradients (models.ops.set_conv)
   c.data = dict(
       source="embedded",          # embedded | tfds | folder | npz
       name="fashion_mnist_small",  # embedded or TFDS name
@@ -249,6 +250,10 @@ def validate_shared(config: ml_collections.ConfigDict) -> None:
   if config.attention not in IMPLEMENTATIONS:
     raise ConfigError(f"attention must be one of {', '.join(IMPLEMENTATIONS)}; got "
                       f"{config.attention!r}.")
+  from jaxgen.models.ops import CONV_IMPLEMENTATIONS
+  if config.conv not in CONV_IMPLEMENTATIONS:
+    raise ConfigError(f"conv must be one of {', '.join(CONV_IMPLEMENTATIONS)}; got "
+                      f"{config.conv!r}.")
   if d.source not in ("embedded", "tfds", "folder", "npz"):
     raise ConfigError(f"data.source must be embedded, tfds, folder or npz; got {d.source!r}.")
   if d.source in ("folder", "npz") and not d.path:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.models.layers import attention, group_norm, timestep_embedding
-from jaxgen.models.ops import Dropout
+from jaxgen.models.ops import Conv, Dropout
 
 
 class Attention(nn.Module):
@@ -119,7 +119,7 @@ class Transformer2D(nn.Module):
     if self.use_linear_projection:
       y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
     else:
-      y = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
+      y = Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
     if self.position_embedding:
       y = y + position_embedding_2d(h, w, inner).astype(y.dtype)
     for n in range(self.depth):
@@ -129,5 +129,5 @@ class Transformer2D(nn.Module):
     if self.use_linear_projection:
       y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
     else:
-      y = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(y.reshape(b, h, w, inner))
+      y = Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(y.reshape(b, h, w, inner))
     return x + y

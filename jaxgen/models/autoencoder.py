@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxgen.models.layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm
+from jaxgen.models.ops import Conv
 
 
 class MidBlock(nn.Module):
@@ -42,7 +43,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, final_conv: bool = True):
-    h = nn.Conv(self.ch * self.ch_mult[0], (3, 3), dtype=self.dtype, name="conv_in")(x)
+    h = Conv(self.ch * self.ch_mult[0], (3, 3), dtype=self.dtype, name="conv_in")(x)
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
         h = ResBlock(self.ch * mult, self.groups, self.eps, dtype=self.dtype,
@@ -55,7 +56,7 @@ class Encoder(nn.Module):
     h = group_norm(self.groups, self.eps, "norm_out", act="silu")(h)
     if not final_conv:
       return h
-    return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    return Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
 
 
 class Decoder(nn.Module):
@@ -72,7 +73,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, z):
     top = self.ch * self.ch_mult[-1]
-    h = nn.Conv(top, (3, 3), dtype=self.dtype, name="conv_in")(z)
+    h = Conv(top, (3, 3), dtype=self.dtype, name="conv_in")(z)
     h = MidBlock(top, self.groups, self.eps, self.mid_attention, self.dtype, name="mid")(h)
     levels = len(self.ch_mult)
     for k, i in enumerate(reversed(range(levels))):  # k: diffusers' up_blocks index
@@ -82,7 +83,7 @@ class Decoder(nn.Module):
       if i > 0:
         h = Upsample(self.ch * self.ch_mult[i], self.dtype, name=f"up_{k}_upsample")(h)
     h = group_norm(self.groups, self.eps, "norm_out", act="silu")(h)
-    return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    return Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
 
 
 class Autoencoder(nn.Module):
@@ -133,8 +134,8 @@ class Autoencoder(nn.Module):
       self.to_latent = nn.Dense(n, dtype=self.dtype)
       self.from_latent = nn.Dense(s * s * self.z_channels, dtype=self.dtype)
     elif self.quant_conv:
-      self.quant = nn.Conv(moments, (1, 1), dtype=self.dtype)
-      self.post_quant = nn.Conv(self.z_channels, (1, 1), dtype=self.dtype)
+      self.quant = Conv(moments, (1, 1), dtype=self.dtype)
+      self.post_quant = Conv(self.z_channels, (1, 1), dtype=self.dtype)
     if self.learn_output_scale:
       self.log_scale = self.param("log_scale", nn.initializers.zeros, (self.out_channels,))
 

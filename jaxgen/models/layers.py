@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.errors import ConfigError
-from jaxgen.models.ops import Dropout, GroupNorm
+from jaxgen.models.ops import Conv, Dropout, GroupNorm
 
 
 def group_norm(groups: int, eps: float, name: str | None = None, act: str | None = None
@@ -32,15 +32,15 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, t_emb=None, *, train: bool = False):
     h = group_norm(self.groups, self.eps, "norm1", act="silu")(x)
-    h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
+    h = Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
     if t_emb is not None:
       h = h + nn.Dense(self.features, dtype=self.dtype, name="time_emb_proj")(
           nn.silu(t_emb))[:, None, None, :]
     h = group_norm(self.groups, self.eps, "norm2", act="silu")(h)
     h = Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(h)
+    h = Conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+      x = Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
     return x + h
 
 
@@ -57,7 +57,7 @@ class Downsample(nn.Module):
       padding = "VALID"
     else:
       padding = ((1, 1), (1, 1))
-    return nn.Conv(self.features, (3, 3), strides=(2, 2), padding=padding, dtype=self.dtype,
+    return Conv(self.features, (3, 3), strides=(2, 2), padding=padding, dtype=self.dtype,
                    name="conv")(x)
 
 
@@ -82,7 +82,7 @@ class Upsample(nn.Module):
       x = repeat_2x2(x)
     else:
       x = jax.image.resize(x, (b, size[0], size[1], c), method="nearest")
-    return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
+    return Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
 
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")

@@ -20,6 +20,7 @@ from jaxgen.models.layers import (
   group_norm,
   timestep_embedding,
 )
+from jaxgen.models.ops import Conv
 
 
 class TimestepEmbedding(nn.Module):
@@ -225,7 +226,7 @@ class UNet(nn.Module):
     if context is not None:
       context = context.astype(self.dtype)
 
-    h = nn.Conv(chans[0], (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+    h = Conv(chans[0], (3, 3), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
     skips = [h]
     for i, c in enumerate(chans):
       for j in range(self.layers_per_block):
@@ -252,7 +253,7 @@ class UNet(nn.Module):
         h = Upsample(chans[i], self.dtype, name=f"up_{k}_upsample")(h)
 
     h = group_norm(self.groups, self.norm_eps, "conv_norm_out", act="silu")(h)
-    h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    h = Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
     return h.astype(jnp.float32)
 
 

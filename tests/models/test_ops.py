@@ -1,5 +1,6 @@
 """jaxgen's fast layers: the fused GroupNorm(+SiLU) against flax's GroupNorm then nn.silu with
-autodiff gradients; the dropout masks' rate, independence, keys and sharding."""
+autodiff gradients; the dropout masks' rate, independence, keys and sharding; the convolutions
+with matmul filter gradients against flax's nn.Conv differentiated by XLA."""
 import textwrap
 
 import flax.linen as nn
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 
 from helpers import run_python
+from jaxgen import app
+from jaxgen.errors import ConfigError
+from jaxgen.models import ops
 from jaxgen.models.ops import Dropout, GroupNorm, dropout_keep_mask, group_norm_silu
 
 
@@ -126,3 +130,80 @@ def test_dropout_mask_split_over_eight_devices_is_the_same_and_local():
   """)
   r = run_python(code, devices=8)
   assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+@pytest.fixture
+def conv_setting():
+  """Restores the process-wide convolution setting after a test that changes it."""
+  yield ops.set_conv
+  ops.set_conv("auto")
+
+
+def _conv_case(k, hw, cin, cout, seed=0, **kwargs):
+  rng = np.random.RandomState(seed)
+  x = rng.randn(2, hw, hw + 1, cin).astype(np.float32)
+  module, reference = ops.Conv(cout, (k, k), **kwargs), nn.Conv(cout, (k, k), **kwargs)
+  params = reference.init(jax.random.PRNGKey(seed), x)
+  cot = rng.randn(*reference.apply(params, x).shape).astype(np.float32)
+
+  def value_and_grads(m):
+    loss = lambda p, x: jnp.sum(m.apply(p, x).astype(jnp.float32) * cot)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+  return module, reference, params, x, value_and_grads
+
+
+# 3x3 at 4x5 and 7x8 positions: one im2col matmul; at 16x17: one matmul per shift
+@pytest.mark.parametrize("k,hw,cin,cout", [(3, 4, 5, 7), (3, 7, 6, 4), (3, 16, 4, 6), (1, 6, 5, 3),
+                                           (5, 16, 3, 4)])
+def test_conv_matmul_filter_gradient_matches_xla(conv_setting, k, hw, cin, cout):
+  conv_setting("matmul")
+  module, reference, params, x, value_and_grads = _conv_case(k, hw, cin, cout)
+  assert jax.tree.map(jnp.shape, module.init(jax.random.PRNGKey(0), x)) == \
+      jax.tree.map(jnp.shape, params)  # flax's parameter names and shapes
+  (v, (dp, dx)), (rv, (rdp, rdx)) = value_and_grads(module), value_and_grads(reference)
+  np.testing.assert_allclose(v, rv, rtol=1e-5)
+  np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-4 * np.abs(rdx).max())
+  for name in ("kernel", "bias"):
+    a, b = dp["params"][name], rdp["params"][name]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
+  # the matmul path was taken (XLA's gradient of a convolution has no dot)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(module.apply(p, x))))(params))
+  assert "dot_general" in jaxpr
+  assert ("conv_general_dilated" in jaxpr) == (k > 1)
+
+
+def test_conv_bfloat16_filter_gradient_accumulates_in_float32(conv_setting):
+  conv_setting("matmul")
+  module, _, params, x, _ = _conv_case(3, 16, 8, 8, dtype=jnp.bfloat16)
+  ref = nn.Conv(8, (3, 3), dtype=jnp.float32)
+  grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x).astype(jnp.float32) ** 2))(params)
+  ours, exact = grad(module)["params"]["kernel"], grad(ref)["params"]["kernel"]
+  assert ours.dtype == jnp.float32  # the parameters' dtype
+  np.testing.assert_allclose(ours, exact, rtol=0.05, atol=0.02 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("kwargs", [dict(strides=(2, 2)), dict(padding="VALID"),
+                                    dict(padding=((0, 1), (0, 1))), dict(kernel_dilation=(2, 2)),
+                                    dict(feature_group_count=2)])
+def test_conv_other_convolutions_are_xlas(conv_setting, kwargs):
+  conv_setting("matmul")
+  module, reference, params, x, value_and_grads = _conv_case(3, 8, 4, 6, **kwargs)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(module.apply(p, x))))(params))
+  assert "custom_vjp" not in jaxpr and "dot_general" not in jaxpr
+  (v, (dp, dx)), (rv, (rdp, rdx)) = value_and_grads(module), value_and_grads(reference)
+  np.testing.assert_array_equal(v, rv)
+  np.testing.assert_array_equal(dp["params"]["kernel"], rdp["params"]["kernel"])
+  np.testing.assert_array_equal(dx, rdx)
+
+
+def test_conv_setting_auto_xla_and_errors(conv_setting):
+  assert ops.conv_implementation() == "matmul"  # auto, on the CPU
+  conv_setting("xla")
+  module, _, params, x, _ = _conv_case(3, 16, 4, 4)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(module.apply(p, x))))(params))
+  assert "dot_general" not in jaxpr
+  with pytest.raises(ConfigError, match="conv must be one of"):
+    ops.set_conv("im2col")
+  with pytest.raises(ConfigError, match="conv must be one of .*got 'fast'"):
+    app.load_config("configs/ddpm.py:smoke", ["conv=fast"])
