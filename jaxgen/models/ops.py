@@ -149,12 +149,13 @@ class Dropout(nn.Module):
 
 # -- convolutions ---------------------------------------------------------------------------------
 # XLA:CPU lowers the filter gradient of a convolution at about half the speed of the forward
-# convolution (75-88 GFLOP/s against 150-160 on this machine's two cores, 3x3 kernels at the
-# SD-like U-Net's shapes; 19-23 GFLOP/s for 1x1 kernels), and a 1x1 forward at half a matmul's
-# speed. Written as matmuls over the batch and positions (the k*k shifted copies of the input
-# against the output gradient; one matmul for 1x1), the filter gradient runs at 95-140 GFLOP/s,
-# 1.2-5.8x faster (benchmarks/conv_grad.py). The forward and input-gradient convolutions stay
-# XLA's. "auto" takes the matmuls on the CPU only: cuDNN's filter gradients need no help.
+# convolution (38-87 GFLOP/s against 62-154 on this machine's two cores for 3x3 kernels at the
+# U-Nets' shapes; 20 GFLOP/s for 1x1 kernels). Written as matmuls over the batch and positions
+# (the k*k shifted copies of the input against the output gradient; one matmul for 1x1), the
+# filter gradient runs 1.3-3.6x faster (benchmarks/conv_grad.py). The forward and
+# input-gradient convolutions stay XLA's (a 1x1 forward as a matmul made the SD-like U-Net's
+# network call slower: 1.52 against 1.21 s). "auto" takes the matmuls on the CPU only: cuDNN's
+# filter gradients need no help.
 CONV_IMPLEMENTATIONS = ("auto", "xla", "matmul")
 _conv_implementation = "auto"
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -168,9 +169,9 @@ IM2COL_BELOW = 16 * 16
 
 def set_conv(implementation: str) -> None:
   """How the filter gradients of jaxgen's stride-1 convolutions are computed from now on (read
-  when a function is traced): "xla" as XLA lowers them, "matmul" as matmuls (and 1x1
-  convolutions as matmuls throughout), "auto" matmul on the CPU and xla elsewhere. The config
-  key `conv` sets it for a task (jaxgen.app.build_task)."""
+  when a function is traced): "xla" as XLA lowers them, "matmul" as matmuls, "auto" matmul on
+  the CPU and xla elsewhere. The forward and input-gradient convolutions are XLA's in all three.
+  The config key `conv` sets it for a task (jaxgen.app.build_task)."""
   if implementation not in CONV_IMPLEMENTATIONS:
     raise ConfigError(f"conv must be one of {CONV_IMPLEMENTATIONS}, got {implementation!r}")
   global _conv_implementation
@@ -208,6 +209,8 @@ def _filter_grad(x, g, k: int, pad: int, precision):
     x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   matmul = functools.partial(jnp.einsum, "nk,nc->kc", precision=precision,
                              preferred_element_type=jnp.float32)
+  if k == 1:
+    return matmul(x.reshape(-1, ci), g2).reshape(1, 1, ci, co)
   if h * w < IM2COL_BELOW:
     shifts = [x[:, i:i + h, j:j + w, :].reshape(-1, ci) for i in range(k) for j in range(k)]
     return matmul(jnp.concatenate(shifts, axis=-1), g2).reshape(k, k, ci, co)
@@ -257,8 +260,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
-  if k == 1:
-    return jnp.einsum("bhwi,io->bhwo", lhs, rhs[0, 0], precision=precision)
   return _conv_same(lhs, rhs, pad, precision)
 
 
