@@ -149,13 +149,13 @@ class Dropout(nn.Module):
 
 # -- convolutions ---------------------------------------------------------------------------------
 # XLA:CPU lowers the filter gradient of a convolution at about half the speed of the forward
-# convolution (38-87 GFLOP/s against 62-154 on this machine's two cores for 3x3 kernels at the
-# U-Nets' shapes; 20 GFLOP/s for 1x1 kernels). Written as matmuls over the batch and positions
+# convolution (27-75 GFLOP/s against 51-132 on this machine's two cores for 3x3 kernels at the
+# U-Nets' shapes; 11-13 GFLOP/s for 1x1 kernels). Written as matmuls over the batch and positions
 # (the k*k shifted copies of the input against the output gradient; one matmul for 1x1), the
-# filter gradient runs 1.3-3.6x faster (benchmarks/conv_grad.py). The forward and
-# input-gradient convolutions stay XLA's (a 1x1 forward as a matmul made the SD-like U-Net's
-# network call slower: 1.52 against 1.21 s). "auto" takes the matmuls on the CPU only: cuDNN's
-# filter gradients need no help.
+# filter gradient runs 1.4-7.3x faster (benchmarks/results/conv_grad.md, 2026-12-06). The
+# forward and input-gradient convolutions stay XLA's (a 1x1 forward as a matmul made the
+# SD-like U-Net's network call slower: 1.52 against 1.21 s). "auto" takes the matmuls on the CPU
+# only: cuDNN's filter gradients need no help.
 CONV_IMPLEMENTATIONS = ("auto", "xla", "matmul")
 _conv_implementation = "auto"
 _NHWC = ("NHWC", "HWIO", "NHWC")
