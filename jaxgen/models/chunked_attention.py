@@ -70,6 +70,8 @@ def _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale):
                       preferred_element_type=jnp.float32) * scale
   if mask is not None:
     logits = jnp.where(_block_mask(mask, qi, q_chunk, ki, k_chunk), logits, MASKED)
+  if s % k_chunk == 0:  # no padded keys: skip a pass over the block
+    return logits
   key_pos = ki * k_chunk + jnp.arange(k_chunk)
   return jnp.where(key_pos < s, logits, -jnp.inf)
 
@@ -81,6 +83,8 @@ def _logits_t(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale):
   if mask is not None:
     logits = jnp.where(jnp.swapaxes(_block_mask(mask, qi, q_chunk, ki, k_chunk), 2, 3), logits,
                        MASKED)
+  if s % k_chunk == 0:
+    return logits
   key_pos = ki * k_chunk + jnp.arange(k_chunk)
   return jnp.where((key_pos < s)[:, None], logits, -jnp.inf)
 
@@ -166,36 +170,63 @@ def _backward(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, mask, s, q_chunk, k_chunk):
-  return _forward(q, k, v, mask, s, q_chunk, k_chunk)[0]
+def _attention(q, k, v, mask, s, q_chunks, k_chunk):
+  return _forward(q, k, v, mask, s, q_chunks[0], k_chunk)[0]
 
 
-def _attention_fwd(q, k, v, mask, s, q_chunk, k_chunk):
-  out, lse = _forward(q, k, v, mask, s, q_chunk, k_chunk)
+def _attention_fwd(q, k, v, mask, s, q_chunks, k_chunk):
+  out, lse = _forward(q, k, v, mask, s, q_chunks[0], k_chunk)
   return out, (q, k, v, mask, out, lse)
 
 
-def _attention_bwd(s, q_chunk, k_chunk, residuals, d_out):
+def _attention_bwd(s, q_chunks, k_chunk, residuals, d_out):
   q, k, v, mask, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out)
+  dq, dk, dv = _backward(q, k, v, mask, s, q_chunks[1], k_chunk, out, lse, d_out)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
+# The default query chunks, measured on a 2-core CPU (XLA:CPU, jax 0.10; self-attention over
+# 1024 positions, 8 heads of 16, and cross-attention to 77 tokens): the forward is fastest when
+# a block's logits over all examples and heads number about 2^21 (1024 positions at batch 2:
+# 128 queries, 18.5 against 22.4 ms at 256; at batch 4: 64 queries, 45.8 against 50.6 ms), the
+# backward with blocks of 256 queries (fwd + bwd at batch 4: 110 ms against 114 at 128).
+FORWARD_BLOCK_LOGITS = 2 ** 21
+BACKWARD_Q_CHUNK = 256
 
-def chunked_attention(q, k, v, mask=None, *, q_chunk: int = 256, k_chunk: int = 1024):
+
+def _default_q_chunks(b: int, n: int, t: int, k_chunk: int) -> tuple[int, int]:
+  """(forward, backward) query chunks: the forward's a power of two in [64, 512] (at most t)
+  whose block holds about FORWARD_BLOCK_LOGITS logits; the backward's the largest multiple of
+  it up to BACKWARD_Q_CHUNK that divides the padded queries (padding is to the forward's)."""
+  fwd = 2 ** int(math.log2(max(FORWARD_BLOCK_LOGITS // (b * n * k_chunk), 1)))
+  fwd = min(max(fwd, 64), 512, t)
+  blocks = -(-t // fwd)
+  bwd = fwd
+  for m in range(2, max(BACKWARD_Q_CHUNK // fwd, 1) + 1):
+    if blocks % m == 0:
+      bwd = fwd * m
+  return fwd, bwd
+
+
+def chunked_attention(q, k, v, mask=None, *, q_chunk: int | None = None, k_chunk: int = 1024):
   """Scaled dot-product attention in O(T + S) memory. q [B, T, N, H], k/v [B, S, N, H]; mask
-  broadcasts to [B, N, T, S] (True = attend). Chunks larger than the sequence shrink to it."""
+  broadcasts to [B, N, T, S] (True = attend). Chunks larger than the sequence shrink to it;
+  q_chunk None: chosen by shape for the forward and the backward (_default_q_chunks)."""
   if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[::2] != k.shape[::2] or \
       q.shape[-1] != k.shape[-1]:
     raise ValueError(f"attention expects q [B, T, N, H] and k, v [B, S, N, H]; got "
                      f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
   b, t, n, _ = q.shape
   s = k.shape[1]
-  q_chunk, k_chunk = min(q_chunk, t), min(k_chunk, s)
+  k_chunk = min(k_chunk, s)
+  if q_chunk is None:
+    q_chunks = _default_q_chunks(b, n, t, k_chunk)
+  else:
+    q_chunks = (min(q_chunk, t),) * 2
   heads_first = lambda x, c: _pad_to(jnp.swapaxes(x, 1, 2), 2, c)  # [B, N, T, H]: plain matmuls
-  qp, kp, vp = heads_first(q, q_chunk), heads_first(k, k_chunk), heads_first(v, k_chunk)
-  mask = _prepare_mask(mask, b, n, t, s, q_chunk, k_chunk)
-  out = _attention(qp, kp, vp, mask, s, q_chunk, k_chunk)
+  qp, kp, vp = heads_first(q, q_chunks[0]), heads_first(k, k_chunk), heads_first(v, k_chunk)
+  mask = _prepare_mask(mask, b, n, t, s, q_chunks[0], k_chunk)
+  out = _attention(qp, kp, vp, mask, s, q_chunks, k_chunk)
   return jnp.swapaxes(out[:, :, :t], 1, 2).astype(v.dtype)

@@ -53,6 +53,24 @@ def test_values_and_gradients_match_jax_reference(shape, chunks, mask):
     np.testing.assert_allclose(g_mine, g_ref, atol=2e-5, rtol=1e-5)
 
 
+def test_default_chunks_differ_between_forward_and_backward(monkeypatch):
+  """By default the forward's query chunk follows the block size and the backward's is a
+  multiple of it; both over padded queries and a key-padding mask still match the reference."""
+  from jaxgen.models import chunked_attention as ca
+  monkeypatch.setattr(ca, "FORWARD_BLOCK_LOGITS", 2 ** 10)
+  b, t, s, n, h = 2, 200, 100, 2, 8
+  assert ca._default_q_chunks(b, n, t, s) == (64, 256)  # 200 queries padded to 256
+  q, k, v, w = qkv(b, t, s, n, h)
+  m = masks("padding", b, t, s)
+  mine = lambda q, k, v: chunked_attention(q, k, v, m)
+  ref = lambda q, k, v: reference(q, k, v, m)
+  np.testing.assert_allclose(mine(q, k, v), ref(q, k, v), atol=2e-6)
+  loss = lambda f: lambda *a: (f(*a) * w).sum()
+  for g_mine, g_ref in zip(jax.grad(loss(mine), (0, 1, 2))(q, k, v),
+                           jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_mine, g_ref, atol=2e-5, rtol=1e-5)
+
+
 def test_a_query_without_keys_gets_the_mean_value():
   """As the materialised softmax over equal logits, and transformers' additive finfo.min masks
   (JAX's own dot_product_attention returns zeros there)."""
