@@ -39,6 +39,7 @@ def masks(kind, b, t, s):
     ((2, 64, 64, 2, 16), (16, 32), "causal"),  # the text tower's mask
     ((3, 10, 24, 2, 4), (4, 8), "padding"),    # key padding, one example without keys
     ((1, 20, 77, 4, 8), (512, 1024), None),    # chunks larger than the sequences
+    ((2, 37, 53, 2, 32), (16, 16), "causal"),  # heads wider than 16: query-major backward
 ])
 def test_values_and_gradients_match_jax_reference(shape, chunks, mask):
   b, t, s, n, h = shape
