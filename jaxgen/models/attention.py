@@ -121,7 +121,9 @@ class Transformer2D(nn.Module):
     else:
       y = Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
     if self.position_embedding:
-      y = y + position_embedding_2d(h, w, inner).astype(y.dtype)
+      with jax.ensure_compile_time_eval():  # a constant of the program, not computed per call
+        pe = position_embedding_2d(h, w, inner)
+      y = y + pe.astype(y.dtype)
     for n in range(self.depth):
       y = BasicTransformerBlock(self.heads, self.head_dim, self.context_dim, self.dropout,
                                 dtype=self.dtype, name=f"transformer_blocks_{n}")(
