@@ -152,15 +152,19 @@ class Dropout(nn.Module):
 # convolution (27-75 GFLOP/s against 51-132 on this machine's two cores for 3x3 kernels at the
 # U-Nets' shapes; 11-13 GFLOP/s for 1x1 kernels). Written as matmuls over the batch and positions
 # (the k*k shifted copies of the input against the output gradient; one matmul for 1x1), the
-# filter gradient runs 1.4-7.3x faster (benchmarks/results/conv_grad.md, 2026-12-06). The
-# forward and input-gradient convolutions stay XLA's (a 1x1 forward as a matmul made the
-# SD-like U-Net's network call slower: 1.52 against 1.21 s). "auto" takes the matmuls on the CPU
-# only: cuDNN's filter gradients need no help.
+# filter gradient runs 1.4-7.3x faster (benchmarks/results/conv_grad.md, 2026-12-06). Below
+# IM2COL_BELOW positions (8x8, 4x4) the forward and the input gradient are matmuls too: XLA's
+# are slow there, and its input gradient first flips and transposes the kernel (at 8x8, batch 4,
+# 1024->512 channels: forward 20.1 against 11.2 ms, input gradient 25.8 against 8.7 ms; SD-like
+# network call 844 -> 791 ms, train step 3.79 -> 3.65 s, alternated). From 16x16 on they stay
+# XLA's (a 1x1 forward as a matmul at all sizes made the SD-like network call slower: 1.52
+# against 1.21 s). "auto" takes the matmuls on the CPU only: cuDNN needs no help.
 CONV_IMPLEMENTATIONS = ("auto", "xla", "matmul")
 _conv_implementation = "auto"
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Below this many output positions the k*k shifted copies are concatenated into one matrix
-# (im2col, one matmul with a long contraction); from it on, one matmul per shift in a loop, which
+# (im2col, one matmul with a long contraction; also the forward's and the input gradient's);
+# from it on, the filter gradient is one matmul per shift in a loop, which
 # holds one shifted copy at a time (measured faster at 16x16 and 32x32, slower at 4x4 and 8x8;
 # unrolled, the copies of every layer raised the CIFAR-10 U-Net step's XLA temporaries from
 # 1,048 to 2,612 MB).
@@ -168,10 +172,10 @@ IM2COL_BELOW = 16 * 16
 
 
 def set_conv(implementation: str) -> None:
-  """How the filter gradients of jaxgen's stride-1 convolutions are computed from now on (read
-  when a function is traced): "xla" as XLA lowers them, "matmul" as matmuls, "auto" matmul on
-  the CPU and xla elsewhere. The forward and input-gradient convolutions are XLA's in all three.
-  The config key `conv` sets it for a task (jaxgen.app.build_task)."""
+  """How jaxgen's stride-1 'SAME' convolutions are computed from now on (read when a function
+  is traced): "xla" as XLA lowers them, "matmul" the filter gradients as matmuls, and below
+  IM2COL_BELOW positions the forward and the input gradient too, "auto" matmul on the CPU and
+  xla elsewhere. The config key `conv` sets it for a task (jaxgen.app.build_task)."""
   if implementation not in CONV_IMPLEMENTATIONS:
     raise ConfigError(f"conv must be one of {CONV_IMPLEMENTATIONS}, got {implementation!r}")
   global _conv_implementation
@@ -222,18 +226,67 @@ def _filter_grad(x, g, k: int, pad: int, precision):
   return jax.lax.map(one_shift, jnp.arange(k * k)).reshape(k, k, ci, co)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_same(x, w, pad: int, precision):
+def _im2col_conv(x, w, pad: int, precision):
+  """A 'SAME' stride-1 conv as one matmul of the k*k shifted copies of x, concatenated
+  [B*H*W, k*k*I], against the kernel read as [k*k*I, O]."""
+  b, h, wd, ci = x.shape
+  k, co = w.shape[0], w.shape[-1]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  cols = jnp.concatenate([xp[:, i:i + h, j:j + wd, :] for i in range(k) for j in range(k)], -1)
+  out = jnp.einsum("nk,ko->no", cols.reshape(-1, k * k * ci), w.reshape(-1, co),
+                   precision=precision)
+  return out.reshape(b, h, wd, co)
+
+
+def _small(x) -> bool:
+  return x.shape[1] * x.shape[2] < IM2COL_BELOW
+
+
+def _same_forward(x, w, pad, precision):
+  if _small(x):
+    return _im2col_conv(x, w, pad, precision)
   return _xla_conv(x, w, pad, precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_same(x, w, pad: int, precision):
+  return _same_forward(x, w, pad, precision)
+
+
 def _conv_same_fwd(x, w, pad, precision):
-  return _xla_conv(x, w, pad, precision), (x, w)
+  return _same_forward(x, w, pad, precision), (x, w)
+
+
+def _input_grad(g, w, pad: int, precision):
+  """d/dx of sum(g * conv(x, w)) for a 'SAME' stride-1 conv, g [B, H, W, O], w [k, k, I, O], as
+  one matmul of g against the kernel read as [k*k*I, O] (contracting both on O, so the kernel is
+  never transposed) and a sum of the k*k shifted products: dx[y, x] = sum_ij Y_ij[y + pad - i,
+  x + pad - j]. XLA's input gradient first transposes and flips the kernel, which XLA:CPU does
+  slowly (about 10-30 ms for a 3x3 kernel of 512 x 512-1024 channels, for a convolution of
+  about the same time at 8x8)."""
+  b, h, wd, co = g.shape
+  k, ci = w.shape[0], w.shape[2]
+  y = jnp.einsum("no,ko->nk", g.reshape(-1, co), w.reshape(-1, co).astype(g.dtype),
+                 precision=precision, preferred_element_type=jnp.float32)
+  y = y.reshape(b, h, wd, k, k, ci)
+  dx = 0
+  for i in range(k):
+    for j in range(k):
+      # tap (i, j) of output position (y, x) reads input (y + i - pad, x + j - pad)
+      piece = y[:, :, :, i, j, :]
+      top, left = i - pad, j - pad
+      piece = jnp.pad(piece, ((0, 0), (max(top, 0), max(-top, 0)), (max(left, 0), max(-left, 0)),
+                              (0, 0)))
+      dx = dx + piece[:, max(-top, 0):max(-top, 0) + h, max(-left, 0):max(-left, 0) + wd, :]
+  return dx
 
 
 def _conv_same_bwd(pad, precision, saved, g):
   x, w = saved
-  dx = jax.vjp(lambda x: _xla_conv(x, w, pad, precision), x)[1](g)[0]
+  if _small(x):
+    dx = _input_grad(g, w, pad, precision).astype(x.dtype)
+  else:
+    dx = jax.vjp(lambda x: _xla_conv(x, w, pad, precision), x)[1](g)[0]
   dw = _filter_grad(x, g, w.shape[0], pad, precision)
   return dx, dw.astype(w.dtype)
 
