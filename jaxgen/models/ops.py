@@ -204,6 +204,13 @@ def _xla_conv(x, w, pad: int, precision):
                                       dimension_numbers=_NHWC, precision=precision)
 
 
+def _columns(xp, k: int, h: int, w: int):
+  """im2col: the k*k shifted [B, h, w, I] windows of the padded xp side by side, [B*h*w, k*k*I]
+  (tap-major: window (i, j) holds columns (i*k + j)*I to (i*k + j + 1)*I)."""
+  cols = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], -1)
+  return cols.reshape(-1, cols.shape[-1])
+
+
 def _filter_grad(x, g, k: int, pad: int, precision):
   """d/dw of sum(g * conv(x, w)) for NHWC x [B, H, W, I], g [B, H, W, O]: [k, k, I, O] float32."""
   b, h, w, ci = x.shape
@@ -216,8 +223,7 @@ def _filter_grad(x, g, k: int, pad: int, precision):
   if k == 1:
     return matmul(x.reshape(-1, ci), g2).reshape(1, 1, ci, co)
   if h * w < IM2COL_BELOW:
-    shifts = [x[:, i:i + h, j:j + w, :].reshape(-1, ci) for i in range(k) for j in range(k)]
-    return matmul(jnp.concatenate(shifts, axis=-1), g2).reshape(k, k, ci, co)
+    return matmul(_columns(x, k, h, w), g2).reshape(k, k, ci, co)
 
   def one_shift(ij):  # in a loop, so that one shifted copy of x exists at a time
     shifted = jax.lax.dynamic_slice(x, (0, ij // k, ij % k, 0), (b, h, w, ci))
@@ -229,12 +235,10 @@ def _filter_grad(x, g, k: int, pad: int, precision):
 def _im2col_conv(x, w, pad: int, precision):
   """A 'SAME' stride-1 conv as one matmul of the k*k shifted copies of x, concatenated
   [B*H*W, k*k*I], against the kernel read as [k*k*I, O]."""
-  b, h, wd, ci = x.shape
+  b, h, wd, _ = x.shape
   k, co = w.shape[0], w.shape[-1]
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
-  cols = jnp.concatenate([xp[:, i:i + h, j:j + wd, :] for i in range(k) for j in range(k)], -1)
-  out = jnp.einsum("nk,ko->no", cols.reshape(-1, k * k * ci), w.reshape(-1, co),
-                   precision=precision)
+  out = jnp.einsum("nk,ko->no", _columns(xp, k, h, wd), w.reshape(-1, co), precision=precision)
   return out.reshape(b, h, wd, co)
 
 
