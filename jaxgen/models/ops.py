@@ -15,6 +15,7 @@ computes it by default.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -225,11 +226,20 @@ def _filter_grad(x, g, k: int, pad: int, precision):
   if h * w < IM2COL_BELOW:
     return matmul(_columns(x, k, h, w), g2).reshape(k, k, ci, co)
 
-  def one_shift(ij):  # in a loop, so that one shifted copy of x exists at a time
-    shifted = jax.lax.dynamic_slice(x, (0, ij // k, ij % k, 0), (b, h, w, ci))
-    return matmul(shifted.reshape(-1, ci), g2)
+  # the batch as [groups, b / groups] (a split of the leading axis, also under an Explicit mesh)
+  groups = math.gcd(b, jax.device_count())
+  xg = x.reshape(groups, b // groups, *x.shape[1:])
+  gg = g.reshape(groups, b // groups, h, w, co)
+  group_matmul = functools.partial(jnp.einsum, "gbhwk,gbhwc->gkc", precision=precision,
+                                   preferred_element_type=jnp.float32)
 
-  return jax.lax.map(one_shift, jnp.arange(k * k)).reshape(k, k, ci, co)
+  def one_shift(ij):  # in a loop, so that one shifted copy of x exists at a time
+    shifted = jax.lax.dynamic_slice(xg, (0, 0, ij // k, ij % k, 0), (*xg.shape[:2], h, w, ci))
+    return group_matmul(shifted, gg)
+
+  # Summed over the batch groups after the loop: with the batch split over the devices, a sum
+  # inside it would be one all-reduce, so one rendezvous of the devices, per shift.
+  return jax.lax.map(one_shift, jnp.arange(k * k)).sum(1).reshape(k, k, ci, co)
 
 
 def _im2col_conv(x, w, pad: int, precision):

@@ -175,6 +175,46 @@ def test_conv_matmul_filter_gradient_matches_xla(conv_setting, k, hw, cin, cout)
   assert ("conv_general_dilated" in jaxpr) == (hw * (hw + 1) >= ops.IM2COL_BELOW)
 
 
+def test_conv_filter_gradient_over_two_devices_sums_once_outside_its_loop():
+  # With the batch split over the devices, the loop of shifted matmuls keeps one partial sum per
+  # device and the sum over devices comes after it: an all-reduce inside the loop would make the
+  # devices wait for each other once per shift of every layer.
+  code = textwrap.dedent("""
+      import re
+      import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      from jaxgen.models import ops
+      ops.set_conv("matmul")
+      rng = np.random.RandomState(0)
+      x = rng.randn(4, 16, 16, 5).astype(np.float32)
+      module, reference = ops.Conv(6, (3, 3)), nn.Conv(6, (3, 3))
+      params = reference.init(jax.random.PRNGKey(0), x)
+      cot = rng.randn(4, 16, 16, 6).astype(np.float32)
+      grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * cot))
+      for axis_type in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):
+        mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        f = jax.jit(grad(module), out_shardings=NamedSharding(mesh, P()))
+        with jax.set_mesh(mesh):
+          hlo = f.lower(params, xs).compile().as_text()
+          ours = f(params, xs)["params"]
+        bodies = set(re.findall(r"body=%?([\\w.\\-]+)", hlo))
+        assert bodies, "no loop: the shifted matmuls were not taken"
+        for block in re.split(r"\\n(?=\\S)", hlo):
+          name = re.match(r"(?:ENTRY )?%?([\\w.\\-]+)", block)
+          if name and name.group(1) in bodies:
+            assert "all-reduce" not in block, f"all-reduce inside the loop ({axis_type})"
+        assert "all-reduce" in hlo  # the sum over the devices, after the loop
+        exact = grad(reference)(params, x)["params"]
+        for k in ("kernel", "bias"):
+          np.testing.assert_allclose(ours[k], exact[k], rtol=1e-4,
+                                     atol=1e-5 * np.abs(exact[k]).max())
+      print("OK")
+  """)
+  r = run_python(code, devices=2)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
 def test_conv_bfloat16_filter_gradient_accumulates_in_float32(conv_setting):
   conv_setting("matmul")
   module, _, params, x, _ = _conv_case(3, 16, 8, 8, dtype=jnp.bfloat16)
