@@ -31,3 +31,21 @@ runtime.setup_logging()
 @pytest.fixture
 def repo() -> pathlib.Path:
   return REPO
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops this module's compiled programs once its tests are done, so that an xdist worker
+  does not hold every program of the few hundred modules it runs. Twice (CI and a local run of
+  2026-12-06) a worker aborted late in the suite inside deserialize_executable, loading the VAE
+  train step from the persistent cache, while the same test passed alone with the same cache:
+  the cause is not known (pytest's capture hid the native message), and what a worker holds
+  (memory, and about three memory mappings per executable, 2,609 for tests/train and
+  tests/test_cli.py in one process) is the suspect this removes. The next module reloads what it
+  needs from the persistent compilation cache."""
+  yield
+  import gc
+
+  import jax
+  jax.clear_caches()
+  gc.collect()
