@@ -73,6 +73,43 @@ def test_default_chunks_differ_between_forward_and_backward(monkeypatch):
   assert_matches(mine, ref, q, k, v, w)
 
 
+@pytest.mark.parametrize("mask,group", [(None, 1), ("causal", 2), ("padding", 1), ("heads", 2)])
+def test_head_loop_matches_jax_reference(mask, group):
+  """Blocks of `group` heads at a time, each with the whole batch: a mask shared by all heads,
+  a key padding mask per example, and one mask per head (looped with the heads), over padded
+  queries and keys."""
+  b, t, s, n, h = 3, 37, 53 if mask != "causal" else 37, 4, 8
+  q, k, v, w = qkv(b, t, s, n, h)
+  if mask == "heads":
+    m = jax.random.bernoulli(jax.random.PRNGKey(5), 0.7, (1, n, t, s))
+  else:
+    m = masks(mask, b, t, s)
+  mine = lambda q, k, v: chunked_attention(q, k, v, m, k_chunk=16, head_group=group)
+  ref = lambda q, k, v: reference(q, k, v, m)
+  assert_matches(mine, ref, q, k, v, w)
+  with pytest.raises(ValueError, match="does not divide"):
+    chunked_attention(q, k, v, m, head_group=3)
+
+
+def test_large_blocks_loop_over_heads_by_default(monkeypatch):
+  """From HEAD_LOOP_MIN_LOGITS a head the default computes the heads in groups (a loop in the
+  compiled program, the batch inside each block) and still matches the reference."""
+  from jaxgen.models import chunked_attention as ca
+  monkeypatch.setattr(ca, "HEAD_LOOP_MIN_LOGITS", 2 ** 12)
+  monkeypatch.setattr(ca, "HEAD_GROUP_LOGITS", 2 ** 13)
+  assert ca._default_head_group(2, 4, 60, 60) == (4, None)  # 3,600 < 2^12: one block
+  b, t, s, n, h = 2, 110, 40, 4, 8
+  assert ca._default_head_group(b, n, t, s) == (1, 64)  # 2 x 1 x 64 x 40 <= 2^13
+  monkeypatch.setattr(ca, "HEAD_GROUP_LOGITS", 2 ** 15)
+  assert ca._default_head_group(b, n, t, s) == (2, 110)  # 256 queries, at most t; 3 heads do not divide 4
+  q, k, v, w = qkv(b, t, s, n, h)
+  m = masks("padding", b, t, s)
+  mine = lambda q, k, v: chunked_attention(q, k, v, m)
+  loops = lambda f: jax.jit(f).lower(q, k, v).as_text().count("while")
+  assert loops(mine) > loops(lambda q, k, v: chunked_attention(q, k, v, m, head_group=n))
+  assert_matches(mine, lambda q, k, v: reference(q, k, v, m), q, k, v, w)
+
+
 def test_a_query_without_keys_gets_the_mean_value():
   """As the materialised softmax over equal logits, and transformers' additive finfo.min masks
   (JAX's own dot_product_attention returns zeros there)."""
