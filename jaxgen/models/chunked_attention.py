@@ -271,17 +271,18 @@ def _default_q_chunks(b: int, n: int, t: int, k_chunk: int) -> tuple[int, int]:
 # queries), batch 1: 44 -> 35 ms; 8 heads of 40 at batch 1: 2304 positions 583 -> 380 ms, 4096
 # positions 1,431 -> 1,200 ms, 1024 positions the same. With 256 positions (2^16 logits a head)
 # or cross-attention to 77 tokens, one block over all heads is faster, so the loop starts where
-# a head's block of up to 1024 queries by its key chunk reaches HEAD_LOOP_MIN_LOGITS.
+# a head's block of up to 1024 queries by its key chunk reaches HEAD_LOOP_MIN_LOGITS. Only on
+# the CPU, where it was measured: elsewhere all heads stay in one block.
 HEAD_LOOP_MIN_LOGITS = 2 ** 20
 HEAD_GROUP_LOGITS = 2 ** 19
 
 
 def _default_head_group(b: int, n: int, t: int, k_chunk: int) -> tuple[int, int | None]:
-  """(heads per block, query chunk): (n, None), one block over all heads, below
+  """(heads per block, query chunk): (n, None), one block over all heads, off the CPU or below
   HEAD_LOOP_MIN_LOGITS a head; else a power-of-two query chunk in [64, 512] (at most t) and the
   largest divisor of n whose block, b x heads x queries x k_chunk, holds at most
   HEAD_GROUP_LOGITS (at least one head)."""
-  if min(t, 1024) * k_chunk < HEAD_LOOP_MIN_LOGITS:
+  if jax.default_backend() != "cpu" or min(t, 1024) * k_chunk < HEAD_LOOP_MIN_LOGITS:
     return n, None
   qc = 2 ** int(math.log2(max(HEAD_GROUP_LOGITS // (b * k_chunk), 1)))
   qc = min(max(qc, 64), 512, t)
