@@ -325,7 +325,7 @@ def chunked_attention(q, k, v, mask=None, *, q_chunk: int | None = None, k_chunk
   group_qc = None
   if head_group is None:
     head_group, group_qc = _default_head_group(b, n, t, k_chunk)
-  if n % head_group:
+  if head_group < 1 or n % head_group:
     raise ValueError(f"head_group={head_group} does not divide the {n} heads")
   if q_chunk is not None:
     q_chunks = (min(q_chunk, t),) * 2

@@ -87,8 +87,9 @@ def test_head_loop_matches_jax_reference(mask, group):
   mine = lambda q, k, v: chunked_attention(q, k, v, m, k_chunk=16, head_group=group)
   ref = lambda q, k, v: reference(q, k, v, m)
   assert_matches(mine, ref, q, k, v, w)
-  with pytest.raises(ValueError, match="does not divide"):
-    chunked_attention(q, k, v, m, head_group=3)
+  for bad in (3, 0):
+    with pytest.raises(ValueError, match="does not divide"):
+      chunked_attention(q, k, v, m, head_group=bad)
 
 
 def test_large_blocks_loop_over_heads_by_default(monkeypatch):
