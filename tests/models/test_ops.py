@@ -155,8 +155,9 @@ def _conv_case(k, hw, cin, cout, seed=0, **kwargs):
 
 # 3x3 at 4x5 and 7x8 positions: im2col matmuls (forward, both gradients); at 16x17: XLA's
 # forward and input gradient, the filter gradient one matmul per shift
+# (g shifted where the output has fewer than 4x the input's channels, x shifted from it on)
 @pytest.mark.parametrize("k,hw,cin,cout", [(3, 4, 5, 7), (3, 7, 6, 4), (3, 16, 4, 6), (1, 6, 5, 3),
-                                           (5, 16, 3, 4)])
+                                           (5, 16, 3, 4), (3, 16, 2, 9), (5, 16, 2, 8)])
 def test_conv_matmul_filter_gradient_matches_xla(conv_setting, k, hw, cin, cout):
   conv_setting("matmul")
   module, reference, params, x, value_and_grads = _conv_case(k, hw, cin, cout)
@@ -187,11 +188,13 @@ def test_conv_filter_gradient_over_two_devices_sums_once_outside_its_loop():
       ops.set_conv("matmul")
       rng = np.random.RandomState(0)
       x = rng.randn(4, 16, 16, 5).astype(np.float32)
-      module, reference = ops.Conv(6, (3, 3)), nn.Conv(6, (3, 3))
-      params = reference.init(jax.random.PRNGKey(0), x)
-      cot = rng.randn(4, 16, 16, 6).astype(np.float32)
-      grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * cot))
-      for axis_type in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):
+      # 6 output channels: g shifted in the loop; 24: x shifted
+      for (cout, axis_type) in [(c, a) for c in (6, 24) for a in (jax.sharding.AxisType.Auto,
+                                                                  jax.sharding.AxisType.Explicit)]:
+        module, reference = ops.Conv(cout, (3, 3)), nn.Conv(cout, (3, 3))
+        params = reference.init(jax.random.PRNGKey(0), x)
+        cot = rng.randn(4, 16, 16, cout).astype(np.float32)
+        grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * cot))
         mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
         xs = jax.device_put(x, NamedSharding(mesh, P("data")))
         f = jax.jit(grad(module), out_shardings=NamedSharding(mesh, P()))
@@ -203,8 +206,10 @@ def test_conv_filter_gradient_over_two_devices_sums_once_outside_its_loop():
         for block in re.split(r"\\n(?=\\S)", hlo):
           name = re.match(r"(?:ENTRY )?%?([\\w.\\-]+)", block)
           if name and name.group(1) in bodies:
-            assert "all-reduce" not in block, f"all-reduce inside the loop ({axis_type})"
+            assert "all-reduce" not in block, f"all-reduce inside the loop ({cout}, {axis_type})"
         assert "all-reduce" in hlo  # the sum over the devices, after the loop
+        for op in ("all-gather", "collective-permute", "all-to-all"):  # the batch stays split
+          assert op not in hlo, f"{op} in the gradient ({cout}, {axis_type})"
         exact = grad(reference)(params, x)["params"]
         for k in ("kernel", "bias"):
           np.testing.assert_allclose(ours[k], exact[k], rtol=1e-4,
