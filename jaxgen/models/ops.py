@@ -154,8 +154,9 @@ class Dropout(nn.Module):
 # U-Nets' shapes; 11-13 GFLOP/s for 1x1 kernels). Written as matmuls over the batch and positions
 # (the k*k shifted copies of the input against the output gradient; one matmul for 1x1), the
 # filter gradient runs 1.4-7.3x faster (benchmarks/results/conv_grad.md, 2026-12-06). Below
-# IM2COL_BELOW positions (8x8, 4x4) the forward and the input gradient are matmuls too: XLA's
-# are slow there, and its input gradient first flips and transposes the kernel (at 8x8, batch 4,
+# IM2COL_BELOW positions (8x8, 4x4) the input gradient is a matmul too, and the forward where the
+# kernel is wide or the batch small (_im2col_forward): XLA's are slow there, and its input
+# gradient first flips and transposes the kernel (at 8x8, batch 4,
 # 1024->512 channels: forward 20.1 against 11.2 ms, input gradient 25.8 against 8.7 ms; SD-like
 # network call 844 -> 791 ms, train step 3.79 -> 3.65 s, alternated). From 16x16 on they stay
 # XLA's (a 1x1 forward as a matmul at all sizes made the SD-like network call slower: 1.52
@@ -176,6 +177,16 @@ IM2COL_BELOW = 16 * 16
 # 256 -> 256 68.5 -> 45.4 ms; at 16x16, 768 -> 256 46.9 -> 32.8, 512 -> 512 50.5 -> 43.1; batch 8
 # at 32x32, 64 -> 128 33.8 -> 21.6; equal at 32 -> 128, slower from 16 -> 128 (4.7 -> 7.8 ms).
 SHIFT_OUTPUT_GRAD_BELOW = 4
+# The forward at those sizes is im2col only where the kernel has at least this many input x
+# output channels, or each device holds at most IM2COL_FORWARD_ROWS positions of the batch;
+# otherwise XLA's convolution is faster. 3x3, one device, ms XLA / im2col: batch 128 at 8x8,
+# 32 -> 32 channels 1.08 / 1.91, 64 -> 32 2.14 / 12.3; batch 8 at 8x8, 256 -> 256 2.25 / 3.06;
+# about equal from 384 -> 256 and 256 -> 512; batch 4 at 8x8, 256 -> 512 3.02 / 2.60,
+# 512 -> 512 6.31 / 5.67, 1024 -> 512 17.6 / 11.8; 256 -> 256 at batch 2, 4x4 0.86 / 0.42.
+# The input gradient stays a matmul at all widths below IM2COL_BELOW positions (faster or about
+# equal at all these shapes).
+IM2COL_FORWARD_MIN_KERNEL = 256 * 512
+IM2COL_FORWARD_ROWS = 64
 
 
 def set_conv(implementation: str) -> None:
@@ -290,8 +301,16 @@ def _small(x) -> bool:
   return x.shape[1] * x.shape[2] < IM2COL_BELOW
 
 
+def _im2col_forward(x, w) -> bool:
+  """Whether the forward of x [B, H, W, I] with kernel w [k, k, I, O] is taken as im2col."""
+  b, h, wd, ci = x.shape
+  rows = b // math.gcd(b, jax.device_count()) * h * wd  # per device, the batch split evenly
+  return _small(x) and (ci * w.shape[-1] >= IM2COL_FORWARD_MIN_KERNEL
+                        or rows <= IM2COL_FORWARD_ROWS)
+
+
 def _same_forward(x, w, pad, precision):
-  if _small(x):
+  if _im2col_forward(x, w):
     return _im2col_conv(x, w, pad, precision)
   return _xla_conv(x, w, pad, precision)
 

@@ -153,7 +153,9 @@ def _conv_case(k, hw, cin, cout, seed=0, **kwargs):
   return module, reference, params, x, value_and_grads
 
 
-# 3x3 at 4x5 and 7x8 positions: im2col matmuls (forward, both gradients); at 16x17: XLA's
+# 3x3 at 4x5 positions: im2col matmuls (forward, both gradients); at 7x8 (and the 1x1 at 6x7),
+# XLA's forward (few channels, over 64 positions per device) and the gradients as matmuls;
+# at 16x17: XLA's
 # forward and input gradient, the filter gradient one matmul per shift
 # (g shifted where the output has fewer than 4x the input's channels, x shifted from it on)
 @pytest.mark.parametrize("k,hw,cin,cout", [(3, 4, 5, 7), (3, 7, 6, 4), (3, 16, 4, 6), (1, 6, 5, 3),
@@ -170,10 +172,27 @@ def test_conv_matmul_filter_gradient_matches_xla(conv_setting, k, hw, cin, cout)
     a, b = dp["params"][name], rdp["params"][name]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
   # the matmul path was taken (XLA's gradient of a convolution has no dot); below 16x16
-  # positions the forward and the input gradient are matmuls too, from it on XLA's
+  # positions the input gradient is a matmul too, and the forward where the kernel is wide or
+  # the batch holds few positions; from 16x16 on both are XLA's
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(module.apply(p, x))))(params))
   assert "dot_general" in jaxpr
-  assert ("conv_general_dilated" in jaxpr) == (hw * (hw + 1) >= ops.IM2COL_BELOW)
+  small = hw * (hw + 1) < ops.IM2COL_BELOW
+  im2col = small and ops._im2col_forward(x, params["params"]["kernel"])
+  assert im2col == ((hw, cin) == (4, 5))  # 40 positions: the only case under the rule
+  assert ("conv_general_dilated" in jaxpr) == (not im2col)
+  if small:
+    assert jaxpr.count("conv_general_dilated") <= 1  # the forward only, never a gradient
+
+
+def test_conv_forward_choice_follows_the_measured_rule():
+  # im2col below 16x16 positions for a kernel of at least 256 x 512 channels or at most 64
+  # positions per device (the batch split over jax.device_count()); XLA's otherwise
+  choice = lambda b, hw, ci, co: ops._im2col_forward(np.zeros((b, hw, hw, ci)),
+                                                     np.zeros((3, 3, ci, co)))
+  assert choice(4, 8, 256, 512) and choice(4, 4, 1024, 512)
+  assert choice(jax.device_count(), 8, 32, 32) and not choice(2 * jax.device_count(), 8, 32, 32)
+  assert not choice(64, 8, 32, 32) and not choice(8, 8, 256, 256)
+  assert not choice(1, 16, 1024, 512)  # 16x16 and up: always XLA's
 
 
 def test_conv_filter_gradient_over_two_devices_sums_once_outside_its_loop():
