@@ -129,10 +129,14 @@ def _backward_key_major(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
   """Gradients of q, k, v (float32, padded) from the saved output and log-sum-exp.
 
   Each block is computed key-major, [k_chunk, q_chunk], and dq is accumulated transposed,
-  [H, T]: then every product is a plain or a B-transposed matmul. Written query-major, two of
-  the five (dv = P^T dO, dk = dS^T Q) contract the leading axis of the [T, S] block, which
-  XLA:CPU runs 4-6x slower than the same product with the block laid out [S, T] (9.1 against
-  1.5 ms at the SD-like shape; an output transposed back is folded into the product again)."""
+  [H, T], from K^T transposed once per key block: then every product is a plain or a
+  B-transposed matmul. Written query-major, two of the five (dv = P^T dO, dk = dS^T Q) contract
+  the leading axis of the [T, S] block, which XLA:CPU runs 4-6x slower than the same product
+  with the block laid out [S, T] (9.1 against 1.5 ms at the SD-like shape; an output transposed
+  back is folded into the product again). dq = K^T dS written on the [S, H] key block contracts
+  its leading axis too: XLA:CPU left that product to its own dot rather than YNNPACK, and the
+  SD-like train step (one device, batch 4, alternated in one process) took 5.41 against 4.69 s
+  with it (median of 8; each of the 8 slower), though the attention alone timed the same."""
   b, n, tp, h = q.shape
   sp = k.shape[2]
   scale = 1.0 / math.sqrt(h)
@@ -143,6 +147,7 @@ def _backward_key_major(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
   def one_key_block(dq_t, ki):
     k_blk = jax.lax.dynamic_slice_in_dim(k, ki * k_chunk, k_chunk, axis=2).astype(jnp.float32)
     v_blk = jax.lax.dynamic_slice_in_dim(v, ki * k_chunk, k_chunk, axis=2).astype(jnp.float32)
+    k_t = jnp.swapaxes(k_blk, 2, 3)  # [B, N, H, kc], outside the loop over query blocks
 
     def step(carry, qi):
       dk, dv = carry
@@ -154,7 +159,7 @@ def _backward_key_major(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
       dp_t = jnp.einsum("bnsh,bnth->bnst", v_blk, do_blk)
       ds_t = p_t * (dp_t - sl(delta)[:, :, None, :]) * scale
       dk = dk + jnp.einsum("bnst,bnth->bnsh", ds_t, q_blk)
-      dq_t_blk = jnp.einsum("bnsh,bnst->bnht", k_blk, ds_t)  # [B, N, H, qc]
+      dq_t_blk = jnp.einsum("bnhs,bnst->bnht", k_t, ds_t)  # [B, N, H, qc]
       return (dk, dv), dq_t_blk
 
     zeros = jnp.zeros((b, n, k_chunk, h), jnp.float32)

@@ -3,6 +3,7 @@ implementation) in values and gradients, and memory that grows linearly with the
 import textwrap
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,6 +61,32 @@ def test_values_and_gradients_match_jax_reference(shape, chunks, mask):
   mine = lambda q, k, v: chunked_attention(q, k, v, m, q_chunk=chunks[0], k_chunk=chunks[1])
   ref = lambda q, k, v: reference(q, k, v, m)
   assert_matches(mine, ref, q, k, v, w)
+
+
+def _dot_generals(jaxpr):
+  """Every dot_general in a closed jaxpr and the jaxprs nested in it (loops, custom VJPs)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _dot_generals(sub)
+
+
+def test_key_major_backward_has_only_plain_or_b_transposed_products():
+  """Heads up to 16 wide take the key-major backward, in which every product's first operand
+  contracts its last axis (XLA:CPU hands an A-transposed product, such as dq = K^T dS on the
+  key block as it is sliced, to a slower matmul)."""
+  from jaxgen.models import chunked_attention as ca
+  b, t, s, n, h = 2, 48, 40, 2, 8
+  assert h <= ca.KEY_MAJOR_MAX_HEAD_DIM
+  q, k, v, w = qkv(b, t, s, n, h)
+  grad = jax.grad(lambda q, k, v: (chunked_attention(q, k, v, q_chunk=16, k_chunk=8) * w).sum(),
+                  (0, 1, 2))
+  dots = list(_dot_generals(jax.make_jaxpr(grad)(q, k, v).jaxpr))
+  assert len(dots) >= 7  # two in the forward, five in the backward
+  for eqn in dots:
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    assert tuple(lhs_contract) == (eqn.invars[0].aval.ndim - 1,), eqn
 
 
 def test_default_chunks_differ_between_forward_and_backward(monkeypatch):
