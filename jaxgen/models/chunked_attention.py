@@ -63,11 +63,10 @@ def _block_mask(mask, qi, q_chunk, ki, k_chunk):
   return mask
 
 
-def _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale):
-  """Masked float32 logits [B, N, q_chunk, k_chunk] of one block; keys past s (padding) are
-  -inf so that they never count, masked keys get MASKED as in the reference."""
-  logits = jnp.einsum("bnth,bnsh->bnts", q_blk, k_blk,
-                      preferred_element_type=jnp.float32) * scale
+def _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s):
+  """Masked float32 logits [B, N, q_chunk, k_chunk] of one block (q comes scaled); keys past s
+  (padding) are -inf so that they never count, masked keys get MASKED as in the reference."""
+  logits = jnp.einsum("bnth,bnsh->bnts", q_blk, k_blk, preferred_element_type=jnp.float32)
   if mask is not None:
     logits = jnp.where(_block_mask(mask, qi, q_chunk, ki, k_chunk), logits, MASKED)
   if s % k_chunk == 0:  # no padded keys: skip a pass over the block
@@ -76,10 +75,9 @@ def _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale):
   return jnp.where(key_pos < s, logits, -jnp.inf)
 
 
-def _logits_t(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale):
+def _logits_t(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s):
   """_logits transposed, [B, N, k_chunk, q_chunk], computed key-major (for the backward)."""
-  logits = jnp.einsum("bnsh,bnth->bnst", k_blk, q_blk,
-                      preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("bnsh,bnth->bnst", k_blk, q_blk, preferred_element_type=jnp.float32)
   if mask is not None:
     logits = jnp.where(jnp.swapaxes(_block_mask(mask, qi, q_chunk, ki, k_chunk), 2, 3), logits,
                        MASKED)
@@ -90,9 +88,9 @@ def _logits_t(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale):
 
 
 def _forward(q, k, v, mask, s, q_chunk, k_chunk):
-  """Padded q [B, N, Tp, H], k/v [B, N, Sp, H] -> (out float32 [B, N, Tp, H], lse [B, N, Tp])."""
+  """Padded q (scaled) [B, N, Tp, H], k/v [B, N, Sp, H] -> (out float32 [B, N, Tp, H],
+  lse [B, N, Tp])."""
   b, n, tp, h = q.shape
-  scale = 1.0 / math.sqrt(h)
   nk = k.shape[2] // k_chunk
 
   def one_query_block(qi):
@@ -102,7 +100,7 @@ def _forward(q, k, v, mask, s, q_chunk, k_chunk):
       m, total, acc = carry
       k_blk = jax.lax.dynamic_slice_in_dim(k, ki * k_chunk, k_chunk, axis=2)
       v_blk = jax.lax.dynamic_slice_in_dim(v, ki * k_chunk, k_chunk, axis=2)
-      logits = _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale)
+      logits = _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s)
       m_new = jnp.maximum(m, logits.max(-1))
       p = jnp.exp(logits - m_new[..., None])
       corr = jnp.exp(m - m_new)
@@ -139,7 +137,6 @@ def _backward_key_major(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
   with it (median of 8; each of the 8 slower), though the attention alone timed the same."""
   b, n, tp, h = q.shape
   sp = k.shape[2]
-  scale = 1.0 / math.sqrt(h)
   nq = tp // q_chunk
   d_out = d_out.astype(jnp.float32)
   delta = (d_out * out).sum(-1)  # rowsum(dO * O); as an einsum, XLA:CPU made it a batched matmul
@@ -153,11 +150,11 @@ def _backward_key_major(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
       dk, dv = carry
       sl = lambda x: jax.lax.dynamic_slice_in_dim(x, qi * q_chunk, q_chunk, axis=2)
       q_blk, do_blk = sl(q).astype(jnp.float32), sl(d_out)
-      logits_t = _logits_t(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale)
+      logits_t = _logits_t(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s)
       p_t = jnp.exp(logits_t - sl(lse)[:, :, None, :])  # [B, N, kc, qc]
       dv = dv + jnp.einsum("bnst,bnth->bnsh", p_t, do_blk)
       dp_t = jnp.einsum("bnsh,bnth->bnst", v_blk, do_blk)
-      ds_t = p_t * (dp_t - sl(delta)[:, :, None, :]) * scale
+      ds_t = p_t * (dp_t - sl(delta)[:, :, None, :])
       dk = dk + jnp.einsum("bnst,bnth->bnsh", ds_t, q_blk)
       dq_t_blk = jnp.einsum("bnhs,bnst->bnht", k_t, ds_t)  # [B, N, H, qc]
       return (dk, dv), dq_t_blk
@@ -179,7 +176,6 @@ def _backward_query_major(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
   computed query-major, [q_chunk, k_chunk] (the faster layout for heads wider than 16)."""
   b, n, tp, h = q.shape
   sp = k.shape[2]
-  scale = 1.0 / math.sqrt(h)
   nq = tp // q_chunk
   d_out = d_out.astype(jnp.float32)
   delta = jnp.einsum("bnth,bnth->bnt", d_out, out)  # rowsum(dO * O): as a sum, slower here
@@ -193,11 +189,11 @@ def _backward_query_major(q, k, v, mask, s, q_chunk, k_chunk, out, lse, d_out):
       dk, dv = carry
       sl = lambda x: jax.lax.dynamic_slice_in_dim(x, qi * q_chunk, q_chunk, axis=2)
       q_blk, do_blk = sl(q), sl(d_out)
-      logits = _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s, scale)
+      logits = _logits(q_blk, k_blk, mask, qi, ki, q_chunk, k_chunk, s)
       p = jnp.exp(logits - sl(lse)[..., None])  # [B, N, qc, kc]
       dv = dv + jnp.einsum("bnts,bnth->bnsh", p, do_blk)
       dp = jnp.einsum("bnth,bnsh->bnts", do_blk, v_blk.astype(jnp.float32))
-      ds = p * (dp - sl(delta)[..., None]) * scale
+      ds = p * (dp - sl(delta)[..., None])
       dk = dk + jnp.einsum("bnts,bnth->bnsh", ds, q_blk.astype(jnp.float32))
       dq_blk = jnp.einsum("bnts,bnsh->bnth", ds, k_blk.astype(jnp.float32))
       return (dk, dv), dq_blk
@@ -339,6 +335,9 @@ def chunked_attention(q, k, v, mask=None, *, q_chunk: int | None = None, k_chunk
   else:
     q_chunks = _default_q_chunks(b, head_group, t, k_chunk)
   heads_first = lambda x, c: _pad_to(jnp.swapaxes(x, 1, 2), 2, c)  # [B, N, T, H]: plain matmuls
+  # q scaled here, outside the custom VJP (its gradient is scaled back by JAX), so no block of
+  # logits is: a pass over each block fewer, forward and backward.
+  q = (q.astype(jnp.float32) / math.sqrt(q.shape[-1])).astype(q.dtype)
   qp, kp, vp = heads_first(q, q_chunks[0]), heads_first(k, k_chunk), heads_first(v, k_chunk)
   mask = _prepare_mask(mask, b, n, t, s, q_chunks[0], k_chunk)
   if head_group < n:

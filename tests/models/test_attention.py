@@ -63,13 +63,17 @@ def test_values_and_gradients_match_jax_reference(shape, chunks, mask):
   assert_matches(mine, ref, q, k, v, w)
 
 
-def _dot_generals(jaxpr):
-  """Every dot_general in a closed jaxpr and the jaxprs nested in it (loops, custom VJPs)."""
+def _eqns(jaxpr, primitive: str):
+  """Every `primitive` equation in a jaxpr and the jaxprs nested in it (loops, custom VJPs)."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
+    if eqn.primitive.name == primitive:
       yield eqn
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _dot_generals(sub)
+      yield from _eqns(sub, primitive)
+
+
+def _dot_generals(jaxpr):
+  return _eqns(jaxpr, "dot_general")
 
 
 def test_key_major_backward_has_only_plain_or_b_transposed_products():
@@ -87,6 +91,23 @@ def test_key_major_backward_has_only_plain_or_b_transposed_products():
   for eqn in dots:
     (lhs_contract, _), _ = eqn.params["dimension_numbers"]
     assert tuple(lhs_contract) == (eqn.invars[0].aval.ndim - 1,), eqn
+
+
+@pytest.mark.parametrize("h", [8, 32])  # the key-major and the query-major backward
+def test_no_block_of_logits_is_scaled(h):
+  """q is scaled by 1/sqrt(H) before the blocks: no block of logits (or of their gradient) is
+  multiplied by a scalar, forward or backward (a pass over every block fewer; the SD 1.5
+  first-level self-attention's forward alone 268 -> 238 ms)."""
+  b, t, s, n = 2, 48, 40, 2
+  q, k, v, w = qkv(b, t, s, n, h)
+  grad = jax.grad(lambda q, k, v: (chunked_attention(q, k, v, q_chunk=16, k_chunk=8) * w).sum(),
+                  (0, 1, 2))
+  jaxpr = jax.make_jaxpr(grad)(q, k, v).jaxpr
+  blocks = {(b, n, 16, 8), (b, n, 8, 16)}
+  muls = [e for e in _eqns(jaxpr, "mul") if tuple(e.outvars[0].aval.shape) in blocks]
+  assert muls  # the backward's p * (dp - delta) is there: the check sees the blocks
+  scaled = [e for e in muls if any(getattr(x.aval, "ndim", 0) == 0 for x in e.invars)]
+  assert not scaled, scaled
 
 
 def test_default_chunks_differ_between_forward_and_backward(monkeypatch):
