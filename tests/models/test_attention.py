@@ -153,7 +153,8 @@ def test_large_blocks_loop_over_heads_by_default(monkeypatch):
   b, t, s, n, h = 2, 110, 40, 4, 8
   assert ca._default_head_group(b, n, t, s) == (1, 64)  # 2 x 1 x 64 x 40 <= 2^13
   monkeypatch.setattr(ca, "HEAD_GROUP_LOGITS", 2 ** 15)
-  assert ca._default_head_group(b, n, t, s) == (2, 110)  # 256 queries, at most t; 3 heads do not divide 4
+  # 256 queries, at most t; 3 heads do not divide 4
+  assert ca._default_head_group(b, n, t, s) == (2, 110)
   q, k, v, w = qkv(b, t, s, n, h)
   m = masks("padding", b, t, s)
   mine = lambda q, k, v: chunked_attention(q, k, v, m)
