@@ -9,7 +9,7 @@ def test_small_programs_are_cached_and_read_back(tmp_path):
 import jax, jax.numpy as jnp
 from jaxgen import runtime
 assert runtime.enable_compilation_cache() == {path!r}
-from jax._src import monitoring
+from jax import monitoring
 hits = []
 HIT = "/jax/compilation_cache/cache_hits"
 monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event == HIT else None)
