@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen import app, diffusion
+from jaxgen import app, diffusion, runtime
 from jaxgen import images as img
 from jaxgen.data import heldout_images, load_all, load_source
 from jaxgen.errors import ConfigError, DataError
@@ -570,8 +570,8 @@ def evaluate_representations(task, params, model_state, limit=None, baselines=Fa
   if baselines:
     flat = lambda x: np.asarray(img.to_unit(x)).reshape(len(x), -1)
     out["raw_pixels"] = probes(flat(train["image"]), flat(test["image"]))
-    rand, rand_state = jax.jit(task.init)(jax.random.PRNGKey(12345),
-                                          {"image": train["image"][:2]})
+    rand, rand_state = runtime.run_once(task.init, jax.random.PRNGKey(12345),
+                                        {"image": train["image"][:2]})
     out["random_encoder"] = probes(feats(rand, rand_state, train["image"]),
                                    feats(rand, rand_state, test["image"]))
   out.update(num_train=len(train["image"]), num_test=len(test["image"]))
@@ -690,7 +690,7 @@ def evaluate_captioner(task, params, model_state, key, *, limit=None, beam=None,
     common = Counter(train_captions).most_common(1)[0][0]
     out["most_frequent_caption"] = score([common] * len(truth))
     example = {k: v for k, v in task.example_batch().items() if v.dtype.kind not in "USO"}
-    fresh, fresh_state = jax.jit(task.init)(jax.random.PRNGKey(12345), example)
+    fresh, fresh_state = runtime.run_once(task.init, jax.random.PRNGKey(12345), example)
     swap = lambda tree, new: {**tree, "image_encoder": new["image_encoder"]} \
         if "image_encoder" in new else tree
     rand_params = {"params": swap(params["params"], fresh["params"])}

@@ -116,6 +116,32 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
   return str(path)
 
 
+# A program that runs once, such as a model's initialisation, is compiled with LLVM's cheapest
+# code generation on the CPU (XLA's HLO passes are unchanged): its random initialisers (an
+# unrolled threefry hash per parameter array) make it slow to compile, and it runs once. The
+# cheaper code runs slower, about 60 ns more per parameter drawn, so an output of more than
+# RUN_ONCE_MAX_ELEMENTS values is compiled as jit compiles it. Measured on 2 cores, compile + run
+# of the train state's init (python benchmarks/init_compile.py; benchmarks/results/
+# init_compile.md): configs/vae.py 6.5 -> 2.5 s, configs/ddpm_class.py 11.9 -> 4.9 s,
+# configs/ldm.py 26.7 -> 16.5 s, the SD-like U-Net's state (600M values) 67.4 -> 56.9 s (its run
+# 2.0 -> 11.2 s; SD 1.5's, 3.4G values, would lose). Values can differ from the fully optimised
+# program's in the last bit (contracted multiply-adds).
+RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+RUN_ONCE_MAX_ELEMENTS = 2 ** 30
+
+
+def run_once(fn: Callable, *args, **jit_kwargs):
+  """`jax.jit(fn, **jit_kwargs)(*args)` for a program called once: on the CPU, where its output
+  has at most RUN_ONCE_MAX_ELEMENTS values, compiled with RUN_ONCE_COMPILER_OPTIONS."""
+  jitted = jax.jit(fn, **jit_kwargs)
+  if jax.default_backend() != "cpu":
+    return jitted(*args)
+  traced = jitted.trace(*args)
+  size = sum(x.size for x in jax.tree.leaves(traced.out_info))
+  options = RUN_ONCE_COMPILER_OPTIONS if size <= RUN_ONCE_MAX_ELEMENTS else None
+  return traced.lower().compile(compiler_options=options)(*args)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("jaxgen").setLevel(level)

@@ -158,7 +158,7 @@ def _train(task, workdir: pathlib.Path, progress: bool, until_step: int | None, 
                   (loader.n, loader.global_batch))
     log.info("Resumed from %s at step %d", ckpt.directory / str(latest), start)
   else:
-    state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(c.seed))
+    state = runtime.run_once(init, jax.random.PRNGKey(c.seed), out_shardings=state_sharding)
     if task.pretrained is not None:
       params, model_state = task.pretrained(state.params, state.model_state)
       state = jax.device_put(state.replace(params=params, model_state=model_state),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import config, files_under, params_of
+from jaxgen import runtime
 from jaxgen.app import restore_run, train
 from jaxgen.errors import CheckpointError, NonFiniteLossError
 from jaxgen.tasks.vae import AutoencoderTask
@@ -23,12 +24,17 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def test_run_writes_outputs_and_resumes_bit_for_bit(tmp_path):
+def test_run_writes_outputs_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+  inits = []  # the train state's init, a program compiled to run once (runtime.run_once)
+  run_once = runtime.run_once
+  monkeypatch.setattr(runtime, "run_once", lambda *a, **k: inits.append(1) or run_once(*a, **k))
   c = config("vae", "train.num_steps=6", "train.ckpt_every=2", "train.sample_every=3",
              "train.keep_checkpoints=2")
   full = train(c, tmp_path / "full", progress=False)
   train(c, tmp_path / "resumed", progress=False, until_step=4)
+  assert len(inits) == 2
   resumed = train(c, tmp_path / "resumed", progress=False)  # the same command, run again
+  assert len(inits) == 2  # restored: no init
   assert int(resumed.step) == 6
   _assert_trees_equal(full, resumed)  # params, EMA, optimizer state, RNG: bit for bit
 
