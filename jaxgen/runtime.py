@@ -123,9 +123,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
 # RUN_ONCE_MAX_ELEMENTS values is compiled as jit compiles it. Measured on 2 cores, compile + run
 # of the train state's init (python benchmarks/init_compile.py; benchmarks/results/
 # init_compile.md): configs/vae.py 6.5 -> 2.5 s, configs/ddpm_class.py 11.9 -> 4.9 s,
-# configs/ldm.py 26.7 -> 16.5 s, the SD-like U-Net's state (600M values) 67.4 -> 56.9 s (its run
-# 2.0 -> 11.2 s; SD 1.5's, 3.4G values, would lose). Values can differ from the fully optimised
-# program's in the last bit (contracted multiply-adds).
+# configs/ldm.py 26.7 -> 16.5 s, the SD-like U-Net's state (150M parameters, 600M values) 67.4 ->
+# 56.9 s (its run 2.0 -> 11.2 s; by that rate, not measured, SD 1.5's 860M-parameter state would
+# lose). Values can differ from the fully optimised program's in the last bit (contracted
+# multiply-adds).
 RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 RUN_ONCE_MAX_ELEMENTS = 2 ** 30
 
