@@ -6,28 +6,32 @@ import numpy as np
 from helpers import run_python
 from jaxgen import runtime
 
+# Counts, in a subprocess, the programs it reads from the persistent cache (into `hits`).
+COUNT_CACHE_HITS = """from jax import monitoring
+hits = []
+HIT = "/jax/compilation_cache/cache_hits"
+monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event == HIT else None)
+"""
+
 
 def test_small_programs_are_cached_and_read_back(tmp_path):
   """A program that compiles in milliseconds (as each of flax's eager `init` operations does) is
   written to the cache in one process and read from it in the next, which compiles nothing."""
-  code = """
+  cache = tmp_path / "xla"
+  code = f"""
 import jax, jax.numpy as jnp
 from jaxgen import runtime
-assert runtime.enable_compilation_cache() == {path!r}
-from jax import monitoring
-hits = []
-HIT = "/jax/compilation_cache/cache_hits"
-monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event == HIT else None)
+assert runtime.enable_compilation_cache() == {str(cache)!r}
+{COUNT_CACHE_HITS}
 print(float(jax.jit(lambda x: x * 3 + 1)(jnp.float32(2))), len(hits))
 """
-  cache = tmp_path / "xla"
   env = {"JAXGEN_COMPILATION_CACHE": str(cache)}
-  first = run_python(code.format(path=str(cache)), env=env)
+  first = run_python(code, env=env)
   assert first.returncode == 0, first.stderr
   assert first.stdout.split() == ["7.0", "0"]
   written = sorted(p.name for p in cache.iterdir())
   assert any(name.startswith("jit__lambda") for name in written), written
-  second = run_python(code.format(path=str(cache)), env=env)
+  second = run_python(code, env=env)
   assert second.returncode == 0, second.stderr
   value, hits = second.stdout.split()
   assert value == "7.0" and int(hits) == len(written)  # each program read back, none compiled
@@ -72,14 +76,11 @@ def test_run_once_compiles_cheaply_and_gives_jits_values(monkeypatch):
 def test_run_once_programs_are_cached(tmp_path):
   """A run_once program goes through the persistent cache like any other: the second process
   reads it back and compiles nothing."""
-  code = """
+  code = f"""
 import jax
 from jaxgen import runtime
 runtime.enable_compilation_cache()
-from jax import monitoring
-hits = []
-HIT = "/jax/compilation_cache/cache_hits"
-monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event == HIT else None)
+{COUNT_CACHE_HITS}
 x = runtime.run_once(lambda k: jax.random.normal(k, (4, 3)) * 2, jax.random.PRNGKey(0))
 print(float(x.sum()), len(hits))
 """
