@@ -7,6 +7,7 @@ WORKDIR/metrics.jsonl    metrics; WORKDIR/tb/ TensorBoard events; WORKDIR/sample
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pathlib
@@ -119,11 +120,12 @@ def train(task, workdir: str | pathlib.Path, *, progress: bool = True,
            mesh.devices.flat[0].platform, task.config.data.batch_size)
   # The mesh is also the context of the run's other computations (cached encodings, pictures):
   # their batches are split over its devices too.
-  with jax.set_mesh(mesh):
-    if jax.process_index() != 0:
-      return _train(task, workdir, progress, until_step, mesh)
-    with WorkdirLock(workdir):
-      return _train(task, workdir, progress, until_step, mesh)
+  # Every process calls _train from this one line: under jax 0.12.1 a jitted program's run id,
+  # which pairs up the processes' collectives, depends on where it was traced from, and
+  # processes that differ there wait forever in their first all-reduce.
+  lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with jax.set_mesh(mesh), lock:
+    return _train(task, workdir, progress, until_step, mesh)
 
 
 def _train(task, workdir: pathlib.Path, progress: bool, until_step: int | None, mesh
