@@ -137,7 +137,7 @@ def train_setup(task, config, batch_size: int, devices: int | None = None):
   batch = jax.device_put(_batch(task, config, batch_size, key), batch_sharding(mesh))
   step = make_train_step(task.loss_fn, ema_decay=config.optim.ema_decay, schedule=schedule,
                          state_sharding=shardings, batch_sharding=batch_sharding(mesh),
-                         accum_steps=config.optim.grad_accum_steps)
+                         accum_steps=config.optim.grad_accum_steps, frozen=task.frozen)
   return state, batch, step
 
 

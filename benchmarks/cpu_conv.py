@@ -252,7 +252,8 @@ def _ddpm_step(overrides=()):
              if np.asarray(v).dtype.kind not in "USO"}
   state = bj._init_state(task, example, tx, jax.random.PRNGKey(0))
   batch = bj._batch(task, config, row.batch, None)
-  step = make_train_step(task.loss_fn, ema_decay=config.optim.ema_decay, schedule=schedule)
+  step = make_train_step(task.loss_fn, ema_decay=config.optim.ema_decay, schedule=schedule,
+                         frozen=task.frozen)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0

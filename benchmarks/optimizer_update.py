@@ -8,7 +8,9 @@ Adam moments are 2.4 GB) this times, each as its own jitted call with the state 
   multiply by a scalar);
 - `jaxgen_step`: the real `make_train_step` with the row's optimizer (clip, AdamW, frozen
   towers), EMA and finite guard, on a loss whose gradient is the given tensor (sum of p * g:
-  one extra read of p and g and a write of the gradient);
+  one extra read of p and g and a write of the gradient). As in the loop, the task's frozen
+  parameters (the header's `frozen`: the SD-like row's text tower) get no gradient, update or
+  EMA work; every other variant updates all parameters;
 - `torch_fused`: torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW(fused=True) + a foreach
   lerp for the EMA on the same shapes (when torch is installed; in the same process, after the
   JAX rows, whose threads are idle by then).
@@ -37,6 +39,7 @@ from rows import ROWS
 
 from jaxgen import app
 from jaxgen.train.optim import clip_by_global_norm
+from jaxgen.train.step import frozen_mask
 
 
 def _time(fn, repeats):
@@ -121,13 +124,16 @@ def main():
   del state
   shapes = [tuple(p.shape) for p in jax.tree.leaves(params)]
   n = int(sum(np.prod(s) for s in shapes))
+  fixed = jax.tree.leaves(frozen_mask(params, task.frozen))
+  n_frozen = int(sum(p.size for p, f in zip(jax.tree.leaves(params), fixed) if f))
   rows = jax_rows(params, config, task, row.batch, args.repeats)
   t = torch_row(shapes, args.repeats)
   if t:
     rows.append(t)
   path, table = write("optimizer_update", rows,
                       ["variant", "median_ms", "min_ms", "repeats", "xla_temp_mb"],
-                      dict(row=args.row, params=n, arrays=len(shapes), malloc=malloc))
+                      dict(row=args.row, params=n, frozen=n_frozen, arrays=len(shapes),
+                           malloc=malloc))
   print(table)
   print(path)
 

@@ -175,7 +175,7 @@ def _train(task, workdir: pathlib.Path, progress: bool, until_step: int | None, 
   train_step = make_train_step(task.loss_fn, ema_decay=c.optim.ema_decay, schedule=schedule,
                                state_sharding=state_sharding,
                                batch_sharding=batch_sharding(mesh),
-                               accum_steps=c.optim.grad_accum_steps)
+                               accum_steps=c.optim.grad_accum_steps, frozen=task.frozen)
   end = t.num_steps if until_step is None else min(until_step, t.num_steps)
   writer = MetricWriter(workdir, resume_step=start)
   pending = _Pending()

@@ -67,31 +67,53 @@ def accumulated_grads(loss_fn: LossFn, params, model_state, batch, key, k: int,
   return (l_sum / k, (mean(m_sum), model_state)), mean(g_sum)
 
 
+def frozen_mask(params, frozen: Callable[[str], bool] | None):
+  """A tree of Python bools like `params`: True where `frozen(keystr(path))` (None: all False)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: frozen is not None and bool(frozen(jax.tree_util.keystr(path))), params)
+
+
 def make_train_step(loss_fn: LossFn, *, ema_decay: float, schedule: optax.Schedule | None = None,
                     state_sharding=None, batch_sharding: NamedSharding | None = None,
-                    accum_steps: int = 1):
+                    accum_steps: int = 1, frozen: Callable[[str], bool] | None = None):
   """A jitted `train_step(state, batch) -> (state, metrics)` with the state donated.
 
   A step whose loss or gradients are not finite leaves the state unchanged and reports
   `finite=False`; the loop stops on it. So a NaN never reaches parameters or checkpoints.
   `accum_steps` > 1 accumulates gradients over that many micro-batches of the batch.
+
+  `frozen(path) -> bool` (the task's, as given to make_optimizer) marks parameters that never
+  change: the loss sees them through stop_gradient, so their gradients are zeros without a
+  backward pass (a frozen text tower's), and their EMA is carried over as it is. `grad_norm`
+  is the norm of the trained parameters' gradients, which is what clipping acts on; the step
+  hands it to the optimizer's clip (jaxgen.train.optim.clip_by_global_norm), which then does not
+  compute it again.
   """
 
   def train_step(state: TrainState, batch: dict):
     key = jax.random.fold_in(state.rng, state.step)
+    fixed = frozen_mask(state.params, frozen)
+
+    def loss_of_trained(params, *args):
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, fixed)
+      return loss_fn(params, *args)
+
     (loss, (metrics, model_state)), grads = accumulated_grads(
-        loss_fn, state.params, state.model_state, batch, key, accum_steps)
+        loss_of_trained if frozen else loss_fn, state.params, state.model_state, batch, key,
+        accum_steps)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(state):
-      updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+      tx = optax.with_extra_args_support(state.tx)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                     global_norm=grad_norm)
       params = optax.apply_updates(state.params, updates)
       if ema_decay > 0:
-        # e + (1 - d)(p - e): a parameter that does not move (a frozen tower) keeps its EMA
-        # bit-for-bit, which d e + (1 - d) p would round away.
-        ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params,
-                           params)
+        # e + (1 - d)(p - e): a parameter that moves by less than its rounding keeps its EMA
+        # bit-for-bit, which d e + (1 - d) p would round away. A frozen one is carried over.
+        ema = jax.tree.map(lambda e, p, f: e if f else e + (1.0 - ema_decay) * (p - e),
+                           state.ema_params, params, fixed)
       else:
         ema = params
       return state.replace(step=state.step + 1, params=params, ema_params=ema,

@@ -77,3 +77,67 @@ def test_a_non_finite_step_leaves_the_whole_state_bit_for_bit():
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
     np.testing.assert_array_equal(np.asarray(a), b)
   assert int(after.step) == 1
+
+
+def test_clip_takes_the_callers_norm():
+  g = _tree()
+  norm = optax.tree.norm(g)
+  own, _ = clip_by_global_norm(0.5).update(g, optax.EmptyState())
+  given, _ = clip_by_global_norm(0.5).update(g, optax.EmptyState(), global_norm=norm)
+  for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(given)):
+    np.testing.assert_array_equal(a, b)
+  # the norm is taken as given, not recomputed
+  halved, _ = clip_by_global_norm(0.5).update(g, optax.EmptyState(), global_norm=2 * norm)
+  np.testing.assert_allclose(optax.tree.norm(halved), 0.25, rtol=1e-6)
+
+
+def test_frozen_parameters_get_no_backward_and_keep_their_values():
+  """A frozen tower (LiT, SD's text encoder): its parameters and their EMA stay bit-for-bit,
+  its gradient is never computed (no cos, the derivative of its sin, in the step), and the
+  trained parameters get optax's clip + AdamW on the trained gradients alone."""
+  o = base_config("ddpm").optim
+  o.update(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.1, grad_clip=0.05)
+  frozen = lambda path: path.startswith("['tower']")
+  tx, _ = make_optimizer(o, num_steps=10, frozen=frozen)
+
+  def loss_fn(params, model_state, batch, key):
+    feats = jnp.sin(batch["x"] @ params["tower"]["w"])
+    pred = feats @ params["head"]["w"] + params["head"]["b"]
+    return jnp.mean((pred - batch["y"]) ** 2), ({}, model_state)
+
+  k = jax.random.split(jax.random.PRNGKey(3), 2)
+  params = {"tower": {"w": jax.random.normal(k[0], (3, 4))},
+            "head": {"w": jax.random.normal(k[1], (4, 2)), "b": jnp.zeros((2,))}}
+  batch = {"x": jnp.arange(12.0).reshape(4, 3) / 10, "y": jnp.ones((4, 2)) * 3}
+  state = TrainState.create(params, tx, jax.random.PRNGKey(0))
+  step = make_train_step(loss_fn, ema_decay=0.9, frozen=frozen)
+  hlo = step.lower(state, batch).compile().as_text()
+  assert " sine(" in hlo and " cosine(" not in hlo
+
+  grads = jax.grad(lambda p: loss_fn(p, {}, batch, None)[0])(params)["head"]
+  ref_tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                       optax.adamw(o.lr, o.b1, o.b2, o.eps, weight_decay=o.weight_decay,
+                                   mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+  updates, _ = ref_tx.update(grads, ref_tx.init(params["head"]), params["head"])
+  ref = optax.apply_updates(params["head"], updates)
+  new, metrics = step(jax.tree.map(jnp.copy, state), batch)
+  assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-6)
+  assert float(metrics["grad_norm"]) > o.grad_clip  # the clip acted
+  for a, b in zip(jax.tree.leaves(new.params["head"]), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(new.params["tower"]["w"], params["tower"]["w"])
+  np.testing.assert_array_equal(new.ema_params["tower"]["w"], params["tower"]["w"])
+
+
+def test_a_plain_optax_optimizer_runs_in_the_step():
+  """A TrainState built with any optax transformation (no extra-args support) still steps."""
+  _, loss_fn, state, _, batch = _setup(0.0)
+  tx = optax.adam(1e-2)
+  params = state.params
+  grads = jax.grad(lambda p: loss_fn(p, {}, batch, None)[0])(params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  ref = optax.apply_updates(params, updates)
+  state = TrainState.create(jax.tree.map(jnp.copy, params), tx, jax.random.PRNGKey(0))
+  new, _ = make_train_step(loss_fn, ema_decay=0.0)(state, batch)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
