@@ -60,7 +60,6 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   agree to rounding; on the CPU the division and select made optax's clip cost more than the
   Adam update itself (0.25 s of the SD-like U-Net's 150M-parameter update, on its own).
 
-
   `update(..., global_norm=n)` takes the norm from the caller (the train step computes it for
   its finite check and metrics; a second reduction over every gradient cost 22 ms per step on
   the SD-like U-Net's 150M values). It must be the norm of exactly the updates this transform
