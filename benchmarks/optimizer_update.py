@@ -38,8 +38,7 @@ from common import host_malloc, median_time, write
 from rows import ROWS
 
 from jaxgen import app
-from jaxgen.train.optim import clip_by_global_norm
-from jaxgen.train.step import frozen_mask
+from jaxgen.train.optim import clip_by_global_norm, frozen_mask
 
 
 def _time(fn, repeats):

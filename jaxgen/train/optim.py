@@ -22,15 +22,22 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def frozen_mask(params, frozen=None):
+  """A tree of Python bools like `params`: True where `frozen(keystr(path))` (None: all False)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: frozen is not None and bool(frozen(jax.tree_util.keystr(path))), params)
+
+
 def make_optimizer(o, num_steps: int, frozen=None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`frozen(path) -> bool` marks parameters (by their key path) that must never change: they
-  get zero updates, and no weight decay either (LiT's locked tower)."""
+  get zero updates, and no weight decay either (LiT's locked tower). Give make_train_step the
+  same `frozen`: it hands the clip the norm of every gradient it computes."""
   schedule = make_schedule(o, num_steps)
   tx = _base_optimizer(o, schedule)
   if frozen is not None:
-    labels = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if frozen(jax.tree_util.keystr(path)) else "train", params)
+    labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "train",
+                                         frozen_mask(params, frozen))
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from jaxgen.train.optim import frozen_mask
 from jaxgen.train.state import TrainState
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, tuple[dict, Any]]]
@@ -67,12 +68,6 @@ def accumulated_grads(loss_fn: LossFn, params, model_state, batch, key, k: int,
   return (l_sum / k, (mean(m_sum), model_state)), mean(g_sum)
 
 
-def frozen_mask(params, frozen: Callable[[str], bool] | None):
-  """A tree of Python bools like `params`: True where `frozen(keystr(path))` (None: all False)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: frozen is not None and bool(frozen(jax.tree_util.keystr(path))), params)
-
-
 def make_train_step(loss_fn: LossFn, *, ema_decay: float, schedule: optax.Schedule | None = None,
                     state_sharding=None, batch_sharding: NamedSharding | None = None,
                     accum_steps: int = 1, frozen: Callable[[str], bool] | None = None):
@@ -87,7 +82,8 @@ def make_train_step(loss_fn: LossFn, *, ema_decay: float, schedule: optax.Schedu
   backward pass (a frozen text tower's), and their EMA is carried over as it is. `grad_norm`
   is the norm of the trained parameters' gradients, which is what clipping acts on; the step
   hands it to the optimizer's clip (jaxgen.train.optim.clip_by_global_norm), which then does not
-  compute it again.
+  compute it again. So give it the `frozen` given to make_optimizer: without it, the frozen
+  parameters' gradients would be computed and counted in the clip's norm.
   """
 
   def train_step(state: TrainState, batch: dict):
