@@ -154,8 +154,9 @@ class Dropout(nn.Module):
 # U-Nets' shapes; 11-13 GFLOP/s for 1x1 kernels). Written as matmuls over the batch and positions
 # (the k*k shifted copies of the input against the output gradient; one matmul for 1x1), the
 # filter gradient runs 1.4-7.3x faster (benchmarks/results/conv_grad.md, 2026-12-06). Below
-# IM2COL_BELOW positions (8x8, 4x4) the input gradient is a matmul too, and the forward where the
-# kernel is wide or the batch small (_im2col_forward): XLA's are slow there, and its input
+# IM2COL_BELOW positions (8x8, 4x4), for kernels of SMALL_MATMUL_MIN_KERNEL channels and more,
+# the input gradient is a matmul too, and the forward where the kernel is wider still or the
+# batch small (_im2col_forward): XLA's are slow there, and its input
 # gradient first flips and transposes the kernel (at 8x8, batch 4,
 # 1024->512 channels: forward 20.1 against 11.2 ms, input gradient 25.8 against 8.7 ms; SD-like
 # network call 844 -> 791 ms, train step 3.79 -> 3.65 s, alternated). From 16x16 on they stay
@@ -183,16 +184,26 @@ SHIFT_OUTPUT_GRAD_BELOW = 4
 # 32 -> 32 channels 1.08 / 1.91, 64 -> 32 2.14 / 12.3; batch 8 at 8x8, 256 -> 256 2.25 / 3.06;
 # about equal from 384 -> 256 and 256 -> 512; batch 4 at 8x8, 256 -> 512 3.02 / 2.60,
 # 512 -> 512 6.31 / 5.67, 1024 -> 512 17.6 / 11.8; 256 -> 256 at batch 2, 4x4 0.86 / 0.42.
-# The input gradient stays a matmul at all widths below IM2COL_BELOW positions (faster or about
-# equal at all these shapes).
+# The input gradient stays a matmul at all these widths below IM2COL_BELOW positions (faster
+# or about equal at all these shapes).
 IM2COL_FORWARD_MIN_KERNEL = 256 * 512
 IM2COL_FORWARD_ROWS = 64
+# Below IM2COL_BELOW positions, a k x k kernel (k > 1) of fewer than this many input x output
+# channels is XLA's convolution throughout (forward and both gradients): the matmul forms' extra
+# passes (the k*k shifted copies and sums) cost more than they save on narrow kernels. Whole train
+# steps on the 2-core AMD EPYC, two devices, the variants compiled in one process and run
+# alternately (2026-12-07): the small DDPM U-Net (8x8 and 4x4 kernels of 16x32 to 128x64
+# channels) 204 -> 155 ms, the small latent U-Net (64x64 to 256x128) 505 -> 434 ms. The wide
+# kernels that the rules above were measured on (the SD-like U-Net's and the DDPM paper's
+# U-Net's, 256x256 channels and up at these sizes) keep the matmuls.
+SMALL_MATMUL_MIN_KERNEL = 256 * 256
 
 
 def set_conv(implementation: str) -> None:
   """How jaxgen's stride-1 'SAME' convolutions are computed from now on (read when a function
   is traced): "xla" as XLA lowers them, "matmul" the filter gradients as matmuls, and below
-  IM2COL_BELOW positions the forward and the input gradient too, "auto" matmul on the CPU and
+  IM2COL_BELOW positions the forward and the input gradient too (there, kernels narrower than
+  SMALL_MATMUL_MIN_KERNEL stay XLA's), "auto" matmul on the CPU and
   xla elsewhere. The config key `conv` sets it for a task (jaxgen.app.build_task)."""
   if implementation not in CONV_IMPLEMENTATIONS:
     raise ConfigError(f"conv must be one of {CONV_IMPLEMENTATIONS}, got {implementation!r}")
@@ -301,6 +312,12 @@ def _small(x) -> bool:
   return x.shape[1] * x.shape[2] < IM2COL_BELOW
 
 
+def _matmul_pays(x, w) -> bool:
+  """Whether the matmul forms take the convolution of x [B, H, W, I] with w [k, k, I, O]
+  (SMALL_MATMUL_MIN_KERNEL)."""
+  return w.shape[0] == 1 or not _small(x) or w.shape[2] * w.shape[3] >= SMALL_MATMUL_MIN_KERNEL
+
+
 def _im2col_forward(x, w) -> bool:
   """Whether the forward of x [B, H, W, I] with kernel w [k, k, I, O] is taken as im2col."""
   b, h, wd, ci = x.shape
@@ -375,7 +392,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
            and tuple(window_strides) == (1, 1)
            and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
            and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-  if not plain or conv_implementation() != "matmul":
+  if not plain or conv_implementation() != "matmul" or not _matmul_pays(lhs, rhs):
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,

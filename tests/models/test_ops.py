@@ -160,8 +160,11 @@ def _conv_case(k, hw, cin, cout, seed=0, **kwargs):
 # (g shifted where the output has fewer than 4x the input's channels, x shifted from it on)
 @pytest.mark.parametrize("k,hw,cin,cout", [(3, 4, 5, 7), (3, 7, 6, 4), (3, 16, 4, 6), (1, 6, 5, 3),
                                            (5, 16, 3, 4), (3, 16, 2, 9), (5, 16, 2, 8)])
-def test_conv_matmul_filter_gradient_matches_xla(conv_setting, k, hw, cin, cout):
+def test_conv_matmul_filter_gradient_matches_xla(conv_setting, monkeypatch, k, hw, cin, cout):
   conv_setting("matmul")
+  # the matmul forms at small positions for these narrow kernels too (the default leaves kernels
+  # narrower than 256 x 256 channels to XLA there: test_conv_narrow_kernels_at_small_sizes_...)
+  monkeypatch.setattr(ops, "SMALL_MATMUL_MIN_KERNEL", 0)
   module, reference, params, x, value_and_grads = _conv_case(k, hw, cin, cout)
   assert jax.tree.map(jnp.shape, module.init(jax.random.PRNGKey(0), x)) == \
       jax.tree.map(jnp.shape, params)  # flax's parameter names and shapes
@@ -193,6 +196,22 @@ def test_conv_forward_choice_follows_the_measured_rule():
   assert choice(jax.device_count(), 8, 32, 32) and not choice(2 * jax.device_count(), 8, 32, 32)
   assert not choice(64, 8, 32, 32) and not choice(8, 8, 256, 256)
   assert not choice(1, 16, 1024, 512)  # 16x16 and up: always XLA's
+
+
+def test_conv_narrow_kernels_at_small_sizes_are_xlas_throughout(conv_setting):
+  # Below 16x16 positions a k x k kernel (k > 1) of fewer than 256 x 256 channels is XLA's
+  # convolution, forward and gradients; 1x1 kernels, wider kernels and larger sizes keep the
+  # matmul forms.
+  conv_setting("matmul")
+  pays = lambda k, hw, ci, co: ops._matmul_pays(np.zeros((2, hw, hw, ci)),
+                                                np.zeros((k, k, ci, co)))
+  assert not pays(3, 8, 128, 64) and not pays(3, 4, 256, 128) and not pays(3, 15, 16, 16)
+  assert pays(3, 8, 256, 256) and pays(3, 4, 1024, 512)  # the SD-like U-Net's, CIFAR-10's
+  assert pays(1, 8, 16, 16) and pays(3, 16, 16, 16)
+  for k, hw, matmul in [(3, 7, False), (1, 7, True), (3, 16, True)]:
+    module, _, params, x, _ = _conv_case(k, hw, 6, 4)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(module.apply(p, x))))(params))
+    assert ("dot_general" in jaxpr) == matmul, (k, hw)  # XLA's gradients have no dot
 
 
 def test_conv_filter_gradient_over_two_devices_sums_once_outside_its_loop():
