@@ -9,9 +9,12 @@ layers  each shape of SHAPES (NHWC batch, size, in and out channels, kernel): th
         and as jaxgen computes it under conv=matmul, and PyTorch's filter gradient
         (torch.nn.grad.conv2d_weight, channels-last) when torch is installed; median ms and
         GFLOP/s (2 * B * H * W * I * O * k * k per convolution)
-steps   each row's real train step (benchmarks/rows.py: its batch and overrides, one host device
-        unless XLA_FLAGS forces more) compiled under conv=xla and conv=matmul and run alternately
-        in one process, so that the machine's drift falls on both; XLA's temporaries of each
+steps   each row's real train step (benchmarks/rows.py: its batch and overrides; one host
+        device unless XLA_FLAGS forces more, the batch split over them) compiled under conv=xla,
+        conv=matmul and conv=matmul with the matmul forms for every kernel width
+        (ops.SMALL_MATMUL_MIN_KERNEL = 0) and run alternately in one process, so that the
+        machine's drift falls on all; the rows of --steps-rows replace their earlier results,
+        the others' are kept; XLA's temporaries of each
 
 The allocator is set as in the suite ($JAXGEN_MALLOC, default keep). Writes
 benchmarks/results/conv_grad.{json,md}; the rows of a part not run are kept from the file.
@@ -108,17 +111,32 @@ def _torch_filter_grad(b, hw, ci, co, k, rounds, flops) -> dict:
 
 
 def steps(row_names: list[str], rounds: int) -> list[dict]:
-  import cpu_conv
+  import bench_jax
   import jax
   from rows import ROWS
 
+  from jaxgen import app
+  from jaxgen.models import ops
+
   out = []
   for row_name in row_names:
-    cpu_conv.ROW = row_name
+    row = ROWS[row_name]
     held = {}
-    for impl in ("xla", "matmul"):  # the config key, as a run sets it (app.build_task)
-      compiled, state, batch, compile_s = cpu_conv._ddpm_step(
-          [*ROWS[row_name].overrides, f"conv={impl}"])
+    for impl in ("xla", "matmul", "matmul, every width"):
+      # the config key, as a run sets it (app.build_task); the last also takes the matmul forms
+      # for the narrow kernels below 16x16 positions that the default leaves to XLA
+      config = app.load_config(row.config_spec(),
+                               [*row.overrides, f"conv={impl.split(',')[0]}"])
+      task = app.build_task(config)
+      default_min = ops.SMALL_MATMUL_MIN_KERNEL
+      ops.SMALL_MATMUL_MIN_KERNEL = 0 if impl.endswith("every width") else default_min
+      try:  # the loop's step, the batch split over this process's devices
+        state, batch, fn = bench_jax.train_setup(task, config, row.batch)
+        t0 = time.perf_counter()
+        compiled = fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+      finally:
+        ops.SMALL_MATMUL_MIN_KERNEL = default_min
       temp = compiled.memory_analysis().temp_size_in_bytes
       held[impl] = dict(fn=compiled, state=state, batch=batch, compile_s=compile_s, temp=temp,
                         times=[])
@@ -135,7 +153,7 @@ def steps(row_names: list[str], rounds: int) -> list[dict]:
           step(h)
           h["times"].append(time.perf_counter() - t0)
     for impl, h in held.items():
-      out.append(dict(shape=f"{row_name} train step (batch {ROWS[row_name].batch}, "
+      out.append(dict(row=row_name, shape=f"{row_name} train step (batch {row.batch}, "
                             f"{jax.device_count()} device)", conv=impl,
                       step_median_ms=1e3 * statistics.median(h["times"]),
                       step_min_ms=1e3 * min(h["times"]), steps=len(h["times"]),
@@ -163,8 +181,11 @@ def main():
       rows += [r for r in kept if part_of(r) == part]
     elif part == "layers":
       rows += layers(a.rounds)
-    else:
-      rows += steps(a.steps_rows.split(","), a.rounds)
+    else:  # the rows not re-run are kept
+      names = a.steps_rows.split(",")
+      rows += [r for r in kept if part_of(r) == "steps"
+               and r.get("row", r["shape"].split()[0]) not in names]
+      rows += steps(names, a.rounds)
   cols = ["shape", "forward_ms", "filter_grad_xla_ms", "filter_grad_matmul_ms", "speedup",
           "torch_filter_grad_ms", "forward_gflops", "filter_grad_xla_gflops",
           "filter_grad_matmul_gflops", "torch_filter_grad_gflops", "rel_err", "conv",
