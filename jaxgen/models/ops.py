@@ -191,9 +191,10 @@ IM2COL_FORWARD_ROWS = 64
 # Below IM2COL_BELOW positions, a k x k kernel (k > 1) of fewer than this many input x output
 # channels is XLA's convolution throughout (forward and both gradients): the matmul forms' extra
 # passes (the k*k shifted copies and sums) cost more than they save on narrow kernels. Whole train
-# steps on the 2-core AMD EPYC, two devices, the variants compiled in one process and run
-# alternately (2026-12-07): the small DDPM U-Net (8x8 and 4x4 kernels of 16x32 to 128x64
-# channels) 204 -> 155 ms, the small latent U-Net (64x64 to 256x128) 505 -> 434 ms. The wide
+# steps on the 2-core AMD EPYC, two devices, the settings compiled in one process and run
+# alternately (benchmarks/results/conv_grad.md, 2026-12-07): the small DDPM U-Net (8x8 and 4x4
+# kernels of 16x32 to 128x64 channels) 177 -> 142 ms, the small latent U-Net (64x64 to 256x128)
+# 509 -> 426 ms, the VAE 326 -> 278 ms. The wide
 # kernels that the rules above were measured on (the SD-like U-Net's and the DDPM paper's
 # U-Net's, 256x256 channels and up at these sizes) keep the matmuls.
 SMALL_MATMUL_MIN_KERNEL = 256 * 256
