@@ -1,7 +1,7 @@
 """jaxgen's performance suite, side by side with PyTorch (diffusers) where it is installed.
 
 python benchmarks/run.py [--quick] [--only ROW[,ROW...]] [--no-torch] [--xla-flags FLAGS]
-                         [--malloc keep|system]
+                         [--malloc keep|system] [--pairs N]
 
 Rows (benchmarks/rows.py): vae, ddpm_small, ddpm_cifar10, ldm_small, ldm_sd_like, clip.
 Per row: training images/s through the real `make_train_step` (the task's loss, AdamW), the
@@ -15,6 +15,11 @@ jaxgen/PyTorch ratios are reported.
 
 Every measurement runs in its own process (jaxgen and PyTorch never share one: OpenMP's spinning
 threads and XLA's pool would slow each other). Times are medians of repeats after a warm-up.
+The speed of a shared machine drifts over minutes (a row's two sides once ran 0.75 and 0.92 of
+each other an hour apart), so `--pairs N` runs each row that has a PyTorch counterpart as N
+processes per side, alternated jaxgen, PyTorch, PyTorch, jaxgen, ... (a drift then falls on both
+sides alike): each figure is the median over its side's processes, and the tables list the
+ratio of each pass.
 Writes benchmarks/results/suite.json and suite.md (--quick: suite_quick.*; --only merges its
 rows into the existing file) and prints the tables.
 """
@@ -25,6 +30,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +63,59 @@ def _worker(script: str, args: list[str], env: dict, timeout: float) -> dict:
     return res
   finally:
     os.unlink(out)
+
+
+# Figures of a worker's result that are timings (medians over the passes of --pairs); the rest
+# (parameter counts, memory, batch sizes) is the first pass's.
+_TIMED = ("_s", "_pct")
+
+
+def combine(passes: list[dict]) -> dict:
+  """One side's results of a row's passes as one: each timing figure the median over the passes
+  that have it, everything else the first good pass's; the passes kept under "passes" when
+  there are several. A side whose every pass failed is its first error."""
+  good = [r for r in passes if "error" not in r]
+  if not good:
+    return passes[0]
+  if len(passes) == 1:
+    return good[0]
+  out = dict(good[0])
+  for k, v in good[0].items():
+    if k.endswith(_TIMED) and isinstance(v, (int, float)) and not isinstance(v, bool):
+      out[k] = statistics.median(r[k] for r in good if isinstance(r.get(k), (int, float)))
+  out["passes"] = passes
+  return out
+
+
+def pass_order(pairs: int) -> list[str]:
+  """The sides' processes of a row in running order: jaxgen, torch, torch, jaxgen, ..."""
+  return [side for i in range(pairs)
+          for side in (("jaxgen", "torch") if i % 2 == 0 else ("torch", "jaxgen"))]
+
+
+def passes_text(rows: list[dict]) -> str:
+  """The jaxgen/PyTorch ratio of each pass (pass i of jaxgen against pass i of PyTorch) of the
+  rows run with --pairs; empty when none was."""
+  lines = []
+  for r in rows:
+    j, t = r.get("jaxgen", {}), r.get("torch", {})
+    if "passes" not in j or "passes" not in t:
+      continue
+    keys = ["train_images_per_s"] + sorted(
+        (k for k in j if k.startswith("ddim") and k.endswith("_images_per_s")),
+        key=lambda k: int(k[4:].split("_")[0]))
+    parts = []
+    for k in keys:
+      ratios = [_ratio(a.get(k), b.get(k)) for a, b in zip(j["passes"], t["passes"])]
+      if any(x is not None for x in ratios):
+        name = "training" if k == "train_images_per_s" else f"DDIM {k[4:].split('_')[0]}"
+        parts.append(f"{name} " + " / ".join(_fmt(x) for x in ratios))
+    lines.append(f"- `{r['row']}`, {len(j['passes'])} jaxgen and {len(t['passes'])} PyTorch "
+                 "processes, jaxgen/PyTorch per pass: " + "; ".join(parts))
+  if not lines:
+    return ""
+  return ("Rows run as alternated processes (--pairs: jaxgen, PyTorch, PyTorch, jaxgen, ...); "
+          "the tables above give each side's median over its passes.\n\n" + "\n".join(lines))
 
 
 def _wait_idle(limit: float) -> None:
@@ -166,6 +225,9 @@ def tables(data: dict) -> str:
       lines.append(line)
     out += ["", "## Sampling (DDIM; guided models evaluate a doubled batch per step)", "",
             _table(h, lines)]
+  alternated = passes_text(rows)
+  if alternated:
+    out += ["", "## Alternated passes", "", alternated]
   out += ["", "## Weak scaling, on paper", "", WEAK_SCALING_TEXT, "", weak_scaling(rows)]
   if memory_rows:
     out += ["", "## Memory and precision (per device; XLA's memory analysis of the compiled step)",
@@ -227,7 +289,7 @@ def memory_table(rows: list[dict]) -> str:
 
 def header(meta: dict) -> str:
   keys = ["date", "cpu", "cpu_count", "platform", "jax", "torch", "torch_threads", "xla_flags",
-          "malloc", "quick", "matmul_peak_gflops", "torch_matmul_peak_gflops", "wall_s",
+          "malloc", "quick", "pairs", "matmul_peak_gflops", "torch_matmul_peak_gflops", "wall_s",
           "load_start", "load_end"]
   return ", ".join(f"{k}={_fmt(meta[k])}" for k in keys if k in meta)
 
@@ -266,10 +328,15 @@ def main():
                  help="results file name (default suite, or suite_quick with --quick)")
   p.add_argument("--tables", action="store_true",
                  help="only re-write the markdown tables from the last JSON results")
+  p.add_argument("--pairs", type=int, default=1, metavar="N",
+                 help="for rows with a PyTorch counterpart: N processes a side, alternated "
+                      "jaxgen, PyTorch, PyTorch, jaxgen, ...; figures are medians over them")
   p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                  help="first wait up to SECONDS for the 1-minute load average to fall below 0.5 "
                       "(the timings assume the cores are free)")
   a = p.parse_args()
+  if a.pairs < 1:
+    p.error(f"--pairs must be at least 1, got {a.pairs}")
   if a.tables:
     for stem in ("suite", "suite_quick"):
       path = RESULTS / f"{stem}.json"
@@ -296,7 +363,7 @@ def main():
   meta = dict(load_start=os.getloadavg()[0], date=time.strftime("%Y-%m-%d %H:%M"),
               cpu=_cpu_model(), cpu_count=os.cpu_count(),
               platform=jax.default_backend(), jax=jax.__version__, quick=a.quick,
-              xla_flags=jax_env.get("XLA_FLAGS", ""), malloc=a.malloc)
+              xla_flags=jax_env.get("XLA_FLAGS", ""), malloc=a.malloc, pairs=a.pairs)
   print("matmul peak ...", flush=True)
   peak = _worker("bench_jax.py", ["peak"], jax_env, a.timeout)
   meta["matmul_peak_flops_per_s"] = peak.get("flops_per_s")
@@ -311,7 +378,6 @@ def main():
   rows = []
   for name in names:
     row = ROWS[name]
-    print(f"{name}: jaxgen ...", flush=True)
     env = dict(jax_env)
     devices, train_devices = row_devices(row, a.quick)
     args = [name, *quick]
@@ -319,21 +385,24 @@ def main():
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                           f" --xla_force_host_platform_device_count={devices}").strip()
       args += ["--train-devices", str(train_devices)]
-    res = dict(row=name, what=row.what, group=row.group,
-               jaxgen=_worker("bench_jax.py", args, env, a.timeout))
-    j = res["jaxgen"]
-    if "error" in j:
-      print(f"  {j['error']}", flush=True)
-    else:
-      print(f"  {j['train_images_per_s']:.4g} img/s, {j['process_wall_s']:.0f} s", flush=True)
-    if use_torch and row.torch:
-      print(f"{name}: PyTorch ...", flush=True)
-      expect = [] if "error" in j else ["--expect-params", str(j["unet_params"])]
-      res["torch"] = _worker("bench_torch.py", [name, *quick, *expect], dict(os.environ),
-                             a.timeout)
-      t = res["torch"]
-      print(f"  {t.get('error') or format(t['train_images_per_s'], '.4g') + ' img/s'}",
-            flush=True)
+    runs = {"jaxgen": [], "torch": []}
+    for side in pass_order(a.pairs) if use_torch and row.torch else ["jaxgen"]:
+      if side == "jaxgen":
+        print(f"{name}: jaxgen ...", flush=True)
+        j = _worker("bench_jax.py", args, env, a.timeout)
+        print(f"  {j['error']}" if "error" in j else
+              f"  {j['train_images_per_s']:.4g} img/s, {j['process_wall_s']:.0f} s", flush=True)
+      else:
+        print(f"{name}: PyTorch ...", flush=True)
+        first = next((r for r in runs["jaxgen"] if "error" not in r), None)
+        expect = ["--expect-params", str(first["unet_params"])] if first else []
+        j = _worker("bench_torch.py", [name, *quick, *expect], dict(os.environ), a.timeout)
+        print(f"  {j['error']}" if "error" in j else f"  {j['train_images_per_s']:.4g} img/s",
+              flush=True)
+      runs[side].append(j)
+    res = dict(row=name, what=row.what, group=row.group, jaxgen=combine(runs["jaxgen"]))
+    if runs["torch"]:
+      res["torch"] = combine(runs["torch"])
     res["run"] = dict(date=meta["date"], cpu=meta["cpu"],
                       matmul_peak_flops_per_s=meta["matmul_peak_flops_per_s"])
     rows.append(res)
