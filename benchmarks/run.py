@@ -15,11 +15,11 @@ jaxgen/PyTorch ratios are reported.
 
 Every measurement runs in its own process (jaxgen and PyTorch never share one: OpenMP's spinning
 threads and XLA's pool would slow each other). Times are medians of repeats after a warm-up.
-The speed of a shared machine drifts over minutes (a row's two sides once ran 0.75 and 0.92 of
-each other an hour apart), so `--pairs N` runs each row that has a PyTorch counterpart as N
-processes per side, alternated jaxgen, PyTorch, PyTorch, jaxgen, ... (a drift then falls on both
-sides alike): each figure is the median over its side's processes, and the tables list the
-ratio of each pass.
+The speed of a shared machine drifts over minutes (the small DDPM U-Net trained at 0.58 of
+PyTorch in one pair of processes and at 1.06 in the next, 2026-12-07), so `--pairs N` runs each
+row that has a PyTorch counterpart as N processes per side, alternated jaxgen, PyTorch, PyTorch,
+jaxgen, ... (a drift then falls on both sides alike): each figure is the median over its side's
+processes, and the tables list the ratio of each pass.
 Writes benchmarks/results/suite.json and suite.md (--quick: suite_quick.*; --only merges its
 rows into the existing file) and prints the tables.
 """
