@@ -256,8 +256,8 @@ def bench_sampler(task, config, params, n: int, steps_list, quick: bool) -> dict
   return out
 
 
-def run_row(name: str, quick: bool, extra: list[str] = (), train_devices: int | None = None,
-            sample_devices: int | None = None) -> dict:
+def run_row(name: str, quick: bool, extra: list[str] = (), train_devices: int | None = None
+            ) -> dict:
   row = ROWS[name]
   bs = row.train_batch(quick)
   config = app.load_config(row.config_spec(),
@@ -271,10 +271,9 @@ def run_row(name: str, quick: bool, extra: list[str] = (), train_devices: int | 
     out["unet_params"] = sum(int(np.prod(x.shape))
                              for x in jax.tree.leaves(_unet_params(config, state.params)))
   if row.sample_batch:
-    # as `jaxgen sample` runs: under the mesh of its devices (default_cpu_devices(); here the
-    # first `sample_devices`, default all), the weights on each, the batch split over them
-    # (training may have used fewer or more: jaxgen.runtime.train_devices)
-    mesh = make_mesh(jax.devices()[:sample_devices])
+    # as `jaxgen sample` runs: under the mesh of all devices, the weights on each, the batch
+    # split over them (training may have used fewer: jaxgen.runtime.train_devices)
+    mesh = make_mesh()
     params = jax.device_put(state.ema_params, NamedSharding(mesh, P()))
     del state  # the training state's buffers (parameters, AdamW moments) are freed first
     with jax.set_mesh(mesh):
@@ -292,9 +291,8 @@ def main():
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", required=True)
   p.add_argument("--train-devices", type=int, default=None, metavar="N",
-                 help="train on the first N devices of the process (default all)")
-  p.add_argument("--sample-devices", type=int, default=None, metavar="N",
-                 help="sample on the first N devices of the process (default all)")
+                 help="train on the first N devices of the process (default all); sampling "
+                      "uses all")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override after the row's own (repeatable), e.g. train.fsdp=true")
   a = p.parse_args()
@@ -304,7 +302,7 @@ def main():
   if a.row == "peak":
     res = dict(row="peak", framework="jaxgen", **matmul_peak())
   else:
-    res = run_row(a.row, a.quick, a.set, a.train_devices, a.sample_devices)
+    res = run_row(a.row, a.quick, a.set, a.train_devices)
     res["overrides"] = a.set
   res["jax"] = jax.__version__
   res["malloc"] = malloc

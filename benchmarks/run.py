@@ -294,24 +294,21 @@ def header(meta: dict) -> str:
   return ", ".join(f"{k}={_fmt(meta[k])}" for k in keys if k in meta)
 
 
-def row_devices(row, quick: bool) -> tuple[int, int, int]:
-  """(host devices of the row's process, devices it trains on, devices it samples on): the
-  row's own count for all three, else as the CLI picks them (jaxgen.runtime): `jaxgen train` by
-  the batch and the parameter count, `jaxgen sample` all of default_cpu_devices()."""
+def row_devices(row, quick: bool) -> tuple[int, int]:
+  """(host devices of the row's process, devices it trains on): the row's own count for both,
+  else as the CLI picks them (jaxgen.runtime): `jaxgen train` by the batch and the parameter
+  count, `jaxgen sample` all of default_cpu_devices()."""
   if row.devices is not None:
-    return row.devices, row.devices, row.devices
+    return row.devices, row.devices
   from jaxgen import app
-  from jaxgen.runtime import cpu_devices_for_batch, cpu_train_device_count, default_cpu_devices
+  from jaxgen.runtime import cpu_devices_for_batch, cpu_split_pays, default_cpu_devices
   from jaxgen.train.loop import param_count
   batch = row.train_batch(quick)
-  host = cpu_devices_for_batch(batch)
-  train = host
-  if host > 1:
-    config = app.load_config(row.config_spec(), list(row.overrides))
-    train = cpu_train_device_count(param_count(app.build_task(config)), batch, host,
-                                   default_cpu_devices())
-  sample = default_cpu_devices() if row.sample_batch else 0
-  return max(train, sample), train, sample
+  train = cpu_devices_for_batch(batch)
+  if train > 1 and not cpu_split_pays(
+      param_count(app.build_task(app.load_config(row.config_spec(), list(row.overrides)))), batch):
+    train = 1
+  return (max(train, default_cpu_devices()) if row.sample_batch else train), train
 
 
 def main():
@@ -382,14 +379,12 @@ def main():
   for name in names:
     row = ROWS[name]
     env = dict(jax_env)
-    devices, train_devices, sample_devices = row_devices(row, a.quick)
+    devices, train_devices = row_devices(row, a.quick)
     args = [name, *quick]
     if devices > 1 and "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                           f" --xla_force_host_platform_device_count={devices}").strip()
       args += ["--train-devices", str(train_devices)]
-      if sample_devices:
-        args += ["--sample-devices", str(sample_devices)]
     runs = {"jaxgen": [], "torch": []}
     for side in pass_order(a.pairs) if use_torch and row.torch else ["jaxgen"]:
       if side == "jaxgen":

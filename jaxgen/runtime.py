@@ -40,42 +40,17 @@ MIN_BATCH_PER_CPU_DEVICE = 4
 # step on one device, 8.27 s on two (6.23 s with FSDP); the DDPM paper's U-Net (35.7M) at batch
 # 16, 2.2M per example, trains 1.46x faster on two (README, "Performance").
 MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT = 4_000_000
-# Up to this many parameters per example of the batch, `jaxgen train` splits each core into
-# SMALL_MODEL_DEVICES_PER_CORE host devices: XLA's threads serve all of a process's devices from
-# one pool, and two small programs a core keep the cores busier than one. On 2 cores (AMD EPYC,
-# 2026-12-07, separate processes alternated, median step ms, 2 devices -> 4): the small CLIP
-# (1.7K per example at batch 128) 436-556 -> 356-393, the small VAE (5.3K) 248-265 -> 245-249,
-# the small DDPM U-Net (10K) 148-211 -> 139-167; past it 4 devices were slower: the small DiT
-# (29K) 408-424 -> 434-451, the small latent U-Net (68K) 524-527 -> 554-608, the DDPM paper's
-# U-Net (2.2M) 4.93-5.01 s -> 5.58-5.65 s (README, "Performance").
-SMALL_MODEL_DEVICES_PER_CORE = 2
-MAX_PARAMS_PER_EXAMPLE_TWO_PER_CORE = 16_000
 # Set by configure_cpu_devices when it splits the CPU by its own default (not a count the user
 # chose): train_devices may then take back the split for a model too large for it.
 _default_split = False
 
 
-def cpu_devices_for_batch(batch: int, limit: int | None = None) -> int:
-  """The device count `jaxgen train` asks for: the largest up to `limit` (default
-  train_device_limit()) that splits the batch into parts of at least MIN_BATCH_PER_CPU_DEVICE
-  examples; else 1. Past default_cpu_devices() only its multiples count (the same number of
-  devices on each core)."""
-  cores = default_cpu_devices()
-  limit = train_device_limit() if limit is None else limit
-  fits = [k for k in range(1, limit + 1)
-          if (k <= cores or k % cores == 0)
-          and batch % k == 0 and batch // k >= MIN_BATCH_PER_CPU_DEVICE]
+def cpu_devices_for_batch(batch: int) -> int:
+  """The device count `jaxgen train` asks for: the largest up to default_cpu_devices() that
+  splits the batch into parts of at least MIN_BATCH_PER_CPU_DEVICE examples; else 1."""
+  fits = [k for k in range(1, default_cpu_devices() + 1)
+          if batch % k == 0 and batch // k >= MIN_BATCH_PER_CPU_DEVICE]
   return max(fits, default=1)
-
-
-def train_device_limit() -> int:
-  """The most host devices `jaxgen train` splits the CPU into: default_cpu_devices(), times
-  SMALL_MODEL_DEVICES_PER_CORE where that is the default split of two or more cores (not a count
-  set with JAXGEN_CPU_DEVICES); train_devices then keeps them only for a small model."""
-  n = default_cpu_devices()
-  if n < 2 or os.environ.get("JAXGEN_CPU_DEVICES", "").strip():
-    return n
-  return n * SMALL_MODEL_DEVICES_PER_CORE
 
 
 def configure_cpu_devices(n: int | None = None) -> int | None:
@@ -98,39 +73,27 @@ def configure_cpu_devices(n: int | None = None) -> int | None:
   return n
 
 
-def cpu_train_device_count(n_params: int, batch: int, available: int, cores: int) -> int:
-  """How many of `available` host devices (the CPU split by default into up to
-  SMALL_MODEL_DEVICES_PER_CORE a core) a model of n_params parameters trains on at this global
-  batch: all of them up to MAX_PARAMS_PER_EXAMPLE_TWO_PER_CORE parameters per example; as many
-  as `cores` (fewer where the batch does not split into them) up to
-  MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT; else one."""
-  per_example = n_params / max(batch, 1)
-  if per_example > MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT:
-    return 1
-  if per_example > MAX_PARAMS_PER_EXAMPLE_TWO_PER_CORE:
-    return min(available, cpu_devices_for_batch(batch, limit=cores))
-  return available
+def cpu_split_pays(n_params: int, batch: int) -> bool:
+  """Whether splitting the CPU into devices can speed up training a model of n_params
+  parameters at this global batch (MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT)."""
+  return n_params <= MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT * batch
 
 
 def train_devices(count_params: Callable[[], int], batch: int) -> list:
-  """The devices a training runs data parallel over: all of this process's, or the first of
-  them (cpu_train_device_count) where configure_cpu_devices split the CPU by default and the
-  model has too many parameters per example of the (global) batch for that many.
+  """The devices a training runs data parallel over: all of this process's, or only the first
+  where configure_cpu_devices split the CPU by default and the model has more than
+  MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT parameters per example of the (global) batch.
   count_params is called only in that case (it traces the model's init)."""
   devices = jax.devices()
   if not (_default_split and len(devices) > 1 and devices[0].platform == "cpu"):
     return devices
   n_params = count_params()
-  n = cpu_train_device_count(n_params, batch, len(devices), default_cpu_devices())
-  if n == 1:
+  if not cpu_split_pays(n_params, batch):
     log.info("One CPU device of %d: %.1fM parameters for a batch of %d train faster unsplit "
              "(JAXGEN_CPU_DEVICES=%d splits it anyway)", len(devices), n_params / 1e6, batch,
              len(devices))
-  elif n < len(devices):
-    log.info("%d CPU devices of %d (one a core): %.2fM parameters for a batch of %d train "
-             "faster on fewer (JAXGEN_CPU_DEVICES=%d splits it anyway)", n, len(devices),
-             n_params / 1e6, batch, len(devices))
-  return devices[:n]
+    return devices[:1]
+  return devices
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:

@@ -40,37 +40,6 @@ def test_training_splits_batches_of_at_least_four_per_device(monkeypatch, batch,
   assert runtime.cpu_devices_for_batch(batch) == expected
 
 
-@pytest.mark.parametrize("batch,expected", [(64, 4), (16, 4), (12, 2), (8, 2), (6, 1), (4, 1)])
-def test_the_default_split_of_two_cores_goes_to_four_devices_where_the_batch_allows(
-    monkeypatch, batch, expected):
-  """Two devices a core for training by default (three never: the same number a core)."""
-  monkeypatch.delenv("JAXGEN_CPU_DEVICES", raising=False)
-  monkeypatch.setattr(os, "cpu_count", lambda: 2)
-  assert runtime.train_device_limit() == 2 * runtime.SMALL_MODEL_DEVICES_PER_CORE
-  assert runtime.cpu_devices_for_batch(batch) == expected
-  monkeypatch.setattr(os, "cpu_count", lambda: 1)  # one core: no split at all
-  assert runtime.train_device_limit() == 1 and runtime.cpu_devices_for_batch(batch) == 1
-  monkeypatch.setattr(os, "cpu_count", lambda: 2)
-  monkeypatch.setenv("JAXGEN_CPU_DEVICES", "2")  # a count the user set is the limit
-  assert runtime.train_device_limit() == 2
-  assert runtime.cpu_devices_for_batch(batch) == min(expected, 2)
-
-
-@pytest.mark.parametrize("per_example,batch,available,expected", [
-    (1_000, 64, 4, 4), (16_000, 64, 4, 4), (16_001, 64, 4, 2), (68_000, 64, 4, 2),
-    (4_000_000, 16, 4, 2), (4_000_001, 16, 4, 1), (20_000, 8, 2, 2), (20_000, 64, 2, 2),
-    (20_000, 6, 4, 1), (1_000, 64, 2, 2)])
-def test_trained_devices_follow_the_parameters_per_example(per_example, batch, available,
-                                                           expected, monkeypatch):
-  """All split devices up to MAX_PARAMS_PER_EXAMPLE_TWO_PER_CORE parameters per example, one a
-  core (as the batch splits) up to MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT, then one."""
-  monkeypatch.setattr(os, "cpu_count", lambda: 2)
-  monkeypatch.delenv("JAXGEN_CPU_DEVICES", raising=False)
-  assert runtime.MAX_PARAMS_PER_EXAMPLE_TWO_PER_CORE == 16_000
-  assert runtime.MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT == 4_000_000
-  assert runtime.cpu_train_device_count(per_example * batch, batch, available, 2) == expected
-
-
 def test_started_backends_are_left_alone():
   import jax
   jax.devices()  # this process's backends are running
@@ -107,32 +76,25 @@ def test_cli_trains_and_samples_over_two_host_devices(tmp_path):
   assert np.abs(images[2] - images[1]).max() <= 1
 
 
-def test_a_model_too_large_for_its_batch_trains_on_fewer_of_the_split_devices():
-  """Past MAX_PARAMS_PER_EXAMPLE_TWO_PER_CORE parameters per example training takes back the
-  second device of each core, past MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT all but one (fewer devices
-  train such a model faster); a count the user set is kept."""
+def test_a_model_too_large_for_its_batch_trains_on_one_of_the_split_devices():
+  """Past MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT parameters per example, training takes back the
+  default split (one device trains such a model faster); a count the user set is kept."""
   code = textwrap.dedent("""
-      import os
-      os.cpu_count = lambda: 2
       import jax
       from jaxgen import runtime
       runtime.setup_logging()
-      assert runtime.configure_cpu_devices(4) == 4
-      small = runtime.MAX_PARAMS_PER_EXAMPLE_TWO_PER_CORE * 16
-      large = runtime.MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT * 16
-      print(len(runtime.train_devices(lambda: small, 16)),
-            len(runtime.train_devices(lambda: small + 1, 16)), len(runtime.train_devices(
-                lambda: large, 16)), runtime.train_devices(lambda: large + 1, 16))
+      assert runtime.configure_cpu_devices(2) == 2
+      limit = runtime.MAX_PARAMS_PER_EXAMPLE_CPU_SPLIT * 16
+      print(len(runtime.train_devices(lambda: limit, 16)),
+            runtime.train_devices(lambda: limit + 1, 16))
   """)
   default = run_python(code, env={"JAXGEN_CPU_DEVICES": ""})
   assert default.returncode == 0, default.stderr[-3000:]
-  assert default.stdout.split("\n")[0] == "4 2 2 [CpuDevice(id=0)]", default.stdout
-  assert "2 CPU devices of 4 (one a core)" in default.stderr
-  assert "One CPU device of 4" in default.stderr
-  chosen = run_python(code, env={"JAXGEN_CPU_DEVICES": "4"})
+  assert default.stdout.split("\n")[0] == "2 [CpuDevice(id=0)]", default.stdout
+  assert "One CPU device of 2" in default.stderr
+  chosen = run_python(code, env={"JAXGEN_CPU_DEVICES": "2"})
   assert chosen.returncode == 0, chosen.stderr[-3000:]
-  assert chosen.stdout.startswith("4 4 4 [CpuDevice(id=0), CpuDevice(id=1), CpuDevice(id=2), "
-                                  "CpuDevice(id=3)]"), chosen.stdout
+  assert chosen.stdout.startswith("2 [CpuDevice(id=0), CpuDevice(id=1)]"), chosen.stdout
 
 
 def test_training_asks_for_its_devices_with_the_state_s_parameter_count(tmp_path, monkeypatch):
