@@ -217,7 +217,7 @@ def build_parser(help_for: str | None = None, task: str | None = None
              "--top-p 0.9 --samples 3\n  jaxgen caption --retrieval runs/clip --image a.png")
   p.add_argument("--workdir", default=None, help="a captioner run (not needed with --retrieval)")
   p.add_argument("--image", action="append", required=True, help="a picture (repeat for several)")
-  from jaxgen.commands import decoding_args, positive_int
+  from jaxgen.argtypes import decoding_args, positive_int
   decoding_args(p)
   p.add_argument("--samples", type=positive_int, default=1,
                  help="captions per picture (sampling: each with another key)")
@@ -273,7 +273,7 @@ def build_parser(help_for: str | None = None, task: str | None = None
              "  jaxgen vary --workdir runs/vary --image a.png --image b.png --outdir varied/")
   p.add_argument("--workdir", required=True)
   p.add_argument("--image", action="append", required=True, help="a picture (repeat for several)")
-  from jaxgen.commands import positive_int
+  from jaxgen.argtypes import positive_int
   p.add_argument("--num", type=positive_int, default=8, help="variations per picture")
   p.add_argument("--guidance", type=float, default=None,
                  help="classifier-free guidance scale (default: the run's "

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxgen import app, diffusion, runtime
 from jaxgen import images as img
+from jaxgen.argtypes import decoding_args, positive_int
 from jaxgen.data import heldout_images, load_all, load_source
 from jaxgen.errors import ConfigError, DataError
 
@@ -32,18 +33,6 @@ class Commands:
   sample: Callable
   eval_args: Callable[[argparse.ArgumentParser], None]
   evaluate: Callable
-
-
-def positive_int(text: str) -> int:
-  """argparse type of counts (--num, --steps, --limit, ...): 0 or less is an error, never a
-  silent default."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-  return value
 
 
 def _out_path(args, default: pathlib.Path) -> pathlib.Path:
@@ -584,17 +573,6 @@ def _simclr_eval(run, key, args):
 
 
 # -- captioner -----------------------------------------------------------------------------------
-def decoding_args(p):
-  """The decoding options of `jaxgen caption` and a captioner's sample/eval."""
-  p.add_argument("--beam", type=positive_int, default=None, help="beam search with K beams")
-  p.add_argument("--length-penalty", type=float, default=1.0,
-                 help="beam search: scores are log-probability / length ** this")
-  p.add_argument("--temperature", type=float, default=0.0,
-                 help="> 0 samples at this temperature (default 0: greedy)")
-  p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest tokens")
-  p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
-
-
 def decoding_options(args) -> dict:
   if args.beam and args.temperature:
     raise ConfigError("--beam and --temperature exclude each other: beam search is "
