@@ -327,7 +327,8 @@ def main():
   p.add_argument("--stem", default=None,
                  help="results file name (default suite, or suite_quick with --quick)")
   p.add_argument("--tables", action="store_true",
-                 help="only re-write the markdown tables from the last JSON results")
+                 help="only re-write the markdown tables from the last JSON results "
+                      "(of --stem, else suite and suite_quick)")
   p.add_argument("--pairs", type=int, default=1, metavar="N",
                  help="for rows with a PyTorch counterpart: N processes a side, alternated "
                       "jaxgen, PyTorch, PyTorch, jaxgen, ...; figures are medians over them")
@@ -338,7 +339,7 @@ def main():
   if a.pairs < 1:
     p.error(f"--pairs must be at least 1, got {a.pairs}")
   if a.tables:
-    for stem in ("suite", "suite_quick"):
+    for stem in [a.stem] if a.stem else ("suite", "suite_quick"):
       path = RESULTS / f"{stem}.json"
       if path.exists():
         write_tables(stem, json.loads(path.read_text()))

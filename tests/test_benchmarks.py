@@ -43,3 +43,17 @@ def test_alternated_passes_combine_as_medians_and_list_each_ratio(monkeypatch):
   assert line == ["- `r`, 4 jaxgen and 2 PyTorch processes, jaxgen/PyTorch per pass: "
                   "training 1.25 / 0.8; DDIM 10 0.5 / 1.5"]
   assert run.passes_text([dict(row="s", jaxgen=jax_passes[0])]) == ""
+
+
+def test_tables_rewrites_the_named_results_only(monkeypatch, tmp_path):
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  import run
+
+  results = REPO / "benchmarks" / "results"
+  (tmp_path / "cores.json").write_text((results / "cores.json").read_text())
+  (tmp_path / "suite.json").write_text((results / "suite.json").read_text())
+  monkeypatch.setattr(run, "RESULTS", tmp_path)
+  monkeypatch.setattr(sys, "argv", ["run.py", "--stem", "cores", "--tables"])
+  run.main()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cores.json", "cores.md", "suite.json"]
+  assert (tmp_path / "cores.md").read_text() == (results / "cores.md").read_text()
