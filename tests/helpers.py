@@ -39,3 +39,21 @@ def params_of(state):
   import jax
   import numpy as np
   return jax.tree.map(np.asarray, jax.device_get(state))
+
+
+def check_zeros_for_pretrained(task) -> None:
+  """`task.zeros_for_pretrained` zeroes some arrays, and only arrays that `task.pretrained`
+  replaces: from a drawn state and from that state zeroed, `pretrained` gives the same state."""
+  import jax
+  import numpy as np
+  rng = np.random.default_rng(0)
+  example = task.example_batch()
+  shapes = jax.eval_shape(lambda k: task.init(k, example), jax.random.PRNGKey(0))
+  drawn = jax.tree.map(lambda s: (rng.normal(size=s.shape) + 2).astype(s.dtype), shapes)
+  zeroed = jax.tree.map(np.asarray, task.zeros_for_pretrained(*drawn))
+  changed = [b for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(zeroed))
+             if not np.array_equal(a, b)]
+  assert changed and not any(np.any(b) for b in changed)
+  for a, b in zip(jax.tree.leaves(task.pretrained(*drawn)),
+                  jax.tree.leaves(task.pretrained(*zeroed)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

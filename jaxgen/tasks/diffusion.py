@@ -23,7 +23,7 @@ from jaxgen.images import to_signed
 from jaxgen.models import build
 from jaxgen.models.unet import UNet
 from jaxgen.pipelines import diffusion as pipe
-from jaxgen.tasks.base import Task
+from jaxgen.tasks.base import Task, zeros_like
 
 # Keys of the model section that shape training only; every other key is a UNet field.
 TRAINING_KEYS = ("class_dropout", "random_flip", "embedding")
@@ -266,6 +266,11 @@ class DiffusionTask(Task):
       raise ConfigError(f"{what}: a simclr run's embeddings are its encoder's features: set "
                         "model.embedding.projection=0.")
     return params, dict(model_state, embedder=variables)
+
+  def zeros_for_pretrained(self, params, model_state):
+    if self.embedder is None:
+      return params, model_state
+    return params, dict(model_state, embedder=zeros_like(model_state["embedder"]))
 
   def cached_inputs(self, state, source):
     """With model.embedding.cache: the training set embedded once by the frozen tower, which

@@ -34,7 +34,7 @@ from jaxgen.models.autoencoder import Autoencoder
 from jaxgen.models.dit import DiT
 from jaxgen.pipelines import text_to_image as t2i
 from jaxgen.pipelines.autoencoder import latent_scale
-from jaxgen.tasks.base import Task
+from jaxgen.tasks.base import Task, zeros_like
 from jaxgen.tasks.diffusion import (
   diffusion_section,
   objective_loss,
@@ -247,6 +247,11 @@ class LatentDiffusionTask(Task):
     vae_vars = self.vae.init(k_vae, x)
     scale = jnp.float32(self.config.ldm.latent_scale or 1.0)
     return (dict(params, unet=unet_vars), {"vae": vae_vars, "latent": {"scale": scale}})
+
+  def zeros_for_pretrained(self, params, model_state):
+    if self.config.model.text.init:
+      params = dict(params, text=zeros_like(params["text"]))
+    return params, dict(model_state, vae=zeros_like(model_state["vae"]))
 
   @staticmethod
   def _unet_kwargs(cond) -> dict:

@@ -44,6 +44,8 @@ def _state_factory(task, config, example: dict):
   def init(key):
     k_init, k_rng = jax.random.split(key)
     params, model_state = task.init(k_init, example)
+    if task.pretrained is not None:  # what it loads is not drawn at random first
+      params, model_state = task.zeros_for_pretrained(params, model_state)
     return TrainState.create(params, tx, k_rng, model_state)
 
   return init, schedule

@@ -9,8 +9,8 @@ import optax
 import pytest
 from PIL import Image
 
-from helpers import config, params_of
-from jaxgen.app import train
+from helpers import check_zeros_for_pretrained, config, params_of
+from jaxgen.app import build_task, train
 from jaxgen.cli import main
 from jaxgen.data import shapes
 from jaxgen.errors import ConfigError
@@ -83,6 +83,7 @@ def test_locked_encoder_from_a_clip_run_stays_fixed(clip_run, tmp_path):
   clip = load_weights(clip_run).params["params"]["image_encoder"]
   mine = params_of(state.params)["params"]["image_encoder"]
   jax.tree.map(np.testing.assert_array_equal, mine, params_of(clip))
+  check_zeros_for_pretrained(build_task(config("captioner", arg=f"smoke,init={clip_run}")))
   with pytest.raises(ConfigError, match="model.encoder differs"):
     train(config("captioner", f"model.image_init={clip_run}", "model.encoder.width=8"),
           tmp_path / "bad", progress=False)

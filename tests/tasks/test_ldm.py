@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import config, params_of
-from jaxgen import diffusion
+from helpers import check_zeros_for_pretrained, config, params_of
+from jaxgen import app, diffusion
 from jaxgen.app import restore_run, train
 from jaxgen.cli import main
 from jaxgen.errors import ConfigError, ShapeError, TokenError
@@ -178,6 +178,13 @@ def test_generate_and_eval_from_the_command_line(ldm_run, stages, capsys, tmp_pa
   with pytest.raises(SystemExit):
     main(["generate", "--workdir", str(stages / "clip"), "--prompt", "x"])
   assert "needs a latent diffusion (ldm) workdir" in capsys.readouterr().err
+
+
+def test_the_init_program_leaves_the_loaded_towers_at_zero(stages):
+  """The loop's init does not draw the autoencoder, nor the text tower of model.text.init,
+  which `pretrained` loads (XLA drops their initialisers)."""
+  check_zeros_for_pretrained(app.build_task(
+      config("ldm", arg=f"smoke,ae={stages / 'ae'},clip={stages / 'clip'}")))
 
 
 def test_an_autoencoder_of_another_architecture_is_refused(stages, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import config
+from helpers import check_zeros_for_pretrained, config
 from jaxgen import app
 from jaxgen.cli import main
 from jaxgen.contrastive.losses import l2_normalize
@@ -43,6 +43,11 @@ def test_the_config_reads_the_encoder_run(runs):
   bad.model.num_classes = 10
   with pytest.raises(ConfigError, match="alternatives"):
     app.validate(bad)
+
+
+def test_the_init_program_leaves_the_loaded_tower_at_zero(runs):
+  check_zeros_for_pretrained(app.build_task(
+      config("vary", "data.image_size=8", arg=f"smoke,encoder={runs / 'simclr'}")))
 
 
 def test_embeddings_are_the_simclr_runs_features(runs):
