@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 
 import jax
-import jax.numpy as jnp
 
 from jaxgen import lora
 from jaxgen import weights as weights_lib
 from jaxgen.errors import ConfigError
-from jaxgen.tasks.base import Task
+from jaxgen.tasks.base import Task, zeros_like
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +53,17 @@ class LoraTask(Task):
     return self.base.example_batch()
 
   def init(self, key, batch):
-    """The adapters, over zeros in the base's shapes: `pretrained` replaces the base with the
-    base run's weights, so the base's random initialisers would be compiled and run for
-    nothing (for SD 1.5, 860M values)."""
     k_base, k_lora = jax.random.split(key)
-    shapes = jax.eval_shape(lambda k: self.base.init(k, batch), k_base)  # batch: may hold text
-    params, state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    params, state = self.base.init(k_base, batch)
     paths = lora.targets(params, self.pattern)
     if not paths:
       raise ConfigError(f"lora.targets={self.pattern!r} matches no kernel of the {self.name} "
                         f"model")
     return lora.init(k_lora, params, paths, self.rank), {"base": params, "state": state}
+
+  def zeros_for_pretrained(self, adapters, model_state):
+    """The whole base is loaded (for SD 1.5, 860M values not drawn)."""
+    return adapters, zeros_like(model_state)
 
   def pretrained(self, adapters, model_state):
     """The base run's weights (EMA parameters and model state) under the adapters."""

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import check_zeros_for_pretrained
 from jaxgen import lora
 from jaxgen.app import restore_run
 from jaxgen.cli import main
@@ -247,10 +248,10 @@ def test_lora_training_through_the_loop_and_into_diffusers(sd, tmp_path, capsys)
     f = jax.jit(lambda k: task.loss_fn(adapters, model_state, batch, k)[0])
     return float(np.mean([f(k) for k in keys]))
 
-  adapters0, unloaded = task.init(jax.random.PRNGKey(0), task.example_batch())
-  # the base that `pretrained` replaces is not drawn at random (zeros in its shapes)
-  assert not any(np.any(np.asarray(a)) for a in jax.tree.leaves(unloaded["base"]))
-  params0, state0 = task.pretrained(adapters0, unloaded)
+  check_zeros_for_pretrained(task)  # the loop's init leaves the base, which is loaded, at zero
+  example = task.example_batch()
+  params0, state0 = task.pretrained(*jax.jit(
+      lambda k: task.zeros_for_pretrained(*task.init(k, example)))(jax.random.PRNGKey(0)))
   before = mean_loss(params0, state0)
   state = app.train(config, wd, progress=False)
   after = mean_loss(state.params, state.model_state)
