@@ -260,10 +260,16 @@ def load_feature_net(data_cfg, workdir=None, *, train_if_missing: bool = True,
                      progress: bool = True, steps: int = 600):
   """The offline metric's feature network: the classifier in `workdir`, else the cached one for
   this data set and size, trained first through the one loop (about a minute on 2 CPU cores)."""
+  from jaxgen.errors import WorkdirBusyError
   from jaxgen.eval import quality
+  from jaxgen.train.lock import wait_until_free
   if workdir is None:
     workdir = quality.feature_net_dir(data_cfg)
-    if not (workdir / "checkpoints").exists():
+    # Processes that evaluate on the same data share one net: one trains it (under the loop's
+    # workdir lock), the others wait for it and load it, instead of failing on the lock.
+    while not _has_checkpoint(workdir):
+      if wait_until_free(workdir):
+        continue   # another process was training it: look again (it may have stopped early)
       if not train_if_missing:
         raise CheckpointError(f"No feature network in {workdir}.")
       num_classes = quality.num_classes_of(data_cfg)
@@ -272,5 +278,15 @@ def load_feature_net(data_cfg, workdir=None, *, train_if_missing: bool = True,
       c = base_config("classifier")
       quality.fill_classifier_config(c, data_cfg, num_classes, steps)
       validate(c)
-      train(c, workdir, progress=progress)
+      try:
+        train(c, workdir, progress=progress)
+      except WorkdirBusyError:
+        continue   # another process started training it first: wait for it
   return quality.FeatureNet.from_weights(weights_lib.load_weights(workdir))
+
+
+def _has_checkpoint(workdir: pathlib.Path) -> bool:
+  """A finished checkpoint step in WORKDIR/checkpoints (orbax's temporary folders and an empty
+  folder left by a killed run do not count)."""
+  folder = workdir / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())

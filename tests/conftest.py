@@ -16,6 +16,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 150 s -> 71 s). Subprocesses inherit it; scripts that force a device count append to it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# jaxgen's own cache (the metric's feature networks) in a folder of this run, not ~/.cache/jaxgen:
+# the tests must neither leave nets in the user's cache nor use theirs.
+os.environ.setdefault("JAXGEN_CACHE", tempfile.mkdtemp(prefix="jaxgen-test-cache-"))
 CACHE = os.environ.setdefault(
     "JAXGEN_COMPILATION_CACHE", str(pathlib.Path(tempfile.gettempdir()) / "jaxgen-test-xla"))
 

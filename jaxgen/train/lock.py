@@ -1,7 +1,8 @@
 """One writer per workdir: `train` holds WORKDIR/jaxgen.lock (host, PID, start time) while it
 runs. A second `train` on the same workdir stops at once with a message naming the holder;
 readers (`sample`, `eval`, `generate`) never take the lock. A lock left by a process that no
-longer runs on this host is stale and taken over with a warning."""
+longer runs on this host is stale and taken over with a warning. `wait_until_free` lets a
+reader that needs the finished run (the metric's shared feature network) wait for the writer."""
 from __future__ import annotations
 
 import json
@@ -95,3 +96,29 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+def live_holder(workdir: str | os.PathLike) -> dict | None:
+  """The holder of WORKDIR's lock if a process holds it (on another host: assumed alive),
+  else None (no lock, or a stale one of a process of this host that no longer runs)."""
+  path = pathlib.Path(workdir) / LOCK_FILE
+  if not path.exists():
+    return None
+  holder = _read(path)
+  pid = holder.get("pid")
+  if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+    return None
+  return holder or {"pid": None, "host": None}   # being written this instant: held
+
+
+def wait_until_free(workdir: str | os.PathLike, *, poll_s: float = 1.0) -> bool:
+  """Blocks while a live process holds WORKDIR's lock; True if it had to wait."""
+  holder = live_holder(workdir)
+  if holder is None:
+    return False
+  log.info("%s is being trained by process %s on host %s: waiting for it to finish (if that "
+           "process no longer runs, delete %s).", workdir, holder.get("pid"), holder.get("host"),
+           pathlib.Path(workdir) / LOCK_FILE)
+  while live_holder(workdir) is not None:
+    time.sleep(poll_s)
+  return True

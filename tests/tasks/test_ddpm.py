@@ -63,14 +63,41 @@ def test_unconditional_ddpm_refuses_labels(tmp_path, capsys):
   assert capsys.readouterr().out.strip().endswith("samples_dpmpp_2m.png")
 
 
-def test_feature_net_is_trained_once_and_cached(tmp_path, monkeypatch):
+def test_feature_net_is_trained_once_and_cached(tmp_path, monkeypatch, caplog):
+  """The first caller trains the net into the cache; one that asks while it trains waits for it
+  (the loop's workdir lock would refuse a second training) and loads the same net; later ones
+  load it without training."""
+  import threading
+  import time
+
+  from jaxgen.train.lock import LOCK_FILE
   monkeypatch.setenv("JAXGEN_CACHE", str(tmp_path / "cache"))
   data = config("ddpm", "data.image_size=8").data
-  net = app.load_feature_net(data, progress=False, steps=3)
-  feats, logits = net(np.zeros((3, 8, 8, 1), np.uint8))
-  assert feats.shape[0] == logits.shape[0] == 3 and logits.shape[1] == 10
   directory = quality.feature_net_dir(data)
   assert str(directory).startswith(str(tmp_path / "cache"))
+  nets, errors = {}, []
+
+  def load(name):
+    try:
+      nets[name] = app.load_feature_net(data, progress=False, steps=3)
+    except Exception as e:  # reported by the assertion below
+      errors.append(e)
+
+  first = threading.Thread(target=load, args=("first",))
+  with caplog.at_level("INFO", logger="jaxgen"):
+    first.start()
+    while not (directory / LOCK_FILE).exists() and first.is_alive():
+      time.sleep(0.01)
+    assert first.is_alive(), errors
+    load("second")   # while the first trains
+    first.join()
+  assert not errors, errors
+  messages = [r.getMessage() for r in caplog.records]
+  assert sum("Training the metric's feature network" in m for m in messages) == 1, messages
+  assert any("waiting for it to finish" in m for m in messages), messages
+  feats, logits = nets["second"](np.zeros((3, 8, 8, 1), np.uint8))
+  assert feats.shape[0] == logits.shape[0] == 3 and logits.shape[1] == 10
+  np.testing.assert_array_equal(logits, nets["first"](np.zeros((3, 8, 8, 1), np.uint8))[1])
   stamp = sorted(p.stat().st_mtime for p in directory.rglob("*") if p.is_file())
   app.load_feature_net(data, progress=False, steps=3)
   assert sorted(p.stat().st_mtime for p in directory.rglob("*") if p.is_file()) == stamp

@@ -30,7 +30,10 @@ def test_dit_flow_trains_samples_and_evaluates(tmp_path, capsys):
   with pytest.raises(SystemExit):
     main(["sample", "--workdir", str(wd), "--sampler", "ddim"])
   assert "flow-matching model samples with euler, heun" in capsys.readouterr().err
-  main(["eval", "--workdir", str(wd), "--num", "20", "--batch", "20"])
+  # a smoke classifier as the metric's feature net (the default one trains for 600 steps)
+  train(config("classifier", "data.image_size=16"), tmp_path / "classifier", progress=False)
+  main(["eval", "--workdir", str(wd), "--num", "20", "--batch", "20",
+        "--feature-net", str(tmp_path / "classifier")])
   m = json.loads(capsys.readouterr().out)
   assert m["sampler"] == "euler" and 0 <= m["class_accuracy"] <= 1
   run = restore_run(wd)
