@@ -24,7 +24,7 @@ def test_incremental_decoding_equals_the_full_forward_pass():
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, 11, (2, 7)), jnp.int32)
   memory = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
-  params = dec.init(jax.random.PRNGKey(0), ids, memory)
+  params = jax.jit(dec.init)(jax.random.PRNGKey(0), ids, memory)
   full, unimodal, _ = dec.apply(params, ids, memory)
   cache = dec.init_cache(2)
   steps = []
@@ -55,8 +55,9 @@ def captioner(encoder, embed_dim=0):
   model = cp.Captioner(module, (16, 16, 3), tok)
   images = np.random.default_rng(0).integers(0, 255, (5, 16, 16, 3)).astype(np.uint8)
   t = tok(["a red circle", "a blue square", "a circle", "red", "a"])
-  variables = module.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)), t["input_ids"][:1],
-                          t["eos_positions"][:1])
+  # jitted: one small program instead of flax's eager init, op by op (hundreds of compiles)
+  variables = jax.jit(module.init)(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)),
+                                   t["input_ids"][:1], t["eos_positions"][:1])
   params = {"params": variables["params"]}
   state = {k: v for k, v in variables.items() if k != "params"}
   return model, params, state, images, t
@@ -79,16 +80,17 @@ def test_caption_functions_compile_once_and_vmap(encoder):
   one = lambda x: cp.sample_ids(model, params, state, x[None], jax.random.PRNGKey(0), 0.0, 0,
                                 1.0)[0]
   np.testing.assert_array_equal(jax.vmap(one)(jnp.asarray(images)), first)
-  # the greedy result equals a plain loop over the full forward pass, without the cache
+  # the greedy result equals a plain loop over the full forward pass, without the cache (the
+  # decoder is causal, so the logits at `pos` of the padded sequence are those of its prefix)
   variables = {**params, **state}
   memory = cp._encode(model, variables, (images / 127.5 - 1).astype(np.float32))
+  decode = jax.jit(lambda v, ids, m: model.module.apply(v, ids, m, method=CaptionerModule.decode))
   ids = np.full((5, 7), model.tokenizer.pad_id)
   ids[:, 0] = model.tokenizer.bos_id
   done = np.zeros(5, bool)
   for pos in range(6):
-    logits = model.module.apply(variables, jnp.asarray(ids[:, :pos + 1]), memory,
-                                method=CaptionerModule.decode)[0]
-    nxt = np.where(done, model.tokenizer.pad_id, np.argmax(logits[:, -1], -1))
+    logits = decode(variables, jnp.asarray(ids), memory)[0]
+    nxt = np.where(done, model.tokenizer.pad_id, np.argmax(logits[:, pos], -1))
     ids[:, pos + 1] = nxt
     done |= nxt == model.tokenizer.eos_id
   np.testing.assert_array_equal(first, ids)
