@@ -1,6 +1,8 @@
 """Test set-up: CPU only, one persistent compilation cache shared by all xdist workers."""
+import atexit
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 
@@ -18,7 +20,9 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 # jaxgen's own cache (the metric's feature networks) in a folder of this run, not ~/.cache/jaxgen:
 # the tests must neither leave nets in the user's cache nor use theirs.
-os.environ.setdefault("JAXGEN_CACHE", tempfile.mkdtemp(prefix="jaxgen-test-cache-"))
+if "JAXGEN_CACHE" not in os.environ:
+  os.environ["JAXGEN_CACHE"] = tempfile.mkdtemp(prefix="jaxgen-test-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAXGEN_CACHE"], ignore_errors=True)
 CACHE = os.environ.setdefault(
     "JAXGEN_COMPILATION_CACHE", str(pathlib.Path(tempfile.gettempdir()) / "jaxgen-test-xla"))
 
