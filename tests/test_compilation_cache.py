@@ -5,6 +5,7 @@ import numpy as np
 
 from helpers import run_python
 from jaxgen import runtime
+from jaxgen.train.mesh import single_device
 
 # Counts, in a subprocess, the programs it reads from the persistent cache (into `hits`).
 COUNT_CACHE_HITS = """from jax import monitoring
@@ -21,6 +22,7 @@ def test_small_programs_are_cached_and_read_back(tmp_path):
   code = f"""
 import jax, jax.numpy as jnp
 from jaxgen import runtime
+from jaxgen.train.mesh import single_device
 assert runtime.enable_compilation_cache() == {str(cache)!r}
 {COUNT_CACHE_HITS}
 print(float(jax.jit(lambda x: x * 3 + 1)(jnp.float32(2))), len(hits))
@@ -58,7 +60,7 @@ def test_run_once_compiles_cheaply_and_gives_jits_values(monkeypatch):
     return compile_(self, compiler_options=compiler_options, **kw)
 
   monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = single_device(jax.devices()[0])
   key = jax.random.PRNGKey(3)
   got = runtime.run_once(_init_like, key, out_shardings=sharding)
   assert seen == [runtime.RUN_ONCE_COMPILER_OPTIONS]
@@ -79,6 +81,7 @@ def test_run_once_programs_are_cached(tmp_path):
   code = f"""
 import jax
 from jaxgen import runtime
+from jaxgen.train.mesh import single_device
 runtime.enable_compilation_cache()
 {COUNT_CACHE_HITS}
 x = runtime.run_once(lambda k: jax.random.normal(k, (4, 3)) * 2, jax.random.PRNGKey(0))

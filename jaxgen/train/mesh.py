@@ -23,8 +23,15 @@ def placement() -> jax.sharding.Sharding:
   sets one), else on this process's first device (no copy per device that nobody asked for)."""
   mesh = jax.sharding.get_mesh()
   if mesh.empty:
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return single_device(jax.local_devices()[0])
   return replicated(mesh)
+
+
+def single_device(device) -> jax.sharding.Sharding:
+  """A sharding on one device: `make_single_device_sharding` where jax has it (jax 0.12 warns
+  that the `SingleDeviceSharding` class is deprecated), else that class."""
+  make = getattr(jax.sharding, "make_single_device_sharding", None)
+  return make(device) if make is not None else jax.sharding.SingleDeviceSharding(device)
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
